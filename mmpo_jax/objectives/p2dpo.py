@@ -1,0 +1,184 @@
+"""P2-DPO: calibrated DPO on focus-enhanced and visual-robustness pairs (METHODS.md §5).
+
+Per example:
+
+``L = w_focus * (L_dpo(focus pair) + lambda_calib * L_calib) + w_rob * L_dpo(robust pair)``,
+
+``L_calib = -log sigma(beta * ((logp_theta(y_w|I_aug) - logp_theta(y_w|I_deg))
+                              - (logp_ref(y|I_aug) - logp_ref(y|I_deg))))``
+
+with ``y = y_w`` (``calib_ref_response="chosen"``, the paper, default) or ``y = y_l``
+(``"rejected"``, the released code). The policy side of ``L_calib`` always scores ``y_w``. The
+robust pair is scored on ``I_noise`` (both responses). ``(w_focus, w_rob)`` come from
+``mmpo_jax.rewards.p2dpo.ddw_weights`` or default to 0.5 / 0.5.
+
+Every preference term goes through ``mmpo_jax.objectives.dpo`` (``dpo_loss`` /
+``preference_loss``), so ``label_smoothing`` and ``loss_type`` apply to all three alike.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmpo_jax.objectives.dpo import dpo_loss, preference_loss
+from mmpo_jax.objectives.metrics import Metric, accumulate, mean_metric
+
+CALIB_REF_RESPONSES = ("chosen", "rejected")
+
+
+def _reward_part(metrics: dict[str, Metric], prefix: str | None = None) -> dict[str, Metric]:
+    """The ``rewards/*`` entries of a ``dpo_loss`` metrics dict, optionally as ``prefix/rewards/*``."""
+    rewards = {key: value for key, value in metrics.items() if key.startswith("rewards/")}
+    return rewards if prefix is None else {f"{prefix}/{k}": v for k, v in rewards.items()}
+
+
+def calibration_loss(
+    policy_chosen_aug_logps: jax.Array,
+    policy_chosen_deg_logps: jax.Array,
+    ref_aug_logps: jax.Array,
+    ref_deg_logps: jax.Array,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[jax.Array, jax.Array]:
+    """``L_calib`` on the perceptual confidence gains ``logp(.|I_aug) - logp(.|I_deg)``.
+
+    Args:
+      policy_chosen_aug_logps, policy_chosen_deg_logps: ``[B]`` ``logp_theta(y_w | I_aug / I_deg)``.
+      ref_aug_logps, ref_deg_logps: ``[B]`` ``logp_ref(y | I_aug / I_deg)`` for the configured
+        ``y`` (under ``stop_gradient``).
+
+    Returns:
+      ``(losses [B], z [B])`` with ``z = beta * (policy gain - reference gain)``.
+    """
+    policy_gain = jnp.asarray(policy_chosen_aug_logps, jnp.float32) - jnp.asarray(
+        policy_chosen_deg_logps, jnp.float32
+    )
+    ref_gain = jax.lax.stop_gradient(
+        jnp.asarray(ref_aug_logps, jnp.float32) - jnp.asarray(ref_deg_logps, jnp.float32)
+    )
+    z = beta * (policy_gain - ref_gain)
+    losses = preference_loss(z, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+    return losses, z
+
+
+def p2dpo_loss(
+    policy_focus_chosen_logps: jax.Array,
+    policy_focus_rejected_logps: jax.Array,
+    ref_focus_chosen_logps: jax.Array,
+    ref_focus_rejected_logps: jax.Array,
+    policy_robust_chosen_logps: jax.Array,
+    policy_robust_rejected_logps: jax.Array,
+    ref_robust_chosen_logps: jax.Array,
+    ref_robust_rejected_logps: jax.Array,
+    *,
+    policy_calib_chosen_aug_logps: jax.Array | None = None,
+    policy_calib_chosen_deg_logps: jax.Array | None = None,
+    ref_calib_chosen_aug_logps: jax.Array | None = None,
+    ref_calib_chosen_deg_logps: jax.Array | None = None,
+    ref_calib_rejected_aug_logps: jax.Array | None = None,
+    ref_calib_rejected_deg_logps: jax.Array | None = None,
+    focus_weights: jax.Array | None = None,
+    robust_weights: jax.Array | None = None,
+    beta: float = 0.1,
+    lambda_calib: float = 0.3,
+    calib_ref_response: str = "chosen",
+    w_base: float = 0.5,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[jax.Array, dict[str, Metric]]:
+    """The P2-DPO loss per example, on summed response log-probs (all ``[B]``).
+
+    Args:
+      policy_focus_*/ref_focus_*: the focus-enhanced pair ``(y_w from I_aug, y_l from I_deg)``,
+        scored as the training example presents it.
+      policy_robust_*/ref_robust_*: the visual-robustness pair, both responses scored on
+        ``I_noise``.
+      policy_calib_chosen_{aug,deg}_logps: ``logp_theta(y_w | I_aug)``, ``logp_theta(y_w | I_deg)``.
+      ref_calib_{chosen,rejected}_{aug,deg}_logps: ``logp_ref(y | I_aug / I_deg)`` for
+        ``y = y_w`` / ``y = y_l``; only the pair named by ``calib_ref_response`` is read (and
+        required). Nothing of the calibration term is required when ``lambda_calib == 0``.
+      focus_weights, robust_weights: ``[B]`` DDW weights; None gives ``w_base`` each.
+      beta: DPO temperature (0.1).
+      lambda_calib: weight of ``L_calib`` inside the focus branch (0.3).
+      calib_ref_response: ``"chosen"`` (paper) or ``"rejected"`` (released code), see module doc.
+      label_smoothing, loss_type: as ``mmpo_jax.objectives.dpo.preference_loss``.
+
+    Returns:
+      ``(losses [B] float32, metrics)``: ``loss/{dpo_focus, calib, focus, dpo_robust}``,
+      ``weights/{focus, robust}``, ``rewards/*`` over both pairs, ``{focus,robust}/rewards/*`` per
+      pair and ``calib/z``.
+    """
+    if calib_ref_response not in CALIB_REF_RESPONSES:
+        raise ValueError(
+            f"calib_ref_response={calib_ref_response!r} is not one of {CALIB_REF_RESPONSES}"
+        )
+    options = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+    focus_dpo, focus_metrics = dpo_loss(
+        policy_focus_chosen_logps,
+        policy_focus_rejected_logps,
+        ref_focus_chosen_logps,
+        ref_focus_rejected_logps,
+        **options,
+    )
+    robust_dpo, robust_metrics = dpo_loss(
+        policy_robust_chosen_logps,
+        policy_robust_rejected_logps,
+        ref_robust_chosen_logps,
+        ref_robust_rejected_logps,
+        **options,
+    )
+    # (sum, count) pairs add up to the mean over both pairs of every example.
+    metrics = {
+        **accumulate(_reward_part(focus_metrics), _reward_part(robust_metrics)),
+        **_reward_part(focus_metrics, "focus"),
+        **_reward_part(robust_metrics, "robust"),
+    }
+
+    focus = focus_dpo
+    if lambda_calib != 0:
+        calib_inputs = {
+            "policy_calib_chosen_aug_logps": policy_calib_chosen_aug_logps,
+            "policy_calib_chosen_deg_logps": policy_calib_chosen_deg_logps,
+            f"ref_calib_{calib_ref_response}_aug_logps": (
+                ref_calib_chosen_aug_logps
+                if calib_ref_response == "chosen"
+                else ref_calib_rejected_aug_logps
+            ),
+            f"ref_calib_{calib_ref_response}_deg_logps": (
+                ref_calib_chosen_deg_logps
+                if calib_ref_response == "chosen"
+                else ref_calib_rejected_deg_logps
+            ),
+        }
+        missing = [name for name, value in calib_inputs.items() if value is None]
+        if missing:
+            raise ValueError(
+                f"lambda_calib={lambda_calib} with calib_ref_response={calib_ref_response!r} "
+                f"needs {missing}; pass them or set lambda_calib=0"
+            )
+        calib, calib_z = calibration_loss(*calib_inputs.values(), **options)
+        focus = focus_dpo + lambda_calib * calib
+        metrics["loss/calib"] = mean_metric(jax.lax.stop_gradient(calib))
+        metrics["calib/z"] = mean_metric(jax.lax.stop_gradient(calib_z))
+
+    batch = focus.shape
+    w_focus = jnp.full(batch, w_base) if focus_weights is None else jnp.asarray(focus_weights)
+    w_robust = jnp.full(batch, w_base) if robust_weights is None else jnp.asarray(robust_weights)
+    w_focus = jax.lax.stop_gradient(w_focus.astype(jnp.float32))
+    w_robust = jax.lax.stop_gradient(w_robust.astype(jnp.float32))
+    losses = w_focus * focus + w_robust * robust_dpo
+
+    metrics.update(
+        {
+            "loss/dpo_focus": mean_metric(jax.lax.stop_gradient(focus_dpo)),
+            "loss/focus": mean_metric(jax.lax.stop_gradient(focus)),
+            "loss/dpo_robust": mean_metric(jax.lax.stop_gradient(robust_dpo)),
+            "loss/p2dpo": mean_metric(jax.lax.stop_gradient(losses)),
+            "weights/focus": mean_metric(w_focus),
+            "weights/robust": mean_metric(w_robust),
+        }
+    )
+    return losses, metrics
