@@ -1,0 +1,252 @@
+"""The evaluation runner: generate captions and yes/no answers with a model, score them.
+
+`evaluate_model` decodes every caption prompt and every POPE question with `generation.generate`
+(greedy once, or `num_samples` sampled passes), computes CHAIR (+ the shapes world's partner
+rate) and POPE per pass, and reports the mean and the spread (`<name>_std`, population standard
+deviation over passes) of each metric. On the shapes world it also measures, under teacher forcing,
+the model's probability of continuing the object list where the biased captions do
+(`shapes.continuation_probability`, with the first caption record's prompt, the shapes world's only
+one), which does not depend on decoding.
+
+Records are dicts as `mmpo_jax.data.sources.load_split` returns them:
+- caption records: "image" (uint8 [H, W, 3]), "prompt", "objects" — the shapes world's JSON list of
+  {shape, color, bbox}, or for task "coco" a JSON list of COCO category names present;
+- POPE records: "image", "question", "answer" ("yes"/"no"), "category" (random/popular/adversarial),
+  as the shapes world's `test_pope` split or `pope.pope_records` give them.
+
+Batches are padded to `batch_size` rows and prompt lengths to a multiple of 8, so `generate` and the
+scorer compile once per length bucket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from mmpo_jax.data.image_processing import ImageProcessorConfig
+from mmpo_jax.data.template import decode_response, encode_prompt
+from mmpo_jax.evaluation.chair import chair_counts, coco_mentions
+from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS
+from mmpo_jax.evaluation.pope import pope_metrics
+from mmpo_jax.evaluation.shapes import (
+    ScoreFn,
+    continuation_probability,
+    objects_from_json,
+    partner_hallucination_rate,
+    shapes_chair_metrics,
+)
+from mmpo_jax.generation import generate
+from mmpo_jax.models.llava import Llava
+from mmpo_jax.objectives.logprobs import token_logprobs
+
+DECODINGS = ("greedy", "sample")
+TASKS = ("shapes_world", "coco")
+LENGTH_MULTIPLE = 8
+
+Record = Mapping[str, Any]
+
+
+def _round_up(length: int) -> int:
+    return -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _batches(count: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """[(row indices padded to `batch_size` by repeating the last, number of real rows)]."""
+    out = []
+    for start in range(0, count, batch_size):
+        rows = list(range(start, min(start + batch_size, count)))
+        out.append((rows + [rows[-1]] * (batch_size - len(rows)), len(rows)))
+    return out
+
+
+def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Sequence[np.ndarray],
+                   prompts: Sequence[str], *, image_config: ImageProcessorConfig, num_image_tokens: int,
+                   batch_size: int, max_new_tokens: int, temperature: float = 0.0,
+                   rng: jax.Array | None = None) -> list[str]:
+    """Generates one reply per (image, prompt) with the LLaVA-1.5 template.
+
+    Args:
+      model: the `Llava` to decode with.
+      tokenizer: its tokenizer (BOS, EOS and an `<image>` token).
+      images: uint8 `[H, W, 3]` per prompt.
+      prompts: the user's request per image, without template.
+      image_config: how images become pixel values.
+      num_image_tokens: placeholders per image (`model.config.num_image_tokens`).
+      batch_size: rows per `generate` call.
+      max_new_tokens: decode steps at most.
+      temperature: 0 greedy; > 0 samples (needs `rng`; batch b uses `fold_in(rng, b)`).
+      rng: PRNG key for sampling.
+
+    Returns:
+      the decoded replies (cut at EOS, special tokens dropped), in input order.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    prompt_ids = [encode_prompt(tokenizer, prompt, num_image_tokens=num_image_tokens).input_ids for prompt in prompts]
+    pad_id = _pad_id(tokenizer)
+    texts: list[str] = []
+    for number, (rows, real) in enumerate(_batches(len(prompts), batch_size)):
+        length = _round_up(max(len(prompt_ids[i]) for i in rows))
+        input_ids = np.full((batch_size, length), pad_id, np.int32)
+        mask = np.zeros((batch_size, length), bool)
+        for slot, i in enumerate(rows):  # left padding: generate appends on the right
+            input_ids[slot, length - len(prompt_ids[i]):] = prompt_ids[i]
+            mask[slot, length - len(prompt_ids[i]):] = True
+        pixels = np.stack([image_config(images[i]) for i in rows])
+        output = generate(model, input_ids, pixels, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, temperature=temperature,
+                          rng=None if rng is None else jax.random.fold_in(rng, number))
+        texts.extend(decode_response(tokenizer, row) for row in np.asarray(output.new_tokens)[:real])
+    return texts
+
+
+@nnx.jit
+def _next_token_logps(model: Llava, input_ids: jax.Array, attention_mask: jax.Array,
+                      pixel_values: jax.Array) -> jax.Array:
+    """`[B, L]` right-padded sequences -> `[B, L - 1]` log-prob of token t + 1 after tokens <= t."""
+    logits = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:], attention_mask[:, 1:])
+
+
+def model_scorer(model: Llava, image_config: ImageProcessorConfig, *, pad_token_id: int,
+                 batch_size: int) -> ScoreFn:
+    """A `shapes.ScoreFn` computed by one teacher-forced forward of `model` per batch.
+
+    Each prompt + continuation is one right-padded row; the log-probability of continuation token j
+    is read at the position that predicts it.
+    """
+
+    def score(images: Sequence[np.ndarray], prompt_ids: Sequence[np.ndarray],
+              continuation_ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        sequences = [np.concatenate([p, c]).astype(np.int32) for p, c in zip(prompt_ids, continuation_ids)]
+        logps: list[np.ndarray] = []
+        for rows, real in _batches(len(sequences), batch_size):
+            length = _round_up(max(len(sequences[i]) for i in rows))
+            input_ids = np.full((batch_size, length), pad_token_id, np.int32)
+            mask = np.zeros((batch_size, length), bool)
+            for slot, i in enumerate(rows):
+                input_ids[slot, :len(sequences[i])] = sequences[i]
+                mask[slot, :len(sequences[i])] = True
+            pixels = jnp.asarray(np.stack([image_config(images[i]) for i in rows]))
+            batch_logps = np.asarray(_next_token_logps(model, jnp.asarray(input_ids), jnp.asarray(mask), pixels))
+            for slot, i in enumerate(rows[:real]):
+                start = len(prompt_ids[i]) - 1  # the position whose next token is the first continuation token
+                logps.append(batch_logps[slot, start:start + len(continuation_ids[i])])
+        return logps
+
+    return score
+
+
+def _coco_truth(objects_json: str) -> set[str]:
+    names = set(json.loads(objects_json))
+    unknown = sorted(names - set(COCO_SYNONYMS))
+    if unknown:
+        raise ValueError(f"ground-truth object(s) {unknown} are not COCO categories; valid: {sorted(COCO_SYNONYMS)}")
+    return names
+
+
+def caption_metrics(task: str, captions: Sequence[str], records: Sequence[Record]) -> dict[str, float]:
+    """CHAIR of `captions` against their records' "objects": shapes world (object and attribute level,
+    plus "partner_rate") or COCO (object level, `chair.coco_mentions`)."""
+    if task == "shapes_world":
+        scenes = [objects_from_json(r["objects"]) for r in records]
+        return {**shapes_chair_metrics(captions, scenes), "partner_rate": partner_hallucination_rate(captions, scenes)}
+    if task == "coco":
+        truths = [_coco_truth(r["objects"]) for r in records]
+        return chair_counts([coco_mentions(c) for c in captions], truths).metrics()
+    raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
+
+
+def _records(split: Sequence[Record] | None) -> list[Record]:
+    return [] if split is None else [split[i] for i in range(len(split))]
+
+
+def evaluate_model(
+    model: Llava,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    caption_split: Sequence[Record] | None,
+    pope_split: Sequence[Record] | None,
+    image_config: ImageProcessorConfig,
+    num_image_tokens: int,
+    decoding: str = "greedy",
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    task: str = "shapes_world",
+) -> dict[str, float]:
+    """Hallucination metrics of `model` on a caption split and a POPE split.
+
+    Args:
+      model, tokenizer: the model under test and its tokenizer.
+      caption_split: caption records (see the module docstring), or None to skip CHAIR.
+      pope_split: POPE records, or None to skip POPE.
+      image_config: image preprocessing of the model.
+      num_image_tokens: placeholders per image.
+      decoding: "greedy" (one pass; `num_samples` must be 1) or "sample" (`num_samples` passes at
+        `temperature`, pass s seeded by `fold_in(key(seed), s)`).
+      batch_size, max_new_tokens: of every `generate` call (captions and answers alike).
+      task: "shapes_world" or "coco": how caption ground truth is read and text is parsed.
+
+    Returns:
+      floats: caption metrics ("chair_s", "chair_i", "recall"; shapes world also "_attr" versions and
+      "partner_rate"), POPE metrics ("pope_{split}_{metric}", "pope_{metric}"); with sampling each
+      also as "<name>_std"; "continuation_prob" on the shapes world; "num_samples".
+    """
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding={decoding!r}; valid: {DECODINGS}")
+    if task not in TASKS:
+        raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
+    if num_samples < 1 or (decoding == "greedy" and num_samples != 1):
+        raise ValueError(f"num_samples={num_samples}: greedy decoding takes exactly 1, sampling >= 1")
+    if decoding == "sample" and temperature <= 0:
+        raise ValueError(f"temperature={temperature}: sampling needs a temperature > 0")
+    captions, questions = _records(caption_split), _records(pope_split)
+    decode = dict(image_config=image_config, num_image_tokens=num_image_tokens, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, temperature=temperature if decoding == "sample" else 0.0)
+    passes = []
+    for sample in range(num_samples):
+        rng = jax.random.fold_in(jax.random.key(seed), sample) if decoding == "sample" else None
+        metrics: dict[str, float] = {}
+        if captions:
+            texts = generate_texts(model, tokenizer, [r["image"] for r in captions], [r["prompt"] for r in captions],
+                                   rng=rng, **decode)
+            metrics.update(caption_metrics(task, texts, captions))
+        if questions:
+            pope_rng = None if rng is None else jax.random.fold_in(rng, 1 << 20)
+            answers = generate_texts(model, tokenizer, [r["image"] for r in questions],
+                                     [r["question"] for r in questions], rng=pope_rng, **decode)
+            metrics.update(pope_metrics(answers, [r["answer"] for r in questions], [r["category"] for r in questions]))
+        passes.append(metrics)
+    result = summarise_passes(passes, with_spread=decoding == "sample")
+    if task == "shapes_world" and captions:
+        scorer = model_scorer(model, image_config, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+        result["continuation_prob"] = continuation_probability(
+            tokenizer, [r["image"] for r in captions], [objects_from_json(r["objects"]) for r in captions], scorer,
+            num_image_tokens=num_image_tokens, prompt=captions[0]["prompt"])
+    result["num_samples"] = float(num_samples)
+    return result
+
+
+def summarise_passes(passes: Sequence[Mapping[str, float]], *, with_spread: bool) -> dict[str, float]:
+    """Mean of each metric over decoding passes, plus "<name>_std" (population std) with `with_spread`."""
+    result = {}
+    for name in passes[0]:
+        values = np.asarray([p[name] for p in passes], np.float64)
+        result[name] = float(values.mean())
+        if with_spread:
+            result[f"{name}_std"] = float(values.std())
+    return result
