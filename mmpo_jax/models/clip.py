@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmpo_jax.models.clip_layers import CLIPEncoder, partitioned_layer_norm, partitioned_linear
+from mmpo_jax.models.clip_layers import CLIPEncoder
+from mmpo_jax.models.layers import partitioned_layer_norm, partitioned_linear
 from mmpo_jax.models.partitioning import logical
 
 Array = jax.Array

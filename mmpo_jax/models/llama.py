@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec, attend
-from mmpo_jax.models.clip_layers import activation, partitioned_linear
+from mmpo_jax.models.layers import activation, partitioned_linear
 from mmpo_jax.models.partitioning import logical
 
 _EMBED_INIT_STD = 0.02  # transformers' initializer_range default for Llama

@@ -18,7 +18,7 @@ from flax import nnx, struct
 
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, merge_tokens
-from mmpo_jax.models.clip_layers import activation, partitioned_linear
+from mmpo_jax.models.layers import activation, partitioned_linear
 from mmpo_jax.models.llama import Cache, LlamaConfig, LlamaForCausalLM
 
 Array = jax.Array
