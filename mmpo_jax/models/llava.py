@@ -234,8 +234,16 @@ class Llava(nnx.Module):
     def encode_images(self, pixel_values: Array) -> Array:
         """pixel_values [N_images, H, W, 3] (channel-last, normalised) -> visual tokens [N_images, n, D_text].
 
+        `image_features` then the projector.
+        """
+        return self.multi_modal_projector(self.image_features(pixel_values))
+
+    def image_features(self, pixel_values: Array) -> Array:
+        """The vision tower's part of `encode_images`: [N_images, H, W, 3] -> [N_images, n, D_proj_in].
+
         Selects the configured hidden state(s), drops the class token for "default", merges
-        k x k patch blocks when `token_merge > 1`, then projects.
+        k x k patch blocks when `token_merge > 1`. A trainer with a frozen vision tower runs this
+        once per image and projects with the policy's and the reference's projectors.
         """
         config = self.config
         states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
@@ -246,7 +254,7 @@ class Llava(nnx.Module):
         merge = config.vision_config.token_merge
         if merge > 1:
             features = merge_tokens(features, self.vision_tower.grid_size, merge)
-        return self.multi_modal_projector(features)
+        return features
 
     def __call__(
         self,

@@ -117,6 +117,11 @@ def _token_weighting(config: MethodConfig) -> str | None:
     return weighting
 
 
+def token_weighting(config: MethodConfig) -> str | None:
+    """The configured token weighting: ``None``, ``"catpo"`` or ``"tpo"`` (validated)."""
+    return _token_weighting(config)
+
+
 def _sequence_keys(config: MethodConfig, model: str, response: str) -> tuple[str, ...]:
     keys = (f"{model}/{response}/token_logps", f"{response}/mask")
     weighting = _token_weighting(config)

@@ -1,0 +1,144 @@
+"""The jitted train step: sharding equality, accumulation, padding, compile counts, scoring."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mmpo_jax.training import scoring, sharding
+from mmpo_jax.training import state as state_lib
+from mmpo_jax.training.step import make_train_step, masked_objective
+from tests.training import step_fixtures as fx
+
+CATPO = {"name": "catpo"}
+DPO = {"name": "dpo"}
+
+
+def _first_batch(plan, **kwargs):
+    return fx.as_numpy(next(fx.batches(plan, **kwargs)))
+
+
+def test_eight_device_fsdp_tensor_mesh_matches_one_device():
+    plan = scoring.plan_scoring(CATPO)
+    batch = _first_batch(plan)
+    # Two steps, so the second step's rewards (and accuracy) are away from the tie at 0.
+    one, metrics_one = fx.run_step(plan, CATPO, batch, tx=optax.sgd(0.05), steps=2)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    eight, metrics_eight = fx.run_step(plan, CATPO, batch, mesh=mesh, tx=optax.sgd(0.05), steps=2)
+    fx.tree_allclose(one, eight, rtol=1e-4, atol=1e-6)
+    for key in metrics_one:
+        np.testing.assert_allclose(metrics_eight[key], metrics_one[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    plan = scoring.plan_scoring(DPO)
+    batch = _first_batch(plan)
+    whole, metrics_whole = fx.run_step(plan, DPO, batch, steps=2)
+    accumulated, metrics_acc = fx.run_step(plan, DPO, batch, accum_steps=4, steps=2)
+    fx.tree_allclose(whole, accumulated, rtol=1e-4, atol=1e-6)
+    for key in metrics_whole:
+        np.testing.assert_allclose(metrics_acc[key], metrics_whole[key], rtol=1e-4, atol=1e-6)
+
+
+def test_padding_rows_change_nothing():
+    plan = scoring.plan_scoring(DPO)
+    batch = _first_batch(plan)
+    masked = batch.replace(example_mask=np.concatenate([batch.example_mask[:6], [0, 0]]))
+    # The padded rows' content is replaced by other examples: the update must not see it.
+    swapped = masked.replace(**{
+        name: np.concatenate([value[:6], value[:2]]) for name, value in vars(masked).items()
+        if name not in ("example_mask", "example_index") and value is not None})
+    first, metrics_first = fx.run_step(plan, DPO, masked)
+    second, metrics_second = fx.run_step(plan, DPO, swapped)
+    fx.tree_allclose(first, second, rtol=1e-5, atol=1e-7)
+    assert metrics_first["examples"] == 6.0
+    np.testing.assert_allclose(metrics_first["loss/total"], metrics_second["loss/total"],
+                               rtol=1e-6)
+
+
+def test_policy_equal_to_reference_gives_zero_rewards_and_kl():
+    plan = scoring.plan_scoring(CATPO)
+    _, metrics = fx.run_step(plan, CATPO, _first_batch(plan))
+    assert abs(metrics["rewards/margins"]) < 1e-4
+    assert abs(metrics["loss/token_kl"]) < 1e-6
+    np.testing.assert_allclose(metrics["loss/dpo"], np.log(2.0), rtol=1e-4)
+
+
+def test_step_compiles_once_per_length_bucket():
+    plan = scoring.plan_scoring(DPO)
+    buckets = (30, 32, 34, 36, 38, 40, 96)
+    iterator = fx.batches(plan, batch_size=2, buckets=buckets)
+    policy = state_lib.copy_model(fx.base_model())
+    split = state_lib.split_policy(policy, fx.MODEL_CONFIG)
+    ref_graphdef, ref_state = nnx.split(state_lib.copy_model(fx.base_model()))
+    tx = optax.sgd(1e-3)
+    fn = make_train_step(graphdef=split.graphdef, plan=plan, method_config=DPO, tx=tx,
+                         reference_mode="copy", reference_graphdef=ref_graphdef,
+                         image_config=fx.IMAGE_CONFIG, eos_token_id=fx.tokenizer().eos_token_id)
+    trainable, opt_state = split.trainable, tx.init(split.trainable)
+    lengths = []
+    for index, batch in enumerate(iterator):
+        lengths.append(batch.sequence_length)
+        trainable, opt_state, _ = fn(trainable, opt_state, split.frozen, ref_state,
+                                     jax.tree.map(jnp.asarray, batch), {}, jax.random.key(index))
+    assert len(lengths) == 8 and len(set(lengths)) >= 2, lengths
+    assert fn._cache_size() == len(set(lengths))
+
+
+def test_masked_objective_weights_only_real_examples():
+    scored = {"policy/chosen/token_logps": jnp.array([[-1.0, -2.0], [-3.0, 0.0], [-50.0, 0.0]]),
+              "chosen/mask": jnp.array([[1, 1], [1, 0], [1, 0]])}
+    loss_sum, metrics = masked_objective({"name": "sft"}, scored, jnp.array([1, 1, 0]))
+    # nll with per-token mean: 1.5 and 3.0; the third row is padding.
+    np.testing.assert_allclose(loss_sum, 4.5)
+    np.testing.assert_allclose(metrics["loss/nll"][0] / metrics["loss/nll"][1], 2.25)
+
+
+def test_catpo_weights_lie_in_range_and_eos_has_weight_one():
+    plan = scoring.plan_scoring(CATPO)
+    batch = jax.tree.map(jnp.asarray, _first_batch(plan))
+    model = fx.base_model()
+    scored = scoring.score_batch(plan, model, model, batch, image_config=fx.IMAGE_CONFIG,
+                                 eos_token_id=fx.tokenizer().eos_token_id)
+    for response in ("chosen", "rejected"):
+        weights = np.asarray(scored[f"{response}/token_weights"])
+        mask = np.asarray(scored[f"{response}/mask"]) > 0
+        _, labels, _ = scoring.shift_for_next_token(*scoring.batch_tokens(batch, response)[:2])
+        eos = np.asarray(labels) == fx.tokenizer().eos_token_id
+        assert np.all(weights[~mask] == 0)
+        np.testing.assert_allclose(weights[mask & eos], 1.0)
+        inner = weights[mask & ~eos]
+        assert inner.min() >= 0.5 - 1e-6 and inner.max() <= 1.5 + 1e-6
+        assert inner.std() > 0  # the weights vary with the tokens
+
+
+def test_adapt_enhanced_image_lies_between_the_image_and_white():
+    plan = scoring.plan_scoring({"name": "adapt"})
+    assert plan.images[-1] == "ve_pixel_values" and plan.needs_anchor
+    batch = jax.tree.map(jnp.asarray, _first_batch(plan, extras=("noise_pixel_values",)))
+    model = fx.base_model()
+    visual = {"pixel_values": model.encode_images(batch.pixel_values)}
+    enhanced = np.asarray(scoring.enhanced_images(model, batch, visual, fx.IMAGE_CONFIG,
+                                                  anchor_steps=5, threshold_percentile=0.4))
+    pixels = np.asarray(batch.pixel_values)
+    white = 1.0  # (1 - 0.5) / 0.5 with the tiny preprocessing
+    low, high = np.minimum(pixels, white), np.maximum(pixels, white)
+    assert enhanced.shape == pixels.shape
+    assert np.all(enhanced >= low - 1e-5) and np.all(enhanced <= high + 1e-5)
+    assert np.any(np.abs(enhanced - pixels) > 1e-3)  # the mask whitens something
+    assert np.any(np.abs(enhanced - pixels) < 1e-4)  # and keeps something
+
+
+def test_plan_of_every_preference_method():
+    assert scoring.plan_scoring({"name": "mdpo"}).images == ("corrupt_pixel_values",
+                                                             "pixel_values")
+    tpo = scoring.plan_scoring({"name": "tpo"})
+    assert tpo.reference_rows == ("chosen", "rejected", "chosen@noise", "rejected@noise")
+    p2 = scoring.plan_scoring({"name": "p2dpo", "ddw": True})
+    assert p2.ddw and {"robust_chosen", "calib_chosen_aug"} <= set(p2.policy)
+    with pytest.raises(NotImplementedError, match="rollouts"):
+        scoring.plan_scoring({"name": "fisao"})
