@@ -1,0 +1,230 @@
+"""Section helpers of the training configs: one per section, each a ``ConfigDict`` of the schema.
+
+Every helper starts from the schema's defaults (``mmpo_jax.training.config_loading.SCHEMA``, the
+contract the trainer reads) and takes keyword overrides; an unknown keyword raises. ``experiment``
+assembles the sections into one locked config. Config files load this file by path::
+
+    base = config_module(pathlib.Path(__file__).with_name("base.py"))
+    def get_config(arg=None):
+        return base.experiment("dpo", base.method("dpo"), optimizer=dict(learning_rate=1e-5))
+
+A section override is a mapping of field overrides (a nested mapping for ``model.lora``); a
+free-form mapping (``data.builder``, ``method.terms``, ``reference_settings``) is replaced whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from mmpo_jax.objectives import registry
+from mmpo_jax.training.config_loading import (
+    OPEN_MAPPINGS,
+    OPTIONAL_SECTIONS,
+    SCHEMA,
+    Required,
+    config_module,
+    method_defaults,
+)
+
+SECTIONS = ("model", "data", "optimizer", "train", "mesh", "reference", "checkpoint", "eval",
+            "sft_base", "rollout")
+RLHF_V_PAIRS = 5733  # RLHF-V-Dataset.parquet: epochs -> steps for the LLaVA presets
+
+
+def _config_dict(spec: Any) -> Any:
+    """Schema defaults -> ConfigDict values (a `Required` field becomes a typed placeholder)."""
+    if isinstance(spec, Required):
+        return config_dict.placeholder(spec.type)
+    if isinstance(spec, dict):
+        return ml_collections.ConfigDict({key: _config_dict(value) for key, value in spec.items()})
+    return copy.deepcopy(spec)
+
+
+def _apply(section: ml_collections.ConfigDict, overrides: Mapping[str, Any], path: str) -> None:
+    """Sets ``overrides`` on ``section`` with ConfigDict's type checks; unknown keys raise."""
+    for key, value in overrides.items():
+        where = f"{path}.{key}" if path else key
+        if key not in section:
+            raise ValueError(f"{path or 'the config'} has no field {key!r}; valid fields: "
+                             f"{sorted(section.keys())}")
+        if where in OPEN_MAPPINGS:  # free-form: replaced whole
+            section[key] = ml_collections.ConfigDict(dict(value))
+        elif isinstance(section[key], ml_collections.ConfigDict):
+            _apply(section[key], value, where)
+        else:
+            section[key] = tuple(value) if isinstance(value, list) else value
+
+
+def section(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The schema section ``name`` (also ``rollout``) with ``overrides`` applied."""
+    schema = {**SCHEMA, **OPTIONAL_SECTIONS}
+    if name not in SECTIONS:
+        raise ValueError(f"unknown section {name!r}; valid: {SECTIONS}")
+    config = _config_dict(schema[name])
+    _apply(config, overrides, name)
+    return config
+
+
+def model(**overrides: Any) -> ml_collections.ConfigDict:
+    """``model``: preset, initialisation, dtypes, remat, freezing, ``lora`` (nested overrides)."""
+    return section("model", **overrides)
+
+
+def data(**overrides: Any) -> ml_collections.ConfigDict:
+    """``data``: dataset, split, directories, tokenizer, template, global batch, buckets."""
+    return section("data", **overrides)
+
+
+def optimizer(**overrides: Any) -> ml_collections.ConfigDict:
+    """``optimizer``: AdamW, schedule, clipping, gradient accumulation (learning_rate required)."""
+    return section("optimizer", **overrides)
+
+
+def train(**overrides: Any) -> ml_collections.ConfigDict:
+    """``train``: optimizer steps (required), logging."""
+    return section("train", **overrides)
+
+
+def mesh(**overrides: Any) -> ml_collections.ConfigDict:
+    """``mesh``: ``data`` / ``fsdp`` / ``tensor`` sizes, one of them may be -1."""
+    return section("mesh", **overrides)
+
+
+def reference(**overrides: Any) -> ml_collections.ConfigDict:
+    """``reference``: "copy" | "lora_base" | "cache", and the cache directory."""
+    return section("reference", **overrides)
+
+
+def checkpoint(**overrides: Any) -> ml_collections.ConfigDict:
+    """``checkpoint``: save cadence, retention, async save, resume, transformers export."""
+    return section("checkpoint", **overrides)
+
+
+def evaluation(**overrides: Any) -> ml_collections.ConfigDict:
+    """The ``eval`` section: splits, sampling, and the chosen-only control row."""
+    return section("eval", **overrides)
+
+
+def sft_base(**overrides: Any) -> ml_collections.ConfigDict:
+    """``sft_base``: how the cached shapes-world SFT base is trained."""
+    return section("sft_base", **overrides)
+
+
+def rollout(**overrides: Any) -> ml_collections.ConfigDict:
+    """``rollout`` (on-policy methods): samples per prompt, temperature, PPO epochs, vocabulary."""
+    return section("rollout", **overrides)
+
+
+def method(name: str, **options: Any) -> ml_collections.ConfigDict:
+    """The ``method`` block: ``name``, ``beta``, ``terms`` ({term: float}), ``token_weights``
+    ("catpo" | "tpo" | "none") and the options its terms read, at their METHODS.md defaults.
+
+    ``terms`` / ``token_weights`` (None -> the method's) and any option may be overridden.
+    """
+    block = method_defaults(name, **options)
+    block["terms"] = ml_collections.ConfigDict(block["terms"])
+    return ml_collections.ConfigDict(block)
+
+
+def experiment(name: str, method: ml_collections.ConfigDict, **sections: Any
+               ) -> ml_collections.ConfigDict:
+    """A full, locked config: the schema's defaults with ``sections`` overridden.
+
+    Args:
+      name: the run name (``workdir`` defaults to ``runs/<name>``).
+      method: the ``method`` block (`method`).
+      **sections: ``seed`` / ``workdir`` / ``mesh_rules`` values, section overrides (mappings,
+        e.g. ``optimizer=dict(learning_rate=1e-5)``), ``rollout`` (the section is added) and
+        ``reference_settings`` (a free-form mapping, documentation).
+    """
+    config = _config_dict(SCHEMA)
+    config.name = name
+    config.method = method
+    if "rollout" in sections:
+        config.rollout = rollout()
+    if "reference_settings" in sections:
+        config.reference_settings = ml_collections.ConfigDict()
+    override(config, sections)
+    config.lock()
+    return config
+
+
+def override(config: ml_collections.ConfigDict, sections: Mapping[str, Any]) -> None:
+    """Applies ``{section: {field: value}}`` (or ``{field: value}`` at the top) to ``config``."""
+    _apply(config, sections, "")
+
+
+# --- LLaVA-1.5 presets -----------------------------------------------------------------------
+
+# reference_settings key -> (section, field): what a paper's settings set on a LLaVA run.
+_SETTING_FIELDS = {
+    "learning_rate": ("optimizer", "learning_rate"), "schedule": ("optimizer", "schedule"),
+    "warmup_ratio": ("optimizer", "warmup_ratio"), "weight_decay": ("optimizer", "weight_decay"),
+    "b2": ("optimizer", "b2"), "grad_clip": ("optimizer", "grad_clip"),
+    "batch_size": ("data", "batch_size"), "lora_rank": ("model", "lora", "rank"),
+    "lora_alpha": ("model", "lora", "alpha"), "lora_dropout": ("model", "lora", "dropout"),
+    "freeze_vision": ("model", "freeze_vision"), "reference_mode": ("reference", "mode"),
+}
+
+
+def method_file_config(method_name: str) -> ml_collections.ConfigDict:
+    """``configs/<method_name>.py``'s ``get_config()`` (the tiny shapes-world run)."""
+    if method_name not in registry.METHODS:
+        raise ValueError(f"unknown method {method_name!r}; valid: {sorted(registry.METHODS)}")
+    return config_module(pathlib.Path(__file__).with_name(f"{method_name}.py")).get_config()
+
+
+def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
+                 ) -> ml_collections.ConfigDict:
+    """LLaVA-1.5-7B on RLHF-V with the method block and reference settings of ``method_config``.
+
+    bf16 compute over f32 parameters, remat, LoRA on every decoder linear layer (rank/alpha from
+    the paper's settings, else the schema's), ``reference.mode="lora_base"`` (the policy with its
+    adapters off: the initial policy, without a second 7B copy). Steps = the paper's epochs over
+    the 5,733 RLHF-V pairs (1 epoch where none is recorded). ``sections`` (platform: mesh,
+    accumulation) override last.
+
+    Set before running (placeholders): ``data.manual_dir`` (the RLHF-V parquet folder, needed
+    until the dataset is prepared), ``model.checkpoint`` (``python -m mmpo_jax.convert import
+    <hf_dir> <orbax_dir>``) and ``data.tokenizer`` (the transformers checkpoint folder).
+    """
+    settings = method_config.get("reference_settings", ml_collections.ConfigDict())
+    split = method_config.data.split
+    config = experiment(
+        f"llava_1_5_7b_{method_config.name}",
+        copy.deepcopy(method_config.method),
+        model=dict(preset="llava_1_5_7b", init="checkpoint",
+                   checkpoint="~/models/llava-1.5-7b-orbax", dtype="bfloat16",
+                   param_dtype="float32", remat=True, lora=dict(enabled=True)),
+        # Shapes world's "preference" split is a real dataset's "train"; other splits (P2-DPO's
+        # generated pairs) carry over.
+        data=dict(dataset="rlhf_v", split="train" if split == "preference" else split,
+                  manual_dir="", tokenizer="~/models/llava-1.5-7b-hf", buckets=(1024, 2048)),
+        optimizer=dict(learning_rate=method_config.optimizer.learning_rate),
+        train=dict(num_steps=1, log_every=1),
+        reference=dict(mode="lora_base"),
+        checkpoint=dict(save_every=200, keep=2),
+        # The shapes-world evaluation has no RLHF-V counterpart; real benchmarks run separately.
+        eval=dict(enabled=False, control=False),
+        reference_settings=settings,
+        **({"rollout": dict(vocabulary="coco", max_new_tokens=128)}
+           if "rollout" in method_config else {}),
+    )
+    for key, value in settings.items():
+        if key in _SETTING_FIELDS:
+            *parents, field = _SETTING_FIELDS[key]
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[field] = value
+    epochs = settings.get("num_epochs", 1)
+    config.train.num_steps = math.ceil(epochs * RLHF_V_PAIRS / config.data.batch_size)
+    override(config, sections)
+    return config

@@ -1,0 +1,23 @@
+"""LLaVA-1.5-7B on one GPU (80 GB), for any method: ``--config=<this>:catpo``.
+
+The method block and the paper's reference settings come from ``configs/<method>.py``
+(`base.llava_1_5_7b`: bf16 compute over f32 parameters, remat, LoRA, RLHF-V, 2048-token buckets).
+Mesh: one device; the batch of 32 runs as 16 accumulated micro-batches of 2.
+
+Placeholders to set before running: see `base.llava_1_5_7b`.
+"""
+
+import pathlib
+
+from mmpo_jax.training.config_loading import config_module
+
+base = config_module(pathlib.Path(__file__).with_name("base.py"))
+
+
+def get_config(arg: str | None = None):
+    """``arg``: the method (a ``configs/<method>.py``), default "catpo"."""
+    return base.llava_1_5_7b(
+        base.method_file_config(arg or "catpo"),
+        mesh=dict(data=1, fsdp=1, tensor=1),
+        optimizer=dict(grad_accum_steps=16),
+    )

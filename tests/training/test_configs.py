@@ -1,0 +1,289 @@
+"""configs/*.py, `config_loading` (schema, files, overrides) and `config_checks.validate`."""
+
+import json
+import math
+import pathlib
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mmpo_jax.data.builders.shapes_world import SPLIT_FIELDS
+from mmpo_jax.data.pipeline import EXTRAS
+from mmpo_jax.objectives import registry
+from mmpo_jax.training import config_checks, config_loading
+from mmpo_jax.training.config_checks import required_extras, required_record_fields, validate
+from mmpo_jax.training.config_loading import load_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+METHOD_FILES = sorted(registry.METHODS)
+LLAVA_FILES = ("llava_1_5_7b_tpu.py", "llava_1_5_7b_gpu.py")
+PREFERENCE_FEATURES = SPLIT_FIELDS["preference"]
+
+
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path, monkeypatch):
+    """Every test runs from a directory that is neither the repository nor configs/."""
+    monkeypatch.chdir(tmp_path)
+
+
+def _load(name: str, *overrides: str) -> ml_collections.ConfigDict:
+    return load_config(str(CONFIGS / name), overrides)
+
+
+def _problems(config, **kwargs) -> str:
+    with pytest.raises(ValueError) as error:
+        validate(config, **kwargs)
+    return str(error.value)
+
+
+def test_every_method_has_a_config_file():
+    assert {path.stem for path in CONFIGS.glob("*.py")} == {
+        "base", *METHOD_FILES, *(name.removesuffix(".py") for name in LLAVA_FILES)}
+
+
+@pytest.mark.parametrize("name", [f"{method}.py" for method in METHOD_FILES])
+def test_method_config_loads_validates_and_round_trips(name):
+    config = _load(name)
+    assert config.name == config.method.name == name.removesuffix(".py")
+    for device_count in (1, 8):
+        validate(config, device_count=device_count)
+    from_json = json.loads(config.to_json())
+    validate(from_json, device_count=8)
+    validate(ml_collections.ConfigDict(from_json), device_count=8)
+    assert from_json == json.loads(json.dumps(config.to_dict()))
+    assert config.train.num_steps == 200 and config.data.batch_size == 32
+    assert config.sft_base.num_steps == 1300 and config.sft_base.learning_rate == 1e-3
+    assert "learning_rate" in config.reference_settings
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+@pytest.mark.parametrize("name", LLAVA_FILES)
+def test_llava_presets_build_every_method(name, method):
+    config = _load(f"{name}:{method}")
+    tiny = _load(f"{method}.py")
+    assert config.method == tiny.method
+    model = config.model
+    assert (model.preset, model.init, model.dtype, model.param_dtype) == (
+        "llava_1_5_7b", "checkpoint", "bfloat16", "float32")
+    assert config.model.remat and config.model.lora.enabled
+    assert config.reference.mode == "lora_base" and config.data.dataset == "rlhf_v"
+    assert config.data.buckets == (1024, 2048)
+    settings = tiny.reference_settings
+    assert config.optimizer.learning_rate == settings.learning_rate
+    assert config.train.num_steps == math.ceil(settings.get("num_epochs", 1) * 5733 / 32)
+    assert config.data.split == ("p2dpo_pairs" if method == "p2dpo" else "train")
+    validate(config, device_count=1)
+    if name.endswith("tpu.py"):
+        validate(config, device_count=8)
+        validate(config, device_count=4)  # a v4-8 slice has 4 chips
+    else:  # one GPU: a mesh of ones
+        assert "8 devices" in _problems(config, device_count=8)
+
+
+def test_llava_catpo_takes_the_papers_settings():
+    config = _load("llava_1_5_7b_tpu.py")  # default method: catpo
+    assert config.method.name == "catpo"
+    assert (config.model.lora.rank, config.model.lora.alpha) == (128, 256.0)
+    assert (config.optimizer.learning_rate, config.optimizer.warmup_ratio) == (1.4e-6, 0.03)
+    assert dict(config.mesh) == {"data": 1, "fsdp": -1, "tensor": 1}
+    mdpo = _load("llava_1_5_7b_gpu.py:mdpo")
+    assert (mdpo.model.lora.rank, mdpo.optimizer.b2, mdpo.train.num_steps) == (64, 0.98, 538)
+
+
+def test_unknown_llava_method_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown method 'bogus'.*'catpo'"):
+        _load("llava_1_5_7b_tpu.py:bogus")
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # in config_flags
+@pytest.mark.parametrize("name", ["catpo.py", "llava_1_5_7b_tpu.py"])
+def test_the_cli_flag_loads_configs_from_another_cwd(name):
+    """What the train CLI does: absl's DEFINE_config_file with overrides."""
+    argv = ["train", f"--config={CONFIGS / name}:mdpo", "--config.method.beta=0.3",
+            "--config.data.buckets=(32, 64)"]
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert holder.value.method.beta == 0.3 and holder.value.data.buckets == (32, 64)
+    validate(holder.value, device_count=8)
+
+
+def test_overrides_take_the_fields_types():
+    config = _load("catpo.py", "method.beta=0.2", "mesh.fsdp=2", "train.num_steps=5",
+                   "data.buckets=(32,64)", "data.shuffle=false", "method.terms.token_kl=0",
+                   "data.builder={'p': 0.3}", "method.token_weights=none")
+    assert config.method.beta == 0.2 and isinstance(config.method.beta, float)
+    assert (config.mesh.fsdp, config.train.num_steps, config.data.buckets) == (2, 5, (32, 64))
+    assert config.data.shuffle is False and config.method.terms.token_kl == 0.0
+    assert config.data.builder.to_dict() == {"p": 0.3} and config.method.token_weights == "none"
+    validate(config, device_count=8)
+    terms = _load("dpo.py", "method.terms={'dpo': 1.0, 'nll': 0.1}").method.terms
+    assert terms.to_dict() == {"dpo": 1.0, "nll": 0.1}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.betaa=0.2", "'method.betaa'.*valid fields of method: .*'beta'"),
+    ("nosection.x=1", "the config has no field 'nosection'"),
+    ("method.terms.nll=0.1", "method.terms.*replaced whole"),
+    ("method.beta.x=1", "method.beta is a float, not a section"),
+    ("method.beta", "not of the form"),
+    ("method.beta=abc", "could not convert"),
+    ("train.num_steps=2.5", "num_steps"),
+])
+def test_bad_overrides_raise_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        _load("catpo.py", override)
+
+
+def test_configs_are_locked():
+    config = _load("dpo.py")
+    with pytest.raises(AttributeError):
+        config.method.betaa = 0.2
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        _load("nope.py")
+
+
+@pytest.mark.parametrize("mesh, message", [
+    ({"data": 3, "fsdp": 1}, "3 slots but there are 8 devices"),
+    ({"data": -1, "fsdp": 3}, "not divisible by the fixed axes' product 3"),
+    ({"data": -1, "fsdp": -1}, "at most one -1"),
+    ({"data": 0, "fsdp": 1}, "must be positive"),
+])
+def test_impossible_meshes_raise(mesh, message):
+    config = _load("dpo.py", *(f"mesh.{axis}={size}" for axis, size in mesh.items()))
+    assert message in _problems(config, device_count=8)
+
+
+def test_batch_splits():
+    assert "not divisible by optimizer.grad_accum_steps=4" in _problems(
+        _load("dpo.py", "data.batch_size=30", "optimizer.grad_accum_steps=4"), device_count=1)
+    micro = _load("dpo.py", "optimizer.grad_accum_steps=8")  # micro-batch 4 over 8 devices
+    validate(micro, device_count=4)
+    assert "micro-batch" in _problems(micro, device_count=8)
+    sft = _load("dpo.py", "sft_base.batch_size=12")
+    assert "sft_base.batch_size = 12" in _problems(sft, device_count=8)
+    validate(_load("dpo.py", "sft_base.batch_size=12", "model.init=random"), device_count=8)
+    # The batch axes come from mesh_rules: replicated batches need no divisibility.
+    validate(_load("dpo.py", "data.batch_size=3", "mesh_rules=(('batch', None),)"), device_count=8)
+
+
+def test_reference_modes():
+    lora_base = _load("mdpo.py", "reference.mode=lora_base")
+    assert "needs model.lora.enabled=True" in _problems(lora_base)
+    validate(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true"))
+    catpo = _problems(_load("catpo.py", "reference.mode=cache"))
+    assert "cannot serve the token_kl term" in catpo and "whole next-token distribution" in catpo
+    # Cat-PO's token weights come from the reference once per record: the cache holds them.
+    validate(_load("catpo.py", "reference.mode=cache", "method.terms.token_kl=0"))
+    assert "corrupt_pixel_values" in _problems(_load("mdpo.py", "reference.mode=cache"))
+    assert "noise_pixel_values" in _problems(_load("tpo.py", "reference.mode=cache"))
+    assert "enhanced image" in _problems(_load("adapt.py", "reference.mode=cache"))
+    validate(_load("dpo.py", "reference.mode=cache"))
+
+
+def test_dataset_features():
+    p2dpo = _load("p2dpo.py")
+    message = _problems(p2dpo, dataset_features=PREFERENCE_FEATURES)
+    assert "'p2dpo'" in message and "robust_chosen" in message and "'shapes_world'" in message
+    p2dpo_fields = required_record_fields(p2dpo.method)
+    validate(p2dpo, dataset_features=p2dpo_fields)
+    for method in ("dpo", "mdpo", "catpo", "tpo", "adapt", "sft"):
+        validate(_load(f"{method}.py"), dataset_features=PREFERENCE_FEATURES)
+    assert "on-policy issue" in _problems(_load("fisao.py"), dataset_features=PREFERENCE_FEATURES)
+    ddw = _load("p2dpo.py", "method.ddw=true")
+    assert "ddw_clip_crop" in _problems(ddw, dataset_features=p2dpo_fields)
+
+
+EXPECTED_EXTRAS = {
+    "sft": (), "dpo": (), "catpo": (), "mdpo": ("corrupt_pixel_values",),
+    "tpo": ("noise_pixel_values",), "adapt": ("noise_pixel_values",),
+    "p2dpo": ("focus_images", "robust_pair"), "fisao": (config_checks.ROLLOUTS,),
+}
+
+
+_PAIR = ("chosen", "image", "prompt", "rejected")
+EXPECTED_FIELDS = {
+    "sft": ("chosen", "image", "prompt"), "dpo": _PAIR, "catpo": _PAIR, "mdpo": _PAIR,
+    "tpo": _PAIR, "adapt": _PAIR, "fisao": ("image", "prompt"),
+    "p2dpo": ("chosen", "focus_aug_image", "focus_deg_image", "image", "prompt", "rejected",
+              "robust_chosen", "robust_rejected"),
+}
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_extras_follow_the_registrys_scores(method):
+    block = _load(f"{method}.py").method
+    extras = required_extras(block)
+    assert extras == EXPECTED_EXTRAS[method]
+    assert set(extras) <= {*EXTRAS, config_checks.ROLLOUTS}
+    assert required_record_fields(block) == EXPECTED_FIELDS[method]
+
+
+def test_extras_follow_the_options():
+    p2dpo = dict(_load("p2dpo.py").method.to_dict())
+    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images", "robust_pair")
+    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("robust_pair",)
+    catpo = _load("catpo.py").method.to_dict()
+    assert required_extras({**catpo, "token_weights": "tpo"}) == ("noise_pixel_values",)
+    mixed = {**catpo, "terms": {"dpo": 1.0, "copo": 1.0}}
+    assert required_extras(mixed) == ("corrupt_pixel_values",)
+
+
+def test_schema_tables_match_the_registry():
+    assert set(config_loading.TERM_OPTIONS) == set(registry.TERMS)
+    assert set(registry.OPTION_DEFAULTS) <= set(config_loading.METHOD_OPTION_DEFAULTS)
+    used = {o for options in config_loading.TERM_OPTIONS.values() for o in options}
+    used |= {o for options in config_loading.WEIGHTING_OPTIONS.values() for o in options}
+    assert used == set(config_loading.METHOD_OPTION_DEFAULTS)
+
+
+def test_hand_built_config_lists_every_problem():
+    config = json.loads(_load("catpo.py").to_json())
+    config["model"]["foo"] = 1
+    del config["train"]["num_steps"]
+    config["method"]["betaa"] = 0.2
+    config["optimizer"]["learning_rate"] = "fast"
+    config["extra"] = {}
+    message = _problems(config)
+    for expected in ("model.foo: unknown field", "train.num_steps: missing",
+                     "method.betaa: unknown field", "optimizer.learning_rate='fast'",
+                     "extra: unknown section"):
+        assert expected in message
+    minimal = {key: value for key, value in json.loads(_load("dpo.py").to_json()).items()
+               if key != "reference_settings"}
+    minimal["method"] = {"name": "dpo", "terms": None, "token_weights": None}
+    validate(minimal, device_count=8)
+
+
+def test_value_checks_are_listed_together():
+    config = _load("catpo.py", "data.buckets=(96,64)", "optimizer.warmup_ratio=1.5",
+                   "model.dtype=fp8", "optimizer.learning_rate=0", "method.token_weights=bogus",
+                   "method.layer_band=(0.7,0.6)", "model.lora.targets=('qkv',)")
+    message = _problems(config, device_count=8)
+    for expected in ("data.buckets=(96, 64)", "warmup_ratio=1.5", "model.dtype='fp8'",
+                     "learning_rate=0.0 must be > 0", "token_weights='bogus'", "layer_band",
+                     "unknown ['qkv']"):
+        assert expected in message
+    assert "needs model.checkpoint" in _problems(_load("dpo.py", "model.init=checkpoint"))
+    assert "is not one of" in _problems(_load("dpo.py", "method.name=nope"))
+
+
+def test_base_helpers(tmp_path):
+    base = config_loading.config_module(CONFIGS / "base.py")
+    assert base.model(lora=dict(rank=8)).lora.to_dict()["rank"] == 8
+    with pytest.raises(ValueError, match="no field 'rnak'"):
+        base.model(lora=dict(rnak=8))
+    with pytest.raises(ValueError, match="unknown method options"):
+        base.method("dpo", lamda_calib=0.1)
+    with pytest.raises(ValueError, match="is not one of"):
+        base.method("nope")
+    dpo, catpo = base.method("dpo"), base.method("catpo")
+    assert "lambda_calib" not in dpo and "alpha" not in dpo and "alpha" in catpo
+    assert catpo.terms.to_dict() == {"dpo": 1.0, "token_kl": 0.03}
+    assert catpo.token_weights == "catpo" and dpo.token_weights == "none"
+    # The optimizer's learning rate and the step count have no default.
+    unset = base.experiment("x", base.method("dpo"))
+    message = _problems(unset)
+    assert "optimizer.learning_rate: not set" in message and "train.num_steps: not set" in message
