@@ -1,0 +1,232 @@
+"""The main job: data, initial model, method run, chosen-only control, before/after table.
+
+``run_experiment(config)`` is what ``python -m mmpo_jax.train --config=configs/<method>.py`` does:
+
+1. prepare the training split (the shapes world is generated under ``data.data_dir`` if absent)
+   and its tokenizer;
+2. the initial policy: ``model.init="sft_base"`` trains the tiny model by SFT on the shapes
+   world's ``sft`` split once and caches it under ``<data_dir>/sft_base/<key>`` (the key hashes
+   the world, the model preset, the SFT settings and the tokenizer); ``"checkpoint"`` loads an
+   orbax checkpoint written by ``python -m mmpo_jax.convert import``; ``"random"`` initialises;
+3. evaluate the initial policy, train the method (``training.loop.train``), evaluate it;
+4. the **control**: the same initial policy fine-tuned with plain SFT on the chosen responses of
+   the same split, for the same number of steps and batch size, at ``eval.control_learning_rate``
+   (chosen captions are clean data, so this alone lowers hallucination; a method shows its worth
+   only by beating it);
+5. print and save (``<workdir>/results.json``, ``results.txt``) the table of CHAIR / POPE rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+from flax import nnx
+
+from mmpo_jax import convert as convert_cli
+from mmpo_jax.data import image_processing
+from mmpo_jax.data.sources import load_split
+from mmpo_jax.data.tokenizer import load_tokenizer
+from mmpo_jax.evaluation.runner import evaluate_model
+from mmpo_jax.evaluation.table import format_table
+from mmpo_jax.models import presets
+from mmpo_jax.models.llava import Llava, LlavaConfig
+from mmpo_jax.training import config_checks, reference_cache
+from mmpo_jax.training.config_loading import method_defaults
+from mmpo_jax.training.loop import train
+
+logger = logging.getLogger(__name__)
+
+SHAPES_WORLD = "shapes_world"
+
+
+def _expand(path: str) -> pathlib.Path:
+    return pathlib.Path(os.path.expanduser(path))
+
+
+def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorConfig]:
+    """``(training split, tokenizer, image preprocessing)`` of ``config.data``."""
+    data = config.data
+    source = load_split(data.dataset, data.split, data_dir=_expand(data.data_dir),
+                        manual_dir=_expand(data.manual_dir) if data.manual_dir else None,
+                        **data.builder.to_dict())
+    tokenizer_path = data.tokenizer or source.tokenizer_path
+    if not tokenizer_path:
+        raise ValueError(f"{data.dataset} ships no tokenizer; set data.tokenizer to a tokenizer "
+                         "directory")
+    tokenizer = load_tokenizer(_expand(tokenizer_path))
+    if data.dataset == SHAPES_WORLD:
+        image_config = image_processing.tiny(int(source.metadata["world"]["image_size"]))
+    else:
+        image_config = image_processing.clip_vit_l_336()
+    return source, tokenizer, image_config
+
+
+def model_config(config: Any, tokenizer: Any) -> LlavaConfig:
+    """The ``LlavaConfig`` of ``config.model.preset`` with the tokenizer's special ids."""
+    model = config.model
+    if model.preset == "tiny":
+        return presets.tiny(vocab_size=len(tokenizer),
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, dtype=model.dtype,
+                            param_dtype=model.param_dtype)
+    factory = getattr(presets, model.preset, None)
+    if factory is None:
+        raise ValueError(f"unknown model preset {model.preset!r}")
+    return factory(dtype=model.dtype, param_dtype=model.param_dtype)
+
+
+def _with_remat(llava_config: LlavaConfig, remat: bool) -> LlavaConfig:
+    fields = llava_config.to_dict()
+    fields["text_config"]["remat"] = bool(remat)
+    return LlavaConfig.from_dict(fields)
+
+
+def _digest(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_model(model: Llava, directory: pathlib.Path) -> None:
+    """The model's parameters (orbax) and config (JSON) under ``directory``."""
+    convert_cli.save_checkpoint(model, model.config, directory)
+
+
+def load_model(directory: pathlib.Path) -> Llava:
+    return convert_cli.load_checkpoint(directory)[0]
+
+
+def sft_base_config(config: Any) -> ml_collections.ConfigDict:
+    """The training config of the cached SFT base, derived from ``config``'s sections."""
+    base = ml_collections.ConfigDict(config.to_dict())
+    section = config.sft_base
+    base.name = "sft_base"
+    base.data.split = section.split
+    base.data.batch_size = int(section.batch_size)
+    base.data.num_epochs = 0
+    base.train.num_steps = int(section.num_steps)
+    base.optimizer.learning_rate = float(section.learning_rate)
+    base.optimizer.warmup_ratio = 0.05
+    base.optimizer.weight_decay = 0.0
+    base.method = ml_collections.ConfigDict(method_defaults("sft"))
+    base.model.lora.enabled = False
+    base.model.freeze_vision = False  # the tiny model learns to see from scratch
+    base.model.train_projector = True
+    base.reference.mode = "copy"
+    return base
+
+
+def initial_model(config: Any, tokenizer: Any) -> Llava:
+    """The starting policy of a run (see the module doc)."""
+    init = config.model.init
+    llava_config = _with_remat(model_config(config, tokenizer), config.model.remat)
+    if init == "checkpoint":
+        if not config.model.checkpoint:
+            raise ValueError("model.init='checkpoint' needs model.checkpoint (an orbax directory "
+                             "from `python -m mmpo_jax.convert import`)")
+        return load_model(_expand(config.model.checkpoint))
+    if init == "random":
+        return Llava(llava_config, rngs=nnx.Rngs(int(config.seed)))
+    if init != "sft_base":
+        raise ValueError(f"model.init={init!r}; valid: 'sft_base', 'random', 'checkpoint'")
+    if config.data.dataset != SHAPES_WORLD:
+        raise ValueError("model.init='sft_base' trains on the shapes world; for other datasets "
+                         "use model.init='checkpoint'")
+    base_config = sft_base_config(config)
+    key = _digest({"world": config.data.builder.to_dict(), "model": llava_config.to_dict(),
+                   "sft": base_config.sft_base.to_dict(), "seed": int(config.seed),
+                   "trained": base_config.model.to_dict(),
+                   "tokenizer": reference_cache.tokenizer_digest(tokenizer),
+                   "data": {k: base_config.data[k] for k in ("buckets", "template", "max_length")}})
+    root = _expand(config.sft_base.cache_dir or os.path.join(config.data.data_dir, "sft_base"))
+    directory = root / key[:16]
+    if (directory / "done").exists():
+        logger.info("SFT base: using the cached model in %s", directory)
+        return load_model(directory / "model")
+    logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
+    source, _, image_config = load_data(base_config)
+    result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
+                   tokenizer=tokenizer, source=source, image_config=image_config,
+                   workdir=directory / "run")
+    save_model(result.model, directory / "model")
+    (directory / "done").write_text(json.dumps({"key": key}))
+    return load_model(directory / "model")
+
+
+def control_config(config: Any) -> ml_collections.ConfigDict:
+    """The chosen-only SFT control: same split, steps and batch as the method run."""
+    control = ml_collections.ConfigDict(config.to_dict())
+    control.name = f"{config.name}_control"
+    control.method = ml_collections.ConfigDict(method_defaults("sft"))
+    control.optimizer.learning_rate = float(config.eval.control_learning_rate)
+    control.reference.mode = "copy"
+    return control
+
+
+def evaluate(config: Any, model: Llava, tokenizer: Any,
+             image_config: image_processing.ImageProcessorConfig) -> dict[str, float]:
+    """Greedy metrics plus sampled ones (``sampled/<name>``, temperature ``eval.temperature``)."""
+    evaluation = config.eval
+    data = config.data
+    world = data.builder.to_dict()
+    captions = load_split(data.dataset, evaluation.caption_split, data_dir=_expand(data.data_dir),
+                          **world)
+    pope = load_split(data.dataset, evaluation.pope_split, data_dir=_expand(data.data_dir), **world)
+    if evaluation.num_captions:
+        captions = [captions[i] for i in range(min(len(captions), int(evaluation.num_captions)))]
+    common = dict(caption_split=captions, pope_split=pope, image_config=image_config,
+                  num_image_tokens=model.config.num_image_tokens,
+                  batch_size=int(evaluation.batch_size),
+                  max_new_tokens=int(evaluation.max_new_tokens), seed=int(config.seed))
+    metrics = evaluate_model(model, tokenizer, decoding="greedy", **common)
+    if evaluation.num_samples:
+        sampled = evaluate_model(model, tokenizer, decoding="sample",
+                                 num_samples=int(evaluation.num_samples),
+                                 temperature=float(evaluation.temperature), **{
+                                     **common, "pope_split": None})
+        metrics.update({f"sampled/{k}": v for k, v in sampled.items()})
+    return metrics
+
+
+SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"),
+                   ("partner_rate", "partner"), ("sampled/chair_s", "CHAIR_s sampled"),
+                   ("sampled/chair_i", "CHAIR_i sampled"), ("sampled/recall", "recall sampled"),
+                   ("sampled/partner_rate", "partner sampled"),
+                   ("continuation_prob", "P(continue)"), ("pope_accuracy", "POPE acc"),
+                   ("pope_f1", "POPE F1"), ("pope_yes_ratio", "POPE yes"))
+"""The main job's table: greedy and sampled CHAIR, the bias probes, POPE."""
+
+
+def run_experiment(config: Any) -> dict[str, dict[str, float]]:
+    """The main job (module doc); returns ``{row name: metrics}`` in table order."""
+    source, tokenizer, image_config = load_data(config)
+    config_checks.validate(config, device_count=jax.device_count(),
+                           dataset_features=getattr(source, "fields", None))
+    workdir = _expand(config.workdir or f"runs/{config.name}")
+    base = initial_model(config, tokenizer)
+    rows: dict[str, dict[str, float]] = {}
+    if config.eval.enabled:
+        rows["base (SFT)" if config.model.init == "sft_base" else "initial"] = evaluate(
+            config, base, tokenizer, image_config)
+    result = train(config, model=base, tokenizer=tokenizer, source=source,
+                   image_config=image_config, workdir=workdir)
+    if config.eval.enabled:
+        rows[str(config.method.name)] = evaluate(config, result.model, tokenizer, image_config)
+    if config.eval.enabled and config.eval.control and config.method.name != "sft":
+        control = train(control_config(config), model=base, tokenizer=tokenizer, source=source,
+                        image_config=image_config, workdir=workdir / "control")
+        rows["control (SFT on chosen)"] = evaluate(config, control.model, tokenizer,
+                                                   image_config)
+    if rows:
+        table = format_table(rows, SAMPLED_COLUMNS)
+        print(table, flush=True)
+        (workdir / "results.txt").write_text(table + "\n")
+        (workdir / "results.json").write_text(json.dumps(
+            {"rows": rows, "train_summary": result.summary}, indent=2, default=float))
+    return rows
