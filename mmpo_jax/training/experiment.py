@@ -205,28 +205,48 @@ SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "r
 
 def run_experiment(config: Any) -> dict[str, dict[str, float]]:
     """The main job (module doc); returns ``{row name: metrics}`` in table order."""
-    source, tokenizer, image_config = load_data(config)
-    config_checks.validate(config, device_count=jax.device_count(),
-                           dataset_features=getattr(source, "fields", None))
     workdir = _expand(config.workdir or f"runs/{config.name}")
+    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir)
+
+
+def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], *,
+                 workdir: pathlib.Path) -> dict[str, dict[str, float]]:
+    """Base row, one trained row per variant, the control row: the main job and sweeps.
+
+    Args:
+      config: the shared settings (data, initial model, evaluation, control).
+      variants: ``{row name: (training config, its workdir)}``, all from ``config``'s data and
+        initial model.
+      workdir: where ``results.txt`` / ``results.json`` go.
+    """
+    source, tokenizer, image_config = load_data(config)
+    for variant, _ in variants.values():
+        config_checks.validate(variant, device_count=jax.device_count(),
+                               dataset_features=getattr(source, "fields", None))
     base = initial_model(config, tokenizer)
+    evaluation = bool(config.eval.enabled)
     rows: dict[str, dict[str, float]] = {}
-    if config.eval.enabled:
+    summaries: dict[str, Any] = {}
+    if evaluation:
         rows["base (SFT)" if config.model.init == "sft_base" else "initial"] = evaluate(
             config, base, tokenizer, image_config)
-    result = train(config, model=base, tokenizer=tokenizer, source=source,
-                   image_config=image_config, workdir=workdir)
-    if config.eval.enabled:
-        rows[str(config.method.name)] = evaluate(config, result.model, tokenizer, image_config)
-    if config.eval.enabled and config.eval.control and config.method.name != "sft":
+    for name, (variant, variant_dir) in variants.items():
+        result = train(variant, model=base, tokenizer=tokenizer, source=source,
+                       image_config=image_config, workdir=variant_dir)
+        summaries[name] = result.summary
+        if evaluation:
+            rows[name] = evaluate(config, result.model, tokenizer, image_config)
+    if evaluation and config.eval.control and config.method.name != "sft":
         control = train(control_config(config), model=base, tokenizer=tokenizer, source=source,
                         image_config=image_config, workdir=workdir / "control")
+        summaries["control"] = control.summary
         rows["control (SFT on chosen)"] = evaluate(config, control.model, tokenizer,
                                                    image_config)
     if rows:
         table = format_table(rows, SAMPLED_COLUMNS)
         print(table, flush=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "results.txt").write_text(table + "\n")
         (workdir / "results.json").write_text(json.dumps(
-            {"rows": rows, "train_summary": result.summary}, indent=2, default=float))
+            {"rows": rows, "train_summaries": summaries}, indent=2, default=float))
     return rows

@@ -53,6 +53,28 @@ def masked_objective(method_config: Mapping[str, Any], scored: Mapping[str, jax.
     return jnp.sum(losses[:, 0] * mask), metrics
 
 
+def reseed_dropout(state: Any, key: jax.Array) -> Any:
+    """``state`` with every ``dropout`` RNG stream restarted from its own fold of ``key``.
+
+    Done on the state, before the model is merged inside ``value_and_grad``: NNX forbids mutating
+    a stream created at another trace level. Stream ``i`` (in path order) gets
+    ``fold_in(key, i)`` and count 0, so layers draw different masks and a resumed run the same.
+    """
+    index = iter(range(1 << 30))
+
+    def reseed(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        if "dropout" not in names:
+            return leaf
+        if names[-1] == "key" or (len(names) > 1 and names[-2] == "key"):
+            return jax.random.fold_in(key, next(index))
+        if names[-1] == "count" or (len(names) > 1 and names[-2] == "count"):
+            return jnp.zeros_like(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(reseed, state)
+
+
 def _micro_batches(tree: Any, accum_steps: int) -> Any:
     """``[B, ...] -> [A, B/A, ...]``, micro-batch ``a`` holding rows ``a, a + A, ...``."""
     def split(x):
@@ -96,11 +118,10 @@ def make_train_step(
     method_config = dict(method_config)
 
     def loss_fn(trainable, frozen, reference_state, batch, cached, key, count):
-        policy = nnx.merge(graphdef, trainable, frozen)
-        if has_dropout:
-            nnx.reseed(policy, dropout=key)
+        # Fresh Variables at this trace level: dropout streams advance their counts in place.
+        policy = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
         if reference_mode == "copy":
-            reference = nnx.merge(reference_graphdef, reference_state)
+            reference = nnx.merge(reference_graphdef, jax.tree.map(lambda x: x, reference_state))
         elif reference_mode == "lora_base":
             reference = lora.without_adapters(policy)
         else:
@@ -114,6 +135,8 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, frozen, reference_state, batch, cached, key):
+        if has_dropout:
+            frozen = reseed_dropout(frozen, key)
         count = jnp.maximum(jnp.sum(batch.example_mask.astype(jnp.float32)), 1.0)
         if accum_steps == 1:
             (loss, metrics), grads = grad_fn(trainable, frozen, reference_state, batch, cached,
