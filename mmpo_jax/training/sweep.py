@@ -32,8 +32,7 @@ def file_overrides(path: str) -> list[tuple[str, ...]]:
     """The config file's ``get_sweep()`` as override tuples (empty when it has none)."""
     module = config_module(path.split(":", 1)[0])
     sweep: Sequence[Mapping[str, Any]] = getattr(module, "get_sweep", lambda: [])()
-    return [tuple(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
-                  for key, value in variant.items()) for variant in sweep]
+    return [tuple(f"{key}={value}" for key, value in variant.items()) for variant in sweep]
 
 
 def _folder(name: str) -> str:
