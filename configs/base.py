@@ -196,16 +196,15 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
     <hf_dir> <orbax_dir>``) and ``data.tokenizer`` (the transformers checkpoint folder).
     """
     settings = method_config.get("reference_settings", ml_collections.ConfigDict())
-    split = method_config.data.split
     config = experiment(
         f"llava_1_5_7b_{method_config.name}",
         copy.deepcopy(method_config.method),
         model=dict(preset="llava_1_5_7b", init="checkpoint",
                    checkpoint="~/models/llava-1.5-7b-orbax", dtype="bfloat16",
                    param_dtype="float32", remat=True, lora=dict(enabled=True)),
-        # Shapes world's "preference" split is a real dataset's "train"; other splits (P2-DPO's
-        # generated pairs) carry over.
-        data=dict(dataset="rlhf_v", split="train" if split == "preference" else split,
+        # P2-DPO trains on its generated pairs (p2dpo_pairs); the others on RLHF-V.
+        data=dict(dataset="p2dpo_pairs" if method_config.data.dataset == "p2dpo_pairs"
+                  else "rlhf_v", split="train",
                   manual_dir="", tokenizer="~/models/llava-1.5-7b-hf", buckets=(1024, 2048)),
         optimizer=dict(learning_rate=method_config.optimizer.learning_rate),
         train=dict(num_steps=1, log_every=1),

@@ -1,6 +1,7 @@
 """Command line: hallucination metrics (CHAIR, POPE) of a saved model, printed as a table.
 
     python -m mmpo_jax.evaluate --checkpoint DIR [--data_dir DIR] [--decoding sample --num_samples 4]
+    python -m mmpo_jax.evaluate --checkpoint DIR --decoding adapt_steer   # or adapt_blend, adapt_mask
     python -m mmpo_jax.evaluate --checkpoint DIR --tokenizer DIR --preprocessor_config FILE \\
         --pope_questions coco_pope_random.json coco_pope_adversarial.json --pope_images val2014/
 
@@ -71,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="transformers preprocessor_config.json of the model (real data)")
     parser.add_argument("--pope_questions", type=pathlib.Path, nargs="+", help="POPE question files (jsonl)")
     parser.add_argument("--pope_images", type=pathlib.Path, help="folder of the POPE questions' images")
-    parser.add_argument("--decoding", choices=DECODINGS, default="greedy")
+    parser.add_argument("--decoding", choices=DECODINGS, default="greedy",
+                        help="greedy, sample (--num_samples passes at --temperature), or greedy under ADAPT's "
+                             "attention-supervised inference (adapt_steer, adapt_blend, adapt_mask)")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=16)

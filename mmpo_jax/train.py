@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mmpo_jax.training import config_checks
+from mmpo_jax.training.config_loading import load_config
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",
@@ -34,7 +35,10 @@ def main(argv: Sequence[str]) -> None:
     config_checks.validate(config, device_count=jax.device_count())
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
-    run_experiment(config)
+    pairs = None
+    if config.data.dataset == "p2dpo_pairs":  # P2-DPO: its file's generation settings
+        pairs = load_config(f"{config_flags.get_config_filename(flags.FLAGS['config'])}:pairs")
+    run_experiment(config, pairs=pairs)
 
 
 if __name__ == "__main__":

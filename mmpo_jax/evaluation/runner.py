@@ -1,12 +1,13 @@
 """The evaluation runner: generate captions and yes/no answers with a model, score them.
 
 `evaluate_model` decodes every caption prompt and every POPE question with `generation.generate`
-(greedy once, or `num_samples` sampled passes), computes CHAIR (+ the shapes world's partner
-rate) and POPE per pass, and reports the mean and the spread (`<name>_std`, population standard
-deviation over passes) of each metric. On the shapes world it also measures, under teacher forcing,
-the model's probability of continuing the object list where the biased captions do
-(`shapes.continuation_probability`, with the first caption record's prompt, the shapes world's only
-one), which does not depend on decoding.
+(greedy once, `num_samples` sampled passes, or greedy once under ADAPT's attention-supervised
+inference: `adapt_steer` / `adapt_blend` / `adapt_mask`, METHODS.md §4 defaults), computes CHAIR
+(+ the shapes world's partner rate) and POPE per pass, and reports the mean and the spread
+(`<name>_std`, population standard deviation over passes) of each metric. On the shapes world it
+also measures, under teacher forcing, the model's probability of continuing the object list where
+the biased captions do (`shapes.continuation_probability`, with the first caption record's prompt,
+the shapes world's only one), which does not depend on decoding.
 
 Records are dicts as `mmpo_jax.data.sources.load_split` returns them:
 - caption records: "image" (uint8 [H, W, 3]), "prompt", "objects" — the shapes world's JSON list of
@@ -42,11 +43,13 @@ from mmpo_jax.evaluation.shapes import (
     partner_hallucination_rate,
     shapes_chair_metrics,
 )
-from mmpo_jax.generation import generate
+from mmpo_jax.generation import AdaptDecoding, DecodeController, generate
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives.logprobs import token_logprobs
 
-DECODINGS = ("greedy", "sample")
+ADAPT_DECODINGS = {"adapt_steer": "steer", "adapt_blend": "blend", "adapt_mask": "mask"}
+"""Decoding name -> ADAPT mode (greedy decoding with `generation.adapt.AdaptDecoding(mode)`)."""
+DECODINGS = ("greedy", "sample", *ADAPT_DECODINGS)
 TASKS = ("shapes_world", "coco")
 LENGTH_MULTIPLE = 8
 
@@ -73,7 +76,7 @@ def _batches(count: int, batch_size: int) -> list[tuple[list[int], int]]:
 def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Sequence[np.ndarray],
                    prompts: Sequence[str], *, image_config: ImageProcessorConfig, num_image_tokens: int,
                    batch_size: int, max_new_tokens: int, temperature: float = 0.0,
-                   rng: jax.Array | None = None) -> list[str]:
+                   rng: jax.Array | None = None, controller: DecodeController | None = None) -> list[str]:
     """Generates one reply per (image, prompt) with the LLaVA-1.5 template.
 
     Args:
@@ -87,6 +90,7 @@ def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Seq
       max_new_tokens: decode steps at most.
       temperature: 0 greedy; > 0 samples (needs `rng`; batch b uses `fold_in(rng, b)`).
       rng: PRNG key for sampling.
+      controller: a decode controller for every `generate` call (e.g. `AdaptDecoding`), or None.
 
     Returns:
       the decoded replies (cut at EOS, special tokens dropped), in input order.
@@ -106,7 +110,7 @@ def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Seq
         pixels = np.stack([image_config(images[i]) for i in rows])
         output = generate(model, input_ids, pixels, attention_mask=mask, max_new_tokens=max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, temperature=temperature,
-                          rng=None if rng is None else jax.random.fold_in(rng, number))
+                          rng=None if rng is None else jax.random.fold_in(rng, number), controller=controller)
         texts.extend(decode_response(tokenizer, row) for row in np.asarray(output.new_tokens)[:real])
     return texts
 
@@ -196,8 +200,10 @@ def evaluate_model(
       pope_split: POPE records, or None to skip POPE.
       image_config: image preprocessing of the model.
       num_image_tokens: placeholders per image.
-      decoding: "greedy" (one pass; `num_samples` must be 1) or "sample" (`num_samples` passes at
-        `temperature`, pass s seeded by `fold_in(key(seed), s)`).
+      decoding: "greedy" (one pass; `num_samples` must be 1), "sample" (`num_samples` passes at
+        `temperature`, pass s seeded by `fold_in(key(seed), s)`), or "adapt_steer" / "adapt_blend" /
+        "adapt_mask" (one greedy pass with ADAPT's attention-supervised inference in that mode,
+        METHODS.md §4 defaults; the model's images must form square patch grids).
       batch_size, max_new_tokens: of every `generate` call (captions and answers alike).
       task: "shapes_world" or "coco": how caption ground truth is read and text is parsed.
 
@@ -210,13 +216,14 @@ def evaluate_model(
         raise ValueError(f"decoding={decoding!r}; valid: {DECODINGS}")
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
-    if num_samples < 1 or (decoding == "greedy" and num_samples != 1):
-        raise ValueError(f"num_samples={num_samples}: greedy decoding takes exactly 1, sampling >= 1")
+    if num_samples < 1 or (decoding != "sample" and num_samples != 1):
+        raise ValueError(f"num_samples={num_samples}: {decoding} decoding takes exactly 1, sampling >= 1")
     if decoding == "sample" and temperature <= 0:
         raise ValueError(f"temperature={temperature}: sampling needs a temperature > 0")
     captions, questions = _records(caption_split), _records(pope_split)
     decode = dict(image_config=image_config, num_image_tokens=num_image_tokens, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, temperature=temperature if decoding == "sample" else 0.0)
+                  max_new_tokens=max_new_tokens, temperature=temperature if decoding == "sample" else 0.0,
+                  controller=AdaptDecoding(ADAPT_DECODINGS[decoding]) if decoding in ADAPT_DECODINGS else None)
     passes = []
     for sample in range(num_samples):
         rng = jax.random.fold_in(jax.random.key(seed), sample) if decoding == "sample" else None

@@ -13,8 +13,9 @@ its array fields are traced, so new values of them do not recompile `generate`; 
 and class are part of the compile key. `generate` calls, inside one jitted program:
 
 * `state = processor.init_state(model, prompt)` once, after the prompt prefill (`prompt` is a
-  `PromptInputs`). A processor that needs its own forward passes (contrastive decoding's amateur
-  run on a noisy image) runs its prefill here and keeps its own KV cache in `state`.
+  `PromptInputs`). A processor that needs its own forward passes runs its prefill here and keeps
+  its own KV cache in `state` (a second model call per step; contrastive decoding instead batches
+  its amateur rows into the main forward, see `decode.RowGroups`).
 * `state = processor.consume(model, state, inputs)` at every later step, with the tokens the
   generating model consumes at that step (`StepInputs`); a second cache advances here, on the same
   slots and mask as the main one.

@@ -335,10 +335,10 @@ def cache_problems(method: Mapping[str, Any]) -> list[str]:
 def _data_problems(tree: Mapping[str, Any], dataset_features: Collection[str]) -> list[str]:
     method, data = tree["method"], tree["data"]
     where = f"dataset {data['dataset']!r} split {data['split']!r}"
-    if ROLLOUTS in required_extras(method):
-        return [f"method {method['name']!r} trains on on-policy rollouts sampled from the policy, "
-                f"not on records of {where}; its training loop (FiSAO's PPO) arrives with the "
-                "on-policy issue"]
+    if ROLLOUTS in required_extras(method):  # rollouts need prompts and their images only
+        missing = [f for f in ("image", "prompt") if f not in set(dataset_features)]
+        return [f"method {method['name']!r} samples rollouts from the images and prompts of "
+                f"{where}, which lacks {missing}"] if missing else []
     missing = [f for f in required_record_fields(method) if f not in set(dataset_features)]
     return [f"method {method['name']!r} needs record fields {missing} that {where} lacks (it has "
             f"{sorted(dataset_features)})"] if missing else []

@@ -61,8 +61,9 @@ def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorCon
         raise ValueError(f"{data.dataset} ships no tokenizer; set data.tokenizer to a tokenizer "
                          "directory")
     tokenizer = load_tokenizer(_expand(tokenizer_path))
-    if data.dataset == SHAPES_WORLD:
-        image_config = image_processing.tiny(int(source.metadata["world"]["image_size"]))
+    world = getattr(source, "metadata", {}).get("world")
+    if world is not None:  # the shapes world, or data generated from it (P2-DPO pairs)
+        image_config = image_processing.tiny(int(world["image_size"]))
     else:
         image_config = image_processing.clip_vit_l_336()
     return source, tokenizer, image_config
@@ -191,7 +192,16 @@ def evaluate(config: Any, model: Llava, tokenizer: Any,
                                  temperature=float(evaluation.temperature), **{
                                      **common, "pope_split": None})
         metrics.update({f"sampled/{k}": v for k, v in sampled.items()})
+    for decoding in evaluation_decodings(config):
+        adapted = evaluate_model(model, tokenizer, decoding=decoding, **common)
+        metrics.update({f"{decoding}/{k}": v for k, v in adapted.items()})
     return metrics
+
+
+def evaluation_decodings(config: Any) -> tuple[str, ...]:
+    """Decodings evaluated besides greedy and sampling: ADAPT's inference for the adapt method
+    (``adapt_steer``, the paper's equations)."""
+    return ("adapt_steer",) if config.method.name == "adapt" else ()
 
 
 SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "recall"),
@@ -199,18 +209,79 @@ SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "r
                    ("sampled/chair_i", "CHAIR_i sampled"), ("sampled/recall", "recall sampled"),
                    ("sampled/partner_rate", "partner sampled"),
                    ("continuation_prob", "P(continue)"), ("pope_accuracy", "POPE acc"),
-                   ("pope_f1", "POPE F1"), ("pope_yes_ratio", "POPE yes"))
+                   ("pope_f1", "POPE F1"), ("pope_yes_ratio", "POPE yes"),
+                   ("adapt_steer/chair_s", "CHAIR_s ADAPT"), ("adapt_steer/chair_i", "CHAIR_i ADAPT"),
+                   ("adapt_steer/recall", "recall ADAPT"), ("adapt_steer/pope_f1", "POPE F1 ADAPT"))
 """The main job's table: greedy and sampled CHAIR, the bias probes, POPE."""
 
 
-def run_experiment(config: Any) -> dict[str, dict[str, float]]:
-    """The main job (module doc); returns ``{row name: metrics}`` in table order."""
+def run_experiment(config: Any, *, pairs: Any = None) -> dict[str, dict[str, float]]:
+    """The main job (module doc); returns ``{row name: metrics}`` in table order.
+
+    Args:
+      pairs: P2-DPO's generation settings (``get_config("pairs")`` of ``configs/p2dpo.py``); with
+        ``data.dataset="p2dpo_pairs"`` the pairs are generated from the initial policy first.
+    """
     workdir = _expand(config.workdir or f"runs/{config.name}")
-    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir)
+    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir,
+                        pairs=pairs)
+
+
+def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDict:
+    """``config`` with its data section pointing at the prompt source of ``settings``.
+
+    ``training.experiment.load_data`` / ``initial_model`` read it: the prompt records, their
+    tokenizer and image preprocessing, and the SFT base trained on that (shapes) world.
+    """
+    source = ml_collections.ConfigDict(config.to_dict())
+    source.data.dataset = settings.source_dataset
+    source.data.split = settings.source_split
+    source.data.builder = ml_collections.ConfigDict(dict(settings.source_builder))
+    source.data.manual_dir = settings.source_manual_dir
+    return source
+
+
+def _generate_pairs(config: Any, pairs: Any, base: Llava) -> Any:
+    """P2-DPO: pairs from ``base`` on the prompt source (skipped where already written); returns
+    the config of that source (its world is the one the base learned and is evaluated on)."""
+    from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
+
+    if pairs is None:
+        raise ValueError("data.dataset='p2dpo_pairs' needs the pair-generation settings "
+                         "(configs/p2dpo.py:pairs)")
+    settings = PairSettings.from_config(pairs)
+    world = prompt_source_config(config, settings)
+    source, tokenizer, image_config = load_data(world)
+    generate_pairs(base, tokenizer, source, image_config=image_config,
+                   output_dir=str(_expand(config.data.manual_dir)), settings=settings,
+                   seed=int(config.seed),
+                   layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
+                                         config.data.template),
+                   source_metadata={"source_dataset": settings.source_dataset,
+                                    "source_split": settings.source_split,
+                                    "world": source.metadata["world"]})
+    return world
+
+
+def _world_config(config: Any, pairs: Any) -> Any:
+    """The config whose data section names the world of the initial model and the evaluation."""
+    if config.data.dataset != "p2dpo_pairs":
+        return config
+    from mmpo_jax.pipelines.p2dpo import PairSettings
+
+    return prompt_source_config(config, PairSettings.from_config(pairs))
+
+
+def _train_variant(variant: Any, **kwargs: Any):
+    if variant.method.name == "fisao":
+        from mmpo_jax.training.fisao_loop import train_fisao
+
+        return train_fisao(variant, **kwargs)
+    return train(variant, **kwargs)
 
 
 def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], *,
-                 workdir: pathlib.Path) -> dict[str, dict[str, float]]:
+                 workdir: pathlib.Path, pairs: Any = None) -> dict[str, dict[str, float]]:
     """Base row, one trained row per variant, the control row: the main job and sweeps.
 
     Args:
@@ -218,30 +289,35 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
       variants: ``{row name: (training config, its workdir)}``, all from ``config``'s data and
         initial model.
       workdir: where ``results.txt`` / ``results.json`` go.
+      pairs: P2-DPO's generation settings when ``config`` trains on generated pairs.
     """
-    source, tokenizer, image_config = load_data(config)
+    world = _world_config(config, pairs)
+    _, tokenizer, world_image_config = load_data(world)
+    base = initial_model(world, tokenizer)
+    if world is not config:
+        _generate_pairs(config, pairs, base)
+    source, _, image_config = load_data(config)
     for variant, _ in variants.values():
         config_checks.validate(variant, device_count=jax.device_count(),
                                dataset_features=getattr(source, "fields", None))
-    base = initial_model(config, tokenizer)
     evaluation = bool(config.eval.enabled)
     rows: dict[str, dict[str, float]] = {}
     summaries: dict[str, Any] = {}
     if evaluation:
         rows["base (SFT)" if config.model.init == "sft_base" else "initial"] = evaluate(
-            config, base, tokenizer, image_config)
+            world, base, tokenizer, world_image_config)
     for name, (variant, variant_dir) in variants.items():
-        result = train(variant, model=base, tokenizer=tokenizer, source=source,
-                       image_config=image_config, workdir=variant_dir)
+        result = _train_variant(variant, model=base, tokenizer=tokenizer, source=source,
+                                image_config=image_config, workdir=variant_dir)
         summaries[name] = result.summary
         if evaluation:
-            rows[name] = evaluate(config, result.model, tokenizer, image_config)
+            rows[name] = evaluate(world, result.model, tokenizer, world_image_config)
     if evaluation and config.eval.control and config.method.name != "sft":
         control = train(control_config(config), model=base, tokenizer=tokenizer, source=source,
                         image_config=image_config, workdir=workdir / "control")
         summaries["control"] = control.summary
-        rows["control (SFT on chosen)"] = evaluate(config, control.model, tokenizer,
-                                                   image_config)
+        rows["control (SFT on chosen)"] = evaluate(world, control.model, tokenizer,
+                                                   world_image_config)
     if rows:
         table = format_table(rows, SAMPLED_COLUMNS)
         print(table, flush=True)

@@ -14,6 +14,7 @@ from mmpo_jax.convert import save_checkpoint
 from mmpo_jax.data import image_processing, shapes_world
 from mmpo_jax.data.template import encode_prompt
 from mmpo_jax.data.tokenizer import build_word_tokenizer
+from mmpo_jax.evaluate import _parser as evaluate_parser
 from mmpo_jax.evaluate import main as evaluate_main
 from mmpo_jax.evaluation.runner import caption_metrics, evaluate_model, model_scorer, summarise_passes
 from mmpo_jax.evaluation.table import format_table
@@ -97,9 +98,18 @@ def test_scorer_matches_a_plain_forward_one_row_at_a_time(setup):
         np.testing.assert_allclose(scored, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_adapt_decoding_evaluation_is_well_formed(setup):
+    metrics = _evaluate(setup, decoding="adapt_steer")
+    _check_well_formed(metrics)
+    assert metrics["num_samples"] == 1.0 and not any(k.endswith("_std") for k in metrics)
+
+
 def test_bad_options_are_named(setup):
     with pytest.raises(ValueError, match="num_samples=3"):
         _evaluate(setup, decoding="greedy", num_samples=3)
+    with pytest.raises(ValueError, match="num_samples=2: adapt_mask decoding takes exactly 1"):
+        _evaluate(setup, decoding="adapt_mask", num_samples=2)
     with pytest.raises(ValueError, match="'beam'"):
         _evaluate(setup, decoding="beam")
     with pytest.raises(ValueError, match="temperature=0"):
@@ -127,6 +137,11 @@ def test_evaluate_cli_on_a_small_shapes_world(setup, tmp_path, capsys):
     assert metrics == pytest.approx(_evaluate(setup, decoding="greedy"), rel=1e-6)
     printed = capsys.readouterr().out
     assert printed.splitlines()[-1].startswith("tiny ")
+
+
+def test_evaluate_cli_offers_the_adapt_decodings(tmp_path):
+    for decoding in ("adapt_steer", "adapt_blend", "adapt_mask"):
+        assert evaluate_parser().parse_args(["--checkpoint", str(tmp_path), "--decoding", decoding]).decoding == decoding
 
 
 def test_evaluate_cli_rejects_incomplete_real_data_flags(tmp_path):

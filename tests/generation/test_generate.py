@@ -29,10 +29,10 @@ from mmpo_jax.generation import (
 from mmpo_jax.models.attention import AttentionHooks
 from mmpo_jax.models.convert import load_hf_llava
 from mmpo_jax.models.llama import init_cache
+from tests.generation.helpers import PAD, TRACES, CountTraces, left_padded_prompts
 from tests.models import hf_fixtures
 
 IMAGE = hf_fixtures.IMAGE_TOKEN_ID
-PAD = 0
 MAX_NEW = 20
 RTOL = 1e-4
 
@@ -44,13 +44,7 @@ def setup(tmp_path_factory):
     torch_model = hf_fixtures.save_tiny_llava(directory, seed=0)
     model, config = load_hf_llava(directory)
     rng = np.random.default_rng(0)
-    rows = [
-        [1, 5, 6, *[IMAGE] * config.num_image_tokens, *rng.integers(3, 90, 4)],
-        [1, 7, *[IMAGE] * config.num_image_tokens, *rng.integers(3, 90, 2)],
-    ]
-    length = max(len(row) for row in rows)
-    input_ids = np.array([[PAD] * (length - len(row)) + row for row in rows])
-    mask = np.array([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+    input_ids, mask = left_padded_prompts(config.num_image_tokens, rng)
     pixels_torch = rng.normal(size=(2, 3, 30, 30)).astype(np.float32)
     pixels = jnp.asarray(pixels_torch.transpose(0, 2, 3, 1))
     greedy = generate(
@@ -133,18 +127,6 @@ def test_eos_ends_each_row_and_pads_after_it_as_transformers(setup):
         assert (np.asarray(output.token_logps[row, end + 1:]) == 0).all()
         np.testing.assert_allclose(output.token_logps[row, : end + 1], setup["greedy"].token_logps[row, : end + 1],
                                    rtol=RTOL)
-
-
-TRACES = []
-
-
-@struct.dataclass
-class CountTraces(LogitsProcessor):
-    """Identity processor that records every trace of the decode program (Python side effect)."""
-
-    def __call__(self, logits, step, state):
-        TRACES.append(step)
-        return logits, state
 
 
 def test_sampling_is_reproducible_per_key_and_never_recompiles(setup):

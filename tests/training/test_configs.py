@@ -68,12 +68,13 @@ def test_llava_presets_build_every_method(name, method):
     assert (model.preset, model.init, model.dtype, model.param_dtype) == (
         "llava_1_5_7b", "checkpoint", "bfloat16", "float32")
     assert config.model.remat and config.model.lora.enabled
-    assert config.reference.mode == "lora_base" and config.data.dataset == "rlhf_v"
+    assert config.reference.mode == "lora_base"
+    assert config.data.dataset == ("p2dpo_pairs" if method == "p2dpo" else "rlhf_v")
     assert config.data.buckets == (1024, 2048)
     settings = tiny.reference_settings
     assert config.optimizer.learning_rate == settings.learning_rate
     assert config.train.num_steps == math.ceil(settings.get("num_epochs", 1) * 5733 / 32)
-    assert config.data.split == ("p2dpo_pairs" if method == "p2dpo" else "train")
+    assert config.data.split == "train"
     validate(config, device_count=1)
     if name.endswith("tpu.py"):
         validate(config, device_count=8)
@@ -186,12 +187,13 @@ def test_reference_modes():
 def test_dataset_features():
     p2dpo = _load("p2dpo.py")
     message = _problems(p2dpo, dataset_features=PREFERENCE_FEATURES)
-    assert "'p2dpo'" in message and "robust_chosen" in message and "'shapes_world'" in message
+    assert "'p2dpo'" in message and "robust_chosen" in message and "'p2dpo_pairs'" in message
     p2dpo_fields = required_record_fields(p2dpo.method)
     validate(p2dpo, dataset_features=p2dpo_fields)
     for method in ("dpo", "mdpo", "catpo", "tpo", "adapt", "sft"):
         validate(_load(f"{method}.py"), dataset_features=PREFERENCE_FEATURES)
-    assert "on-policy issue" in _problems(_load("fisao.py"), dataset_features=PREFERENCE_FEATURES)
+    validate(_load("fisao.py"), dataset_features=PREFERENCE_FEATURES)  # rollouts: image + prompt
+    assert "lacks ['prompt']" in _problems(_load("fisao.py"), dataset_features=("id", "image"))
     ddw = _load("p2dpo.py", "method.ddw=true")
     assert "ddw_clip_crop" in _problems(ddw, dataset_features=p2dpo_fields)
 

@@ -1,0 +1,117 @@
+"""P2-DPO pair generation end to end on a tiny random model: resume, dataset, pipeline, one step."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mmpo_jax.data import pipeline
+from mmpo_jax.data.builders.p2dpo_pairs import missing_shards, read_manifest, shard_file, summarize
+from mmpo_jax.data.sources import load_split
+from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
+from mmpo_jax.training import config_checks
+from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.training.loop import train
+from mmpo_jax.training.scoring import plan_scoring, reference_scores
+from tests.training import step_fixtures as fx
+
+pytestmark = pytest.mark.slow
+
+NUM_RECORDS = 8
+# The random model's replies fail every perplexity threshold; filter_pairs=() keeps them all
+# (the verdicts are still counted) so the dataset has records to train on.
+SETTINGS = PairSettings(enhanced_prompt="{prompt}", base_box=32.0, focus_max_new_tokens=4,
+                        robust_max_new_tokens=4, batch_size=4, shard_size=4, filter_pairs=())
+LAYOUT = TrainingLayout(buckets=(64, 96))
+EXTRAS = ("focus_images", "robust_pair", "noise_pixel_values", "ref_logps")
+
+
+def _generate(output_dir, **kwargs):
+    return generate_pairs(fx.base_model(), fx.tokenizer(), list(fx.records(NUM_RECORDS)),
+                          image_config=fx.IMAGE_CONFIG, output_dir=output_dir, settings=SETTINGS,
+                          layout=LAYOUT, seed=0, progress=False,
+                          source_metadata={"world": {"image_size": 64}}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p2dpo")
+    whole = _generate(root / "whole")
+    interrupted = _generate(root / "resumed", stop_after_shards=1)
+    with pytest.raises(ValueError, match="unfinished"):
+        load_split("p2dpo_pairs", "train", data_dir=root / "unfinished", manual_dir=root / "resumed")
+    resumed = _generate(root / "resumed")
+    return root, whole, interrupted, resumed
+
+
+def test_a_resumed_generation_writes_the_same_bytes(generated):
+    root, whole, interrupted, resumed = generated
+    assert missing_shards(interrupted) == [1] and missing_shards(read_manifest(root / "resumed")) == []
+    assert whole["shards"] == resumed["shards"]
+    for index in range(2):
+        assert ((root / "whole" / shard_file(index)).read_bytes()
+                == (root / "resumed" / shard_file(index)).read_bytes())
+    summary = summarize(whole)
+    assert summary["candidates"] == NUM_RECORDS and summary["kept"] == NUM_RECORDS
+    assert summary["shards_done"] == "2/2"
+
+
+def test_a_different_setting_is_refused(generated):
+    root, *_ = generated
+    with pytest.raises(ValueError, match="other settings"):
+        generate_pairs(fx.base_model(), fx.tokenizer(), list(fx.records(NUM_RECORDS)),
+                       image_config=fx.IMAGE_CONFIG, output_dir=root / "whole", settings=SETTINGS,
+                       layout=LAYOUT, seed=1, progress=False)
+
+
+def test_dataset_loads_and_the_stored_reference_logps_are_the_trainers(generated):
+    root, whole, *_ = generated
+    source = load_split("p2dpo_pairs", "train", data_dir=root / "data", manual_dir=root / "whole")
+    assert len(source) == NUM_RECORDS
+    assert "ddw_clip_crop" not in source.fields  # no CLIP scorer: hidden, the trainer uses 0.5
+    assert source.metadata["world"] == {"image_size": 64}
+    assert source.tokenizer_path and (root / "data").exists()
+    record = source[0]
+    assert record["image"].shape == record["focus_aug_image"].shape == (64, 64, 3)
+    metadata = json.loads(record["metadata"])
+    x0, y0, x1, y1 = metadata["box"]
+    assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+    # I_deg is I with the box filled by one (mean) colour; I_aug differs from I.
+    erased = record["focus_deg_image"][y0:y1, x0:x1].reshape(-1, 3)
+    assert (erased == erased[0]).all()
+    assert not np.array_equal(record["focus_aug_image"], record["image"])
+
+    iterator = pipeline.preference_pipeline(
+        source, tokenizer=fx.tokenizer(), image_config=fx.IMAGE_CONFIG, num_image_tokens=16,
+        batch_size=NUM_RECORDS, buckets=(64, 96), seed=0, shuffle=False, extras=EXTRAS,
+        shard_by_process=False)
+    batch = next(iterator)
+    assert batch.example_mask.all()
+    for field in ("focus_aug_pixel_values", "focus_deg_pixel_values", "noise_pixel_values",
+                  "robust_chosen_input_ids", "robust_rejected_input_ids", "ref_chosen_logps"):
+        assert getattr(batch, field) is not None, field
+    plan = plan_scoring(load_config("configs/p2dpo.py").method.to_dict())
+    scored = reference_scores(plan, fx.base_model(), jax.tree.map(np.asarray, batch),
+                              image_config=fx.IMAGE_CONFIG, eos_token_id=fx.tokenizer().eos_token_id)
+    for stored, response, group in ((batch.ref_chosen_logps, "focus_chosen", "chosen"),
+                                    (batch.ref_rejected_logps, "focus_rejected", "rejected")):
+        mask = np.asarray(getattr(batch, f"{group}_loss_mask"))[:, 1:]  # shift: t predicts t + 1
+        logps = np.asarray(scored[f"ref/{response}/token_logps"])[:, :-1]
+        np.testing.assert_allclose(stored, (logps * mask).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_one_training_step_of_configs_p2dpo_runs_on_the_generated_pairs(generated, tmp_path):
+    root, *_ = generated
+    source = load_split("p2dpo_pairs", "train", data_dir=root / "data", manual_dir=root / "whole")
+    config = load_config("configs/p2dpo.py", [
+        "train.num_steps=1", "train.progress_bar=false", "train.log_every=1",
+        f"data.batch_size={NUM_RECORDS}", "checkpoint.async_save=false", "eval.enabled=false",
+        f"data.manual_dir={root / 'whole'}", f"data.data_dir={root / 'data'}"])
+    config_checks.validate(config, device_count=jax.device_count(), dataset_features=source.fields)
+    result = train(config, model=fx.base_model(), tokenizer=fx.tokenizer(), source=source,
+                   image_config=fx.IMAGE_CONFIG, workdir=tmp_path)
+    assert result.steps == 1
+    assert np.isfinite(result.summary["metrics"]["loss/total"]["last"])
