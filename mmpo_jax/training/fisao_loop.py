@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from mmpo_jax.data import shapes_world
 from mmpo_jax.data.image_processing import ImageProcessorConfig
@@ -65,8 +65,8 @@ from mmpo_jax.pipelines.verifier import Verifier, WordClipSpec
 from mmpo_jax.training import optimizer as optimizer_lib
 from mmpo_jax.training import reference_cache, sharding
 from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.checkpointing import Checkpointer, abstract_target, export_policy
 from mmpo_jax.training.logging import MetricLogger
+from mmpo_jax.training import loop
 from mmpo_jax.training.loop import TrainResult
 from mmpo_jax.training.step import masked_objective
 
@@ -373,31 +373,13 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
     policy.eval()  # [our choice] no dropout in FiSAO (module doc)
     reference_graphdef, reference_state = _reference(config, policy, mesh, rules)
     split = state_lib.split_policy(policy, config.model)
-    trainable = jax.device_put(split.trainable,
-                               sharding.state_shardings(split.trainable, mesh, rules))
-    frozen = jax.device_put(split.frozen, sharding.state_shardings(split.frozen, mesh, rules))
+    trainable, frozen = loop.place_policy(split, mesh, rules)
     num_updates = num_steps * ppo_epochs
     tx = optimizer_lib.make_optimizer(config.optimizer, num_updates)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_updates)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        jax.jit(tx.init)(trainable))
-    rng = jax.random.key(int(config.seed))
-
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=int(config.checkpoint.save_every),
-                        keep=int(config.checkpoint.keep) or None,
-                        async_save=bool(config.checkpoint.async_save))
-    start = 0
-    if config.checkpoint.resume and ckpt.latest_step() is not None:
-        restored = ckpt.restore(
-            abstract_params=abstract_target(trainable, jax.tree.map(lambda x: x.sharding,
-                                                                    trainable)),
-            abstract_opt_state=abstract_target(opt_state, jax.tree.map(lambda x: x.sharding,
-                                                                       opt_state)))
-        trainable, opt_state, rng, start = (restored.params, restored.opt_state, restored.rng,
-                                            restored.step)
-        logger.info("%s: resumed from rollout step %d in %s", config.name, start, ckpt.directory)
+    opt_state = loop.init_opt_state(tx, trainable, mesh)
+    ckpt, trainable, opt_state, rng, start = loop.open_and_resume(
+        config, workdir, trainable, opt_state, jax.random.key(int(config.seed)))
 
     score = make_rollout_scorer(split.graphdef, reference_mode=config.reference.mode,
                                 reference_graphdef=reference_graphdef)
@@ -447,19 +429,6 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
             ckpt.save(step + 1, params=trainable, opt_state=opt_state, rng=rng,
                       metadata=metadata)
         logger.debug("FiSAO rollout steps %d..%d done", start + 1, end)
-        ckpt.save(end, params=trainable, opt_state=opt_state, rng=rng, metadata=metadata,
-                  force=True)
-        ckpt.wait_until_finished()
-        metric_log.flush()
-        summary = metric_log.summary()
-        metric_log.write_summary()
-        logger.info("%s\n%s", config.name, metric_log.format_summary())
-    ckpt.close()
-    final = nnx.merge(split.graphdef, trainable, frozen)
-    final.eval()
-    if config.checkpoint.export_hf:
-        exported = state_lib.copy_model(final)
-        if lora.lora_layers(exported):
-            lora.merge_lora(exported)
-        export_policy(exported, exported.config, workdir / "hf")
-    return TrainResult(model=final, steps=end, summary=summary, workdir=workdir)
+        return loop.finish_run(config, ckpt=ckpt, metric_log=metric_log, end=end, split=split,
+                               trainable=trainable, opt_state=opt_state, frozen=frozen, rng=rng,
+                               workdir=workdir, metadata=metadata)

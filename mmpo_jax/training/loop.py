@@ -165,6 +165,64 @@ class _Reference:
         return {} if self.cache is None else self.cache.lookup(host_batch)
 
 
+def place_policy(split: state_lib.PolicySplit, mesh: Mesh, rules: Any) -> tuple[Any, Any]:
+    """``(trainable, frozen)`` of ``split`` on ``mesh`` by their logical axis names."""
+    return tuple(jax.device_put(tree, sharding.state_shardings(tree, mesh, rules))
+                 for tree in (split.trainable, split.frozen))
+
+
+def init_opt_state(tx: Any, trainable: Any, mesh: Mesh) -> Any:
+    """``tx.init(trainable)``: moments inherit their parameter's sharding; scalars (step counts)
+    are replicated over ``mesh``."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        jax.jit(tx.init)(trainable))
+
+
+def open_and_resume(config: Any, workdir: pathlib.Path, trainable: Any, opt_state: Any,
+                    rng: jax.Array, data_iterator: Any = None
+                    ) -> tuple[Checkpointer, Any, Any, jax.Array, int]:
+    """The run's ``Checkpointer`` and ``(trainable, opt_state, rng, start step)``, restored from
+    its latest complete checkpoint when ``checkpoint.resume`` (``data_iterator`` repositioned)."""
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=int(config.checkpoint.save_every),
+                        keep=int(config.checkpoint.keep) or None,
+                        async_save=bool(config.checkpoint.async_save))
+    if not (config.checkpoint.resume and ckpt.latest_step() is not None):
+        return ckpt, trainable, opt_state, rng, 0
+    restored = ckpt.restore(
+        abstract_params=abstract_target(trainable, _shardings(trainable)),
+        abstract_opt_state=abstract_target(opt_state, _shardings(opt_state)),
+        data_iterator=data_iterator)
+    logger.info("%s: resumed from step %d in %s", config.name, restored.step, ckpt.directory)
+    return ckpt, restored.params, restored.opt_state, restored.rng, restored.step
+
+
+def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end: int,
+               split: state_lib.PolicySplit, trainable: Any, opt_state: Any, frozen: Any,
+               rng: jax.Array, workdir: pathlib.Path, metadata: Mapping[str, Any],
+               data_iterator: Any = None) -> TrainResult:
+    """The end of a run: the final checkpoint, the summary, the merged policy (eval mode) and,
+    with ``checkpoint.export_hf``, its transformers export. Closes the logger and checkpointer."""
+    ckpt.save(end, params=trainable, opt_state=opt_state, rng=rng, data_iterator=data_iterator,
+              metadata=metadata, force=True)
+    ckpt.wait_until_finished()
+    metric_log.flush()
+    summary = metric_log.summary()
+    metric_log.write_summary()
+    logger.info("%s\n%s", config.name, metric_log.format_summary())
+    metric_log.close()
+    ckpt.close()
+    final = nnx.merge(split.graphdef, trainable, frozen)
+    final.eval()
+    if config.checkpoint.export_hf:
+        exported = state_lib.copy_model(final)
+        if lora.lora_layers(exported):
+            lora.merge_lora(exported)
+        export_policy(exported, exported.config, workdir / "hf")
+    return TrainResult(model=final, steps=end, summary=summary, workdir=workdir)
+
+
 def _workdir(config: Any) -> pathlib.Path:
     return pathlib.Path(os.path.expanduser(config.workdir or f"runs/{config.name}"))
 
@@ -207,32 +265,15 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     split = state_lib.split_policy(policy, config.model)
     logger.info("%s: %d trainable parameters; replicated on this mesh: %s", config.name,
                 split.num_trainable, sharding.describe_replications(split.trainable, mesh, rules))
-    trainable = jax.device_put(split.trainable,
-                               sharding.state_shardings(split.trainable, mesh, rules))
-    frozen = jax.device_put(split.frozen, sharding.state_shardings(split.frozen, mesh, rules))
+    trainable, frozen = place_policy(split, mesh, rules)
     tx = optimizer_lib.make_optimizer(config.optimizer, num_steps)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    # Moments inherit their parameter's sharding; scalars (step counts) are replicated.
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        jax.jit(tx.init)(trainable))
-    rng = jax.random.key(int(config.seed))
+    opt_state = init_opt_state(tx, trainable, mesh)
     it = data_iterator if data_iterator is not None else iterator()
+    ckpt, trainable, opt_state, rng, start = open_and_resume(
+        config, workdir, trainable, opt_state, jax.random.key(int(config.seed)), it)
 
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=int(config.checkpoint.save_every),
-                        keep=int(config.checkpoint.keep) or None,
-                        async_save=bool(config.checkpoint.async_save))
-    start = 0
-    if config.checkpoint.resume and ckpt.latest_step() is not None:
-        restored = ckpt.restore(
-            abstract_params=abstract_target(trainable, _shardings(trainable)),
-            abstract_opt_state=abstract_target(opt_state, _shardings(opt_state)),
-            data_iterator=it)
-        trainable, opt_state, rng, start = (restored.params, restored.opt_state, restored.rng,
-                                            restored.step)
-        logger.info("%s: resumed from step %d in %s", config.name, start, ckpt.directory)
-
+    replicated = NamedSharding(mesh, PartitionSpec())
     has_dropout = bool(config.model.lora.enabled and config.model.lora.dropout > 0)
     step_fn = None
     metadata = {"config": config.to_dict(), "method": method}
@@ -264,19 +305,6 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
             metric_log.log(step + 1, metrics, examples=int(np.sum(host_batch.example_mask)))
             ckpt.save(step + 1, params=trainable, opt_state=opt_state, rng=rng,
                       data_iterator=it, metadata=metadata)
-        ckpt.save(end, params=trainable, opt_state=opt_state, rng=rng, data_iterator=it,
-                  metadata=metadata, force=True)
-        ckpt.wait_until_finished()
-        metric_log.flush()
-        summary = metric_log.summary()
-        metric_log.write_summary()
-        logger.info("%s\n%s", config.name, metric_log.format_summary())
-    ckpt.close()
-    final = nnx.merge(split.graphdef, trainable, frozen)
-    final.eval()
-    if config.checkpoint.export_hf:
-        exported = state_lib.copy_model(final)
-        if lora.lora_layers(exported):
-            lora.merge_lora(exported)
-        export_policy(exported, exported.config, workdir / "hf")
-    return TrainResult(model=final, steps=end, summary=summary, workdir=workdir)
+        return finish_run(config, ckpt=ckpt, metric_log=metric_log, end=end, split=split,
+                          trainable=trainable, opt_state=opt_state, frozen=frozen, rng=rng,
+                          workdir=workdir, metadata=metadata, data_iterator=it)
