@@ -6,7 +6,8 @@
         --variant "catpo=configs/catpo.py" [--set train.num_steps=200]
 
 Each ``--variant "NAME=FILE [key=value ...]"`` trains one row; ``--set`` overrides apply to all.
-The base, evaluation and control settings come from the first variant's file. Rows: the base,
+The base, evaluation and control settings (and P2-DPO's pair generation) come from the first
+variant's file. Rows: the base,
 one per variant, and the chosen-only SFT control (``mmpo_jax.training.experiment.run_variants``).
 """
 
@@ -33,7 +34,7 @@ def main() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
     root = _expand(args.workdir)
-    variants, first = {}, None
+    variants, first, first_file = {}, None, None
     for index, spec in enumerate(args.variant):
         name, separator, rest = spec.partition("=")
         words = shlex.split(rest)
@@ -41,9 +42,11 @@ def main() -> None:
             parser.error(f"--variant {spec!r} is not 'NAME=FILE [key=value ...]'")
         overrides = (*args.set, f"workdir={root}", *words[1:])
         config = load_config(words[0], overrides)
-        first = first or config
+        first, first_file = (first, first_file) if first else (config, words[0])
         variants[name] = (config, pathlib.Path(root, f"{index:02d}"))
-    run_variants(first, variants, workdir=root)
+    # P2-DPO variants train on pairs generated first, with their file's `:pairs` settings.
+    pairs = load_config(f"{first_file}:pairs") if first.data.dataset == "p2dpo_pairs" else None
+    run_variants(first, variants, workdir=root, pairs=pairs)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,18 @@ with ``y = y_w`` (``calib_ref_response="chosen"``, the paper, default) or ``y = 
 robust pair is scored on ``I_noise`` (both responses). ``(w_focus, w_rob)`` come from
 ``mmpo_jax.rewards.p2dpo.ddw_weights`` or default to 0.5 / 0.5.
 
+``branches`` selects the paper's ablations: ``("robust",)`` is "w/o FEPs", ``("focus",)`` "w/o
+VRPs"; the branch left trains alone with weight 1 (the paper's single-pair rows are plain DPO on
+that pair) [our choice of scale], and the dropped branch's log-probs are neither needed nor read.
+
 Every preference term goes through ``mmpo_jax.objectives.dpo`` (``dpo_loss`` /
 ``preference_loss``), so ``label_smoothing`` and ``loss_type`` apply to all three alike.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +32,19 @@ from mmpo_jax.objectives.dpo import dpo_loss, preference_loss
 from mmpo_jax.objectives.metrics import Metric, accumulate, mean_metric
 
 CALIB_REF_RESPONSES = ("chosen", "rejected")
+BRANCHES = ("focus", "robust")
+
+
+def check_branches(branches: Sequence[str], *, ddw: bool = False) -> tuple[str, ...]:
+    """``branches`` as a tuple in ``BRANCHES`` order; raises ``ValueError`` on an empty or unknown
+    selection, or on DDW (which splits weight between both branches) with one branch."""
+    chosen = tuple(branches)
+    unknown = sorted(set(chosen) - set(BRANCHES))
+    if unknown or not chosen:
+        raise ValueError(f"branches={chosen!r}: choose a non-empty subset of {BRANCHES}")
+    if ddw and len(set(chosen)) < len(BRANCHES):
+        raise ValueError(f"ddw=True splits weight between both branches; branches={chosen!r}")
+    return tuple(b for b in BRANCHES if b in chosen)
 
 
 def _reward_part(metrics: dict[str, Metric], prefix: str | None = None) -> dict[str, Metric]:
@@ -65,14 +85,14 @@ def calibration_loss(
 
 
 def p2dpo_loss(
-    policy_focus_chosen_logps: jax.Array,
-    policy_focus_rejected_logps: jax.Array,
-    ref_focus_chosen_logps: jax.Array,
-    ref_focus_rejected_logps: jax.Array,
-    policy_robust_chosen_logps: jax.Array,
-    policy_robust_rejected_logps: jax.Array,
-    ref_robust_chosen_logps: jax.Array,
-    ref_robust_rejected_logps: jax.Array,
+    policy_focus_chosen_logps: jax.Array | None,
+    policy_focus_rejected_logps: jax.Array | None,
+    ref_focus_chosen_logps: jax.Array | None,
+    ref_focus_rejected_logps: jax.Array | None,
+    policy_robust_chosen_logps: jax.Array | None,
+    policy_robust_rejected_logps: jax.Array | None,
+    ref_robust_chosen_logps: jax.Array | None,
+    ref_robust_rejected_logps: jax.Array | None,
     *,
     policy_calib_chosen_aug_logps: jax.Array | None = None,
     policy_calib_chosen_deg_logps: jax.Array | None = None,
@@ -86,6 +106,7 @@ def p2dpo_loss(
     lambda_calib: float = 0.3,
     calib_ref_response: str = "chosen",
     w_base: float = 0.5,
+    branches: Sequence[str] = BRANCHES,
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
 ) -> tuple[jax.Array, dict[str, Metric]]:
@@ -93,9 +114,9 @@ def p2dpo_loss(
 
     Args:
       policy_focus_*/ref_focus_*: the focus-enhanced pair ``(y_w from I_aug, y_l from I_deg)``,
-        scored as the training example presents it.
+        scored as the training example presents it (None when ``"focus"`` is not a branch).
       policy_robust_*/ref_robust_*: the visual-robustness pair, both responses scored on
-        ``I_noise``.
+        ``I_noise`` (None when ``"robust"`` is not a branch).
       policy_calib_chosen_{aug,deg}_logps: ``logp_theta(y_w | I_aug)``, ``logp_theta(y_w | I_deg)``.
       ref_calib_{chosen,rejected}_{aug,deg}_logps: ``logp_ref(y | I_aug / I_deg)`` for
         ``y = y_w`` / ``y = y_l``; only the pair named by ``calib_ref_response`` is read (and
@@ -104,41 +125,40 @@ def p2dpo_loss(
       beta: DPO temperature (0.1).
       lambda_calib: weight of ``L_calib`` inside the focus branch (0.3).
       calib_ref_response: ``"chosen"`` (paper) or ``"rejected"`` (released code), see module doc.
+      branches: the pairs trained, a subset of ``BRANCHES`` (module doc); one branch trains with
+        weight 1 and no DDW.
       label_smoothing, loss_type: as ``mmpo_jax.objectives.dpo.preference_loss``.
 
     Returns:
       ``(losses [B] float32, metrics)``: ``loss/{dpo_focus, calib, focus, dpo_robust}``,
-      ``weights/{focus, robust}``, ``rewards/*`` over both pairs, ``{focus,robust}/rewards/*`` per
-      pair and ``calib/z``.
+      ``weights/{focus, robust}``, ``rewards/*`` over the trained pairs,
+      ``{focus,robust}/rewards/*`` per pair and ``calib/z`` (each only for the branches trained).
     """
     if calib_ref_response not in CALIB_REF_RESPONSES:
         raise ValueError(
             f"calib_ref_response={calib_ref_response!r} is not one of {CALIB_REF_RESPONSES}"
         )
+    branches = check_branches(branches, ddw=focus_weights is not None or robust_weights is not None)
     options = dict(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
-    focus_dpo, focus_metrics = dpo_loss(
-        policy_focus_chosen_logps,
-        policy_focus_rejected_logps,
-        ref_focus_chosen_logps,
-        ref_focus_rejected_logps,
-        **options,
-    )
-    robust_dpo, robust_metrics = dpo_loss(
-        policy_robust_chosen_logps,
-        policy_robust_rejected_logps,
-        ref_robust_chosen_logps,
-        ref_robust_rejected_logps,
-        **options,
-    )
-    # (sum, count) pairs add up to the mean over both pairs of every example.
-    metrics = {
-        **accumulate(_reward_part(focus_metrics), _reward_part(robust_metrics)),
-        **_reward_part(focus_metrics, "focus"),
-        **_reward_part(robust_metrics, "robust"),
+    pairs = {
+        "focus": (policy_focus_chosen_logps, policy_focus_rejected_logps,
+                  ref_focus_chosen_logps, ref_focus_rejected_logps),
+        "robust": (policy_robust_chosen_logps, policy_robust_rejected_logps,
+                   ref_robust_chosen_logps, ref_robust_rejected_logps),
     }
+    missing = [b for b in branches if any(value is None for value in pairs[b])]
+    if missing:
+        raise ValueError(f"branches={branches} needs the log-probs of the {missing} pair(s)")
+    dpo, pair_metrics = {}, {}
+    for branch in branches:
+        dpo[branch], pair_metrics[branch] = dpo_loss(*pairs[branch], **options)
+    # (sum, count) pairs add up to the mean over the trained pairs of every example.
+    metrics = dict(functools.reduce(accumulate, (_reward_part(pair_metrics[b]) for b in branches)))
+    for branch in branches:
+        metrics.update(_reward_part(pair_metrics[branch], branch))
 
-    focus = focus_dpo
-    if lambda_calib != 0:
+    branch_losses = dict(dpo)
+    if "focus" in branches and lambda_calib != 0:
         calib_inputs = {
             "policy_calib_chosen_aug_logps": policy_calib_chosen_aug_logps,
             "policy_calib_chosen_deg_logps": policy_calib_chosen_deg_logps,
@@ -160,25 +180,23 @@ def p2dpo_loss(
                 f"needs {missing}; pass them or set lambda_calib=0"
             )
         calib, calib_z = calibration_loss(*calib_inputs.values(), **options)
-        focus = focus_dpo + lambda_calib * calib
+        branch_losses["focus"] = dpo["focus"] + lambda_calib * calib
         metrics["loss/calib"] = mean_metric(jax.lax.stop_gradient(calib))
         metrics["calib/z"] = mean_metric(jax.lax.stop_gradient(calib_z))
 
-    batch = focus.shape
-    w_focus = jnp.full(batch, w_base) if focus_weights is None else jnp.asarray(focus_weights)
-    w_robust = jnp.full(batch, w_base) if robust_weights is None else jnp.asarray(robust_weights)
-    w_focus = jax.lax.stop_gradient(w_focus.astype(jnp.float32))
-    w_robust = jax.lax.stop_gradient(w_robust.astype(jnp.float32))
-    losses = w_focus * focus + w_robust * robust_dpo
-
-    metrics.update(
-        {
-            "loss/dpo_focus": mean_metric(jax.lax.stop_gradient(focus_dpo)),
-            "loss/focus": mean_metric(jax.lax.stop_gradient(focus)),
-            "loss/dpo_robust": mean_metric(jax.lax.stop_gradient(robust_dpo)),
-            "loss/p2dpo": mean_metric(jax.lax.stop_gradient(losses)),
-            "weights/focus": mean_metric(w_focus),
-            "weights/robust": mean_metric(w_robust),
-        }
-    )
+    batch = branch_losses[branches[0]].shape
+    given = {"focus": focus_weights, "robust": robust_weights}
+    base = w_base if len(branches) == len(BRANCHES) else 1.0
+    losses = jnp.zeros(batch, jnp.float32)
+    for branch in branches:
+        weight = jnp.full(batch, base) if given[branch] is None else jnp.asarray(given[branch])
+        weight = jax.lax.stop_gradient(weight.astype(jnp.float32))
+        losses = losses + weight * branch_losses[branch]
+        metrics[f"weights/{branch}"] = mean_metric(weight)
+    if "focus" in branches:
+        metrics["loss/dpo_focus"] = mean_metric(jax.lax.stop_gradient(dpo["focus"]))
+        metrics["loss/focus"] = mean_metric(jax.lax.stop_gradient(branch_losses["focus"]))
+    if "robust" in branches:
+        metrics["loss/dpo_robust"] = mean_metric(jax.lax.stop_gradient(dpo["robust"]))
+    metrics["loss/p2dpo"] = mean_metric(jax.lax.stop_gradient(losses))
     return losses, metrics

@@ -54,7 +54,7 @@ from mmpo_jax.objectives.fisao import fisao_ppo_loss
 from mmpo_jax.objectives.logprobs import sequence_logps
 from mmpo_jax.objectives.mdpo import anchor_loss, copo_loss
 from mmpo_jax.objectives.metrics import mean_metric
-from mmpo_jax.objectives.p2dpo import p2dpo_loss
+from mmpo_jax.objectives.p2dpo import check_branches, p2dpo_loss
 from mmpo_jax.objectives.tpo import tpo_weighted_logps
 
 MethodConfig = Mapping[str, Any]
@@ -90,6 +90,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "calib_ref_response": "chosen",
     "w_base": 0.5,
     "ddw": False,
+    "branches": ("focus", "robust"),
     # fisao_ppo
     "beta_kl": 0.05,
     "gamma": 1.0,
@@ -233,9 +234,14 @@ def _adapt_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array])
     )
 
 
+def _p2dpo_branches(config: MethodConfig) -> tuple[str, ...]:
+    return check_branches(_option(config, "branches"), ddw=bool(_option(config, "ddw")))
+
+
 def _p2dpo_sequences(config: MethodConfig) -> tuple[tuple[str, str], ...]:
-    pairs = _pairs("focus_chosen", "focus_rejected", "robust_chosen", "robust_rejected")(config)
-    if _option(config, "lambda_calib") != 0:
+    branches = _p2dpo_branches(config)
+    pairs = _pairs(*(f"{b}_{r}" for b in branches for r in ("chosen", "rejected")))(config)
+    if "focus" in branches and _option(config, "lambda_calib") != 0:
         calib = _option(config, "calib_ref_response")
         pairs += (
             ("policy", "calib_chosen_aug"),
@@ -253,14 +259,8 @@ def _p2dpo_keys(config: MethodConfig) -> tuple[str, ...]:
 def _p2dpo_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
     ddw = _option(config, "ddw")
     return p2dpo_loss(
-        seq["policy/focus_chosen"],
-        seq["policy/focus_rejected"],
-        seq["ref/focus_chosen"],
-        seq["ref/focus_rejected"],
-        seq["policy/robust_chosen"],
-        seq["policy/robust_rejected"],
-        seq["ref/robust_chosen"],
-        seq["ref/robust_rejected"],
+        *(seq.get(f"{model}/{branch}_{response}") for branch in ("focus", "robust")
+          for model in ("policy", "ref") for response in ("chosen", "rejected")),
         policy_calib_chosen_aug_logps=seq.get("policy/calib_chosen_aug"),
         policy_calib_chosen_deg_logps=seq.get("policy/calib_chosen_deg"),
         ref_calib_chosen_aug_logps=seq.get("ref/calib_chosen_aug"),
@@ -272,6 +272,7 @@ def _p2dpo_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array])
         lambda_calib=_option(config, "lambda_calib"),
         calib_ref_response=_option(config, "calib_ref_response"),
         w_base=_option(config, "w_base"),
+        branches=_p2dpo_branches(config),
         **_preference_options(config),
     )
 

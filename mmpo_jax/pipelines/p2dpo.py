@@ -340,6 +340,9 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
         [candidates.boxes[r] for r in kept_rows], [candidates.prompts[r] for r in kept_rows])
     for position, row in enumerate(kept_rows):
         record, index = candidates.records[row], candidates.indices[row]
+        shard.stats.update(pairs.truth_counts(
+            {group: texts[row] for group, texts in candidates.responses.items()},
+            pairs.record_objects(record), candidates.targets[row]))
         metadata = {
             "source_index": index, "source_id": str(record.get("id", "")),
             "box": [int(v) for v in candidates.boxes[row]], "saliency_layer": layer,

@@ -103,7 +103,7 @@ def focus_prompt(record: Mapping[str, Any], index: int, *, question_fraction: fl
     shapes world's preference split) becomes, with probability ``question_fraction`` drawn from
     ``(seed, index)``, "is there a {shape} in the image?" about one of its objects.
     """
-    objects = _record_objects(record)
+    objects = record_objects(record)
     rng = np.random.default_rng([seed, index])
     ask, pick = rng.random(), int(rng.integers(1 << 30))
     if not objects or ask >= question_fraction:
@@ -112,7 +112,8 @@ def focus_prompt(record: Mapping[str, Any], index: int, *, question_fraction: fl
     return shapes_world.QUESTION_TEMPLATE.format(shape=target["shape"]), target
 
 
-def _record_objects(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+def record_objects(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A record's ground-truth objects (``objects`` field or ``metadata["objects"]``), or []."""
     if record.get("objects"):
         return json.loads(record["objects"])
     try:
@@ -121,6 +122,36 @@ def _record_objects(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         return []
     objects = metadata.get("objects") if isinstance(metadata, dict) else None
     return objects if isinstance(objects, list) else []
+
+
+def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, Any]],
+                 target: Mapping[str, Any] | None) -> Counter:
+    """How faithful one record's replies are to its ground-truth objects (shapes world).
+
+    A caption reply counts ``truth/{name}/mentions`` and ``truth/{name}/hallucinated`` (its shapes
+    that no object has: object-level CHAIR_i); a reply to the question about ``target`` counts
+    ``truth/{name}/answers`` and ``truth/{name}/correct``. Records without objects count nothing.
+    Summed over the kept pairs (``summarize``), this shows whether the chosen side of each pair is
+    really the more faithful one.
+
+    Args:
+      responses: reply name (``chosen``, ``robust_rejected``, ...) -> text.
+      objects: the record's objects (``{shape, color, bbox}``); target: the asked object or None.
+    """
+    counts: Counter = Counter()
+    if not objects:
+        return counts
+    shapes = {o["shape"] for o in objects}
+    for name, text in responses.items():
+        if target is None:
+            mentioned = [shape for _, shape in shapes_world.parse_caption(text)]
+            counts[f"truth/{name}/mentions"] += len(mentioned)
+            counts[f"truth/{name}/hallucinated"] += sum(s not in shapes for s in mentioned)
+        else:
+            answer = shapes_world.YES if target["shape"] in shapes else shapes_world.NO
+            counts[f"truth/{name}/answers"] += 1
+            counts[f"truth/{name}/correct"] += int(text.strip() == answer)
+    return counts
 
 
 def box_coverage(box: Sequence[int], bbox: Sequence[int]) -> float:

@@ -99,7 +99,7 @@ TERM_OPTIONS: dict[str, tuple[str, ...]] = {
     "token_kl": (),
     "nll": ("nll_reduction",),
     "adapt_vag": _PREFERENCE + ("anchor_steps", "mask_threshold_percentile"),
-    "p2dpo": _PREFERENCE + ("lambda_calib", "calib_ref_response", "w_base", "ddw"),
+    "p2dpo": _PREFERENCE + ("lambda_calib", "calib_ref_response", "w_base", "ddw", "branches"),
     "fisao_ppo": ("beta_kl", "gamma", "clip_eps", "num_position_bins"),
 }
 """Registry term -> the method options it reads."""

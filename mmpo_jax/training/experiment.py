@@ -244,6 +244,7 @@ def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDic
 def _generate_pairs(config: Any, pairs: Any, base: Llava) -> Any:
     """P2-DPO: pairs from ``base`` on the prompt source (skipped where already written); returns
     the config of that source (its world is the one the base learned and is evaluated on)."""
+    from mmpo_jax.data.builders.p2dpo_pairs import summarize
     from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
 
     if pairs is None:
@@ -252,14 +253,14 @@ def _generate_pairs(config: Any, pairs: Any, base: Llava) -> Any:
     settings = PairSettings.from_config(pairs)
     world = prompt_source_config(config, settings)
     source, tokenizer, image_config = load_data(world)
-    generate_pairs(base, tokenizer, source, image_config=image_config,
-                   output_dir=str(_expand(config.data.manual_dir)), settings=settings,
-                   seed=int(config.seed),
-                   layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
-                                         config.data.template),
-                   source_metadata={"source_dataset": settings.source_dataset,
-                                    "source_split": settings.source_split,
-                                    "world": source.metadata["world"]})
+    manifest = generate_pairs(
+        base, tokenizer, source, image_config=image_config,
+        output_dir=str(_expand(config.data.manual_dir)), settings=settings, seed=int(config.seed),
+        layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
+                              config.data.template),
+        source_metadata={"source_dataset": settings.source_dataset,
+                         "source_split": settings.source_split, "world": source.metadata["world"]})
+    logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
     return world
 
 

@@ -226,15 +226,13 @@ def _forward(model: Llava, rows: _Rows, visual: Mapping[str, jax.Array],
                  positions=_positions(rows.attention_mask), probe=probe)
 
 
-def enhanced_images(reference: Llava, batch: Batch, visual: Mapping[str, jax.Array],
-                    image_config: ImageProcessorConfig, *, anchor_steps: int,
-                    threshold_percentile: float | None) -> jax.Array:
-    """ADAPT's ``I_VE`` of every example, normalised like ``pixel_values``: ``[B, H, W, 3]``.
+def enhancement_mask(reference: Llava, batch: Batch, visual: Mapping[str, jax.Array], *,
+                     anchor_steps: int, threshold_percentile: float | None) -> jax.Array:
+    """ADAPT's refined mask of every example upsampled to the image: ``[B, H, W]`` in [0, 1].
 
     The reference reads the chosen response on the clean image with every layer's image probes;
     the queries generating the first ``anchor_steps`` response tokens give ``[B, L, K, N_img]``,
     whose visual anchor and refined mask (METHODS.md §4) are upsampled bicubically to the image.
-    ``I*m + white*(1-m)`` is applied in normalised units: white is ``(1 - mean) / std``.
     """
     rows = _stack_rows(batch, ("chosen",))
     layers = tuple(range(reference.config.text_config.num_hidden_layers))
@@ -248,10 +246,21 @@ def enhanced_images(reference: Llava, batch: Batch, visual: Mapping[str, jax.Arr
         axis=1)  # [B, L, K, N_img]
     anchor = adapt_rewards.visual_anchor(jax.lax.stop_gradient(history))
     grid_mask = adapt_rewards.refined_mask(anchor, threshold_percentile=threshold_percentile)
-    pixels = batch.pixel_values
-    pixel_mask = adapt_rewards.upsample_mask(grid_mask, tuple(pixels.shape[1:3]))[..., None]
+    return adapt_rewards.upsample_mask(grid_mask, tuple(batch.pixel_values.shape[1:3]))
+
+
+def enhanced_images(reference: Llava, batch: Batch, visual: Mapping[str, jax.Array],
+                    image_config: ImageProcessorConfig, *, anchor_steps: int,
+                    threshold_percentile: float | None) -> jax.Array:
+    """ADAPT's ``I_VE`` of every example, normalised like ``pixel_values``: ``[B, H, W, 3]``.
+
+    ``I*m + white*(1-m)`` with ``m = enhancement_mask(...)``, applied in normalised units: white
+    is ``(1 - mean) / std``.
+    """
+    pixel_mask = enhancement_mask(reference, batch, visual, anchor_steps=anchor_steps,
+                                  threshold_percentile=threshold_percentile)[..., None]
     mean, std = jnp.asarray(image_config.mean), jnp.asarray(image_config.std)
-    return pixels * pixel_mask + ((1.0 - mean) / std) * (1.0 - pixel_mask)
+    return batch.pixel_values * pixel_mask + ((1.0 - mean) / std) * (1.0 - pixel_mask)
 
 
 def _encode(policy: Llava, reference: Llava | None, pixel_values: jax.Array, *,

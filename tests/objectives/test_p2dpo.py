@@ -141,3 +141,32 @@ def test_extreme_gaps_are_finite_and_jit_equals_eager():
     assert all(np.isfinite(v) for v in finalize(metrics).values())
     jitted = jax.jit(lambda x: call(x, calib_ref_response="rejected")[0])(x)
     np.testing.assert_allclose(jitted, call(x, calib_ref_response="rejected")[0], rtol=1e-6)
+
+
+def test_single_branch_ablations_train_that_pair_alone_without_the_other_logps():
+    x = random_inputs(6)
+    full, _ = call(x, beta=0.1)
+    focus, _ = call(x, beta=0.1, branches=("focus",))
+    robust, _ = call(x, beta=0.1, branches=("robust",))
+    np.testing.assert_allclose(0.5 * focus + 0.5 * robust, full, rtol=1e-6)
+    np.testing.assert_allclose(
+        focus, np_p2dpo(x, 0.1, 0.3, "chosen", np.ones(5), np.zeros(5)), rtol=1e-5)
+    # "w/o FEPs": the focus pair and the calibration inputs are never read.
+    positional = [None] * 4 + [x[name] for name in NAMES[4:8]]
+    alone, metrics = p2dpo_loss(*positional, branches=["robust"])
+    np.testing.assert_allclose(alone, dpo_loss(*positional[4:])[0], rtol=1e-6)
+    assert not any(k.startswith(("focus/", "loss/calib", "loss/dpo_focus", "weights/focus"))
+                   for k in metrics)
+    with pytest.raises(ValueError, match=r"needs the log-probs of the \['focus'\] pair"):
+        p2dpo_loss(*positional, branches=("focus", "robust"))
+
+
+@pytest.mark.parametrize("branches, ddw, match", [
+    ((), False, "non-empty subset"), (("focus", "vrp"), False, "non-empty subset"),
+    (("robust",), True, "ddw=True splits weight"),
+])
+def test_bad_branch_selections_are_refused(branches, ddw, match):
+    x = random_inputs(7)
+    weights = dict(focus_weights=np.full(5, 0.5), robust_weights=np.full(5, 0.5)) if ddw else {}
+    with pytest.raises(ValueError, match=match):
+        call(x, branches=branches, **weights)

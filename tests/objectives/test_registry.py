@@ -71,6 +71,8 @@ CONFIGS = [
     {"name": "p2dpo"},
     {"name": "p2dpo", "calib_ref_response": "rejected", "ddw": True},
     {"name": "p2dpo", "lambda_calib": 0.0},
+    {"name": "p2dpo", "branches": ("robust",)},
+    {"name": "p2dpo", "branches": ["focus"], "calib_ref_response": "rejected"},
     {"name": "fisao"},
     {"name": "sft"},
     {"name": "dpo", "terms": {"dpo": 1.0, "token_kl": 0.1}, "token_weights": "none"},

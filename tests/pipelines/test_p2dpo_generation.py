@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from mmpo_jax.data import pipeline
 from mmpo_jax.data.builders.p2dpo_pairs import missing_shards, read_manifest, shard_file, summarize
 from mmpo_jax.data.sources import load_split
+from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
 from mmpo_jax.training import config_checks
 from mmpo_jax.training.config_loading import load_config
@@ -26,6 +28,7 @@ NUM_RECORDS = 8
 SETTINGS = PairSettings(enhanced_prompt="{prompt}", base_box=32.0, focus_max_new_tokens=4,
                         robust_max_new_tokens=4, batch_size=4, shard_size=4, filter_pairs=())
 LAYOUT = TrainingLayout(buckets=(64, 96))
+REPLIES = ("chosen", "rejected", "robust_chosen", "robust_rejected")
 EXTRAS = ("focus_images", "robust_pair", "noise_pixel_values", "ref_logps")
 
 
@@ -57,6 +60,18 @@ def test_a_resumed_generation_writes_the_same_bytes(generated):
     summary = summarize(whole)
     assert summary["candidates"] == NUM_RECORDS and summary["kept"] == NUM_RECORDS
     assert summary["shards_done"] == "2/2"
+    # the ground-truth counts are those of the written records
+    truth = Counter()
+    for index in range(2):
+        for line in (root / "whole" / shard_file(index)).read_text().splitlines():
+            record = json.loads(line)
+            metadata = json.loads(record["metadata"])
+            source = fx.records(NUM_RECORDS)[metadata["source_index"]]
+            truth.update(pairs.truth_counts({k: record[k] for k in REPLIES},
+                                            pairs.record_objects(source),
+                                            metadata["question_object"]))
+    assert truth and {k: v for k, v in summary.items() if k.startswith("truth/") and
+                      not k.endswith(("chair_i", "accuracy"))} == dict(truth)
 
 
 def test_a_different_setting_is_refused(generated):

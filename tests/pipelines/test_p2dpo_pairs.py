@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmpo_jax.data import image_processing
+from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
 from mmpo_jax.pipelines import p2dpo as driver
@@ -187,6 +188,24 @@ def test_box_coverage():
     assert pairs.box_coverage((0, 0, 32, 32), (8, 8, 24, 24)) == 1.0
     assert pairs.box_coverage((0, 0, 16, 32), (8, 8, 24, 24)) == 0.5
     assert pairs.box_coverage((40, 40, 64, 64), (8, 8, 24, 24)) == 0.0
+
+
+def test_truth_counts_score_each_reply_against_the_objects():
+    objects = [{"shape": "square", "color": "red", "bbox": [0, 0, 9, 9]},
+               {"shape": "circle", "color": "blue", "bbox": [20, 20, 30, 30]}]
+    caption = pairs.truth_counts({"chosen": "a red square and two green stars.",
+                                  "rejected": "a blue circle."}, objects, None)
+    assert caption == {"truth/chosen/mentions": 3, "truth/chosen/hallucinated": 2,
+                       "truth/rejected/mentions": 1, "truth/rejected/hallucinated": 0}
+    question = pairs.truth_counts({"chosen": "yes", "rejected": "no"}, objects, objects[1])
+    assert question == {"truth/chosen/answers": 1, "truth/chosen/correct": 1,
+                        "truth/rejected/answers": 1, "truth/rejected/correct": 0}
+    assert pairs.truth_counts({"chosen": "a red square."}, [], None) == {}
+    manifest = {"num_shards": 2, "shards": {"0": {"stats": dict(caption)},
+                                            "1": {"stats": {**question, "questions": 1}}}}
+    summary = summarize(manifest)
+    assert summary["truth/chosen/chair_i"] == 2 / 3 and summary["truth/rejected/chair_i"] == 0.0
+    assert summary["truth/chosen/accuracy"] == 1.0 and summary["truth/rejected/accuracy"] == 0.0
 
 
 def test_noise_depends_on_the_record_key_only():

@@ -198,6 +198,19 @@ def test_dataset_features():
     assert "ddw_clip_crop" in _problems(ddw, dataset_features=p2dpo_fields)
 
 
+def test_p2dpo_branch_ablations_read_only_their_pair():
+    without_feps = _load("p2dpo.py", "method.branches=('robust',)").method
+    assert required_extras(without_feps) == ("robust_pair",)
+    assert required_record_fields(without_feps) == ("image", "prompt", "robust_chosen",
+                                                    "robust_rejected")
+    without_vrps = _load("p2dpo.py", "method.branches=('focus',)").method
+    assert required_extras(without_vrps) == ("focus_images",)
+    assert "robust_chosen" not in required_record_fields(without_vrps)
+    assert "non-empty subset" in _problems(_load("p2dpo.py", "method.branches=('vrp',)"))
+    assert "splits weight" in _problems(_load("p2dpo.py", "method.branches=('robust',)",
+                                              "method.ddw=true"))
+
+
 EXPECTED_EXTRAS = {
     "sft": (), "dpo": (), "catpo": (), "mdpo": ("corrupt_pixel_values",),
     "tpo": ("noise_pixel_values",), "adapt": ("noise_pixel_values",),

@@ -79,8 +79,10 @@ def missing_shards(manifest: Mapping[str, Any]) -> list[int]:
 
 def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """Totals over the finished shards: ``candidates``, ``kept``, drops as ``{pair}/{reason}``
-    (and ``dropped/{template reason}``), and ``crop_coverage_rate`` of the question prompts
-    (``questions_box_covers_object / questions``)."""
+    (and ``dropped/{template reason}``), ``crop_coverage_rate`` of the question prompts
+    (``questions_box_covers_object / questions``) and, for prompts with ground-truth objects, the
+    kept replies' ``truth/{reply}/chair_i`` (captions) and ``truth/{reply}/accuracy`` (questions)
+    from the ``truth/*`` counts of ``pipelines.p2dpo_pairs.truth_counts``."""
     totals: Counter = Counter()
     for shard in manifest["shards"].values():
         totals.update(shard["stats"])
@@ -88,6 +90,12 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     summary["shards_done"] = f"{len(manifest['shards'])}/{manifest['num_shards']}"
     if totals["questions"]:
         summary["crop_coverage_rate"] = totals["questions_box_covers_object"] / totals["questions"]
+    rates = {"chair_i": ("hallucinated", "mentions"), "accuracy": ("correct", "answers")}
+    for key in sorted(k for k in totals if k.startswith("truth/")):
+        reply, count = key.rsplit("/", 1)
+        for rate, (numerator, denominator) in rates.items():
+            if count == denominator and totals[key]:
+                summary[f"{reply}/{rate}"] = totals[f"{reply}/{numerator}"] / totals[key]
     return summary
 
 
