@@ -5,7 +5,8 @@
         --variant "dpo lr5e-5=configs/dpo.py optimizer.learning_rate=5e-5" \\
         --variant "catpo=configs/catpo.py" [--set train.num_steps=200]
 
-Each ``--variant "NAME=FILE [key=value ...]"`` trains one row; ``--set`` overrides apply to all.
+Each ``--variant "NAME=FILE [key=value ...]"`` trains one row; ``--set`` overrides apply to all;
+``--pairs-set`` overrides P2-DPO's generation settings.
 The base, evaluation and control settings (and P2-DPO's pair generation) come from the first
 variant's file. Rows: the base,
 one per variant, and the chosen-only SFT control (``mmpo_jax.training.experiment.run_variants``).
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True,
                         help='"NAME=FILE [key=value ...]"; repeatable')
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--pairs-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="P2-DPO generation overrides (of FILE:pairs)")
     parser.add_argument("--workdir", default="runs/compare")
     args = parser.parse_args()
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -45,7 +48,8 @@ def main() -> None:
         first, first_file = (first, first_file) if first else (config, words[0])
         variants[name] = (config, pathlib.Path(root, f"{index:02d}"))
     # P2-DPO variants train on pairs generated first, with their file's `:pairs` settings.
-    pairs = load_config(f"{first_file}:pairs") if first.data.dataset == "p2dpo_pairs" else None
+    pairs = (load_config(f"{first_file}:pairs", args.pairs_set)
+             if first.data.dataset == "p2dpo_pairs" else None)
     run_variants(first, variants, workdir=root, pairs=pairs)
 
 
