@@ -13,8 +13,10 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -37,15 +39,26 @@ def save_checkpoint(model: Llava, config: LlavaConfig, directory: str | pathlib.
     checkpointer.wait_until_finished()
 
 
-def load_checkpoint(directory: str | pathlib.Path) -> tuple[Llava, LlavaConfig]:
-    """Reads a directory written by `save_checkpoint` -> (Llava, LlavaConfig)."""
+def load_checkpoint(
+    directory: str | pathlib.Path, *, runtime: Callable[[LlavaConfig], LlavaConfig] | None = None
+) -> tuple[Llava, LlavaConfig]:
+    """Reads a directory written by `save_checkpoint` -> (Llava, LlavaConfig).
+
+    Args:
+      runtime: maps the stored config to the one to build (e.g. another compute or storage
+        dtype, remat); it must keep every shape. Parameters are cast to its `param_dtype`.
+    """
     directory = pathlib.Path(directory).absolute()
     for required in (CONFIG_FILE, PARAMS_DIR):
         if not (directory / required).exists():
             raise FileNotFoundError(f"{directory} has no {required}; expected a directory written by `import`")
     config = LlavaConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    if runtime is not None:
+        config = runtime(config)
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llava(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, nnx.to_pure_dict(params))
+    target = nnx.to_pure_dict(params)
+    restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+    restored = jax.tree.map(lambda value, spec: jnp.asarray(value, spec.dtype), restored, target)
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest), config
 

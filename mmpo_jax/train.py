@@ -21,7 +21,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mmpo_jax.training import config_checks
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.training.config_loading import load_config, parse_config_flags
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",
@@ -48,4 +48,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

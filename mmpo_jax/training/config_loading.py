@@ -208,3 +208,23 @@ def _check_key(config: ml_collections.ConfigDict, key: str) -> None:
             raise ValueError(f"unknown config key {key!r}: {parent} has no field {part!r}; valid "
                              f"fields of {parent}: {sorted(node.keys())}{hint}")
         node = node[part]
+
+
+def parse_config_flags(argv: Sequence[str]) -> list[str]:
+    """``absl.app.run``'s ``flags_parser`` for CLIs with config flags: an unknown
+    ``--config.a.b`` field (which ml_collections reports as an ``AttributeError`` from inside the
+    parser) or a value of the wrong type exits with one line naming it, not a traceback."""
+    import ast
+
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(list(argv))
+    except (AttributeError, KeyError) as error:
+        message = str(error.args[0]) if error.args else str(error)
+        try:  # ml_collections nests the KeyError's repr in the AttributeError's
+            message = str(ast.literal_eval(message))
+        except (ValueError, SyntaxError):
+            pass
+        message = message.replace("\n", " ")
+        raise SystemExit(f"FATAL Flags parsing error: unknown config field {message}") from None

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -84,9 +85,13 @@ def model_config(config: Any, tokenizer: Any) -> LlavaConfig:
     return factory(dtype=model.dtype, param_dtype=model.param_dtype)
 
 
-def _with_remat(llava_config: LlavaConfig, remat: bool) -> LlavaConfig:
+def with_runtime(llava_config: LlavaConfig, model: Any) -> LlavaConfig:
+    """``llava_config`` with the run's ``model.dtype`` / ``param_dtype`` (both towers, projector)
+    and ``model.remat`` (the decoder's layers): how to compute, never what is computed."""
     fields = llava_config.to_dict()
-    fields["text_config"]["remat"] = bool(remat)
+    for tower in ("text_config", "vision_config"):
+        fields[tower].update(dtype=str(model.dtype), param_dtype=str(model.param_dtype))
+    fields["text_config"]["remat"] = bool(model.remat)
     return LlavaConfig.from_dict(fields)
 
 
@@ -126,12 +131,14 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
 def initial_model(config: Any, tokenizer: Any) -> Llava:
     """The starting policy of a run (see the module doc)."""
     init = config.model.init
-    llava_config = _with_remat(model_config(config, tokenizer), config.model.remat)
+    llava_config = with_runtime(model_config(config, tokenizer), config.model)
     if init == "checkpoint":
         if not config.model.checkpoint:
             raise ValueError("model.init='checkpoint' needs model.checkpoint (an orbax directory "
                              "from `python -m mmpo_jax.convert import`)")
-        return load_model(_expand(config.model.checkpoint))
+        return convert_cli.load_checkpoint(
+            _expand(config.model.checkpoint),
+            runtime=functools.partial(with_runtime, model=config.model))[0]
     if init == "random":
         return Llava(llava_config, rngs=nnx.Rngs(int(config.seed)))
     if init != "sft_base":

@@ -1,6 +1,9 @@
 """configs/*.py, `config_loading` (schema, files, overrides) and `config_checks.validate`."""
 
 import json
+import os
+import subprocess
+import sys
 import math
 import pathlib
 
@@ -302,3 +305,13 @@ def test_base_helpers(tmp_path):
     unset = base.experiment("x", base.method("dpo"))
     message = _problems(unset)
     assert "optimizer.learning_rate: not set" in message and "train.num_steps: not set" in message
+
+
+def test_the_train_cli_names_an_unknown_field_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "mmpo_jax.train", "--config=configs/dpo.py", "--config.method.bta=0.2"],
+        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=pathlib.Path(__file__).parents[2])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "FATAL Flags parsing error: unknown config field 'bta' Did you mean \"beta\" instead of \"bta\"?"]
