@@ -173,30 +173,40 @@ def erase_box(image: jax.Array, box: jax.Array | Sequence[int]) -> jax.Array:
     return _restore_dtype(jnp.where(inside[..., None], mean_colour, pixels), image.dtype)
 
 
+def upsample_mask(mask: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+    """Bicubic upsampling (`jax.image.resize`, Keys a=-0.5, as PIL) of a `[..., h, w]` mask to
+    `[..., H, W]`, clipped to [0, 1] against bicubic overshoot [our choice]. `jnp`, jit-able.
+
+    Args:
+      image_size: `(H, W)` in pixels.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    if mask.ndim < 2:
+        raise ValueError(f"mask must be [..., h, w], got shape {mask.shape}.")
+    height, width = image_size
+    upsampled = jax.image.resize(mask, (*mask.shape[:-2], height, width), method="bicubic")
+    return jnp.clip(upsampled, 0.0, 1.0)
+
+
 def visually_enhance(
     image: jax.Array, mask: jax.Array, *, white: float | Sequence[float] | jax.Array = 255.0
 ) -> jax.Array:
     """ADAPT's visually-enhanced image `I * m + white * (1 - m)`.
 
-    The mask (e.g. the refined anchor on the patch grid) is upsampled to `[H, W]` bicubically
-    (`jax.image.resize`, Keys a=-0.5, as PIL) and clipped to [0, 1] against bicubic overshoot
-    [our choice]. The blend is affine, so blending raw pixels with `white=255` and then
-    normalising equals blending the normalised tensor with `white=(1 - mean) / std`. `jnp`,
-    jit-able.
+    The mask (e.g. the refined anchor on the patch grid) is upsampled to the image by
+    `upsample_mask` (a mask already at `[H, W]` is kept as it is). The blend is affine, so blending
+    raw pixels with `white=255` and then normalising equals blending the normalised tensor with
+    `white=(1 - mean) / std`. `jnp`, jit-able; leading axes of image and mask broadcast.
 
     Args:
-      image: `[H, W, C]`.
-      mask: float `[h, w]`, 1 keeps a pixel, 0 whitens it.
+      image: `[..., H, W, C]`.
+      mask: float `[..., h, w]`, 1 keeps a pixel, 0 whitens it.
       white: the white value in the image's units, scalar or per channel `[C]`.
 
     Returns:
-      `[H, W, C]`, the dtype of `image`.
+      `[..., H, W, C]`, the dtype of `image`.
     """
-    height, width = image.shape[:2]
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be [h, w], got shape {mask.shape}.")
-    upsampled = jax.image.resize(mask.astype(jnp.float32), (height, width), method="bicubic")
-    keep = jnp.clip(upsampled, 0.0, 1.0)[..., None]
+    keep = upsample_mask(mask, tuple(image.shape[-3:-1]))[..., None]
     white = jnp.asarray(white, jnp.float32)
     return _restore_dtype(image.astype(jnp.float32) * keep + white * (1 - keep), image.dtype)
 

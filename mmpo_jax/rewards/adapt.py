@@ -11,7 +11,7 @@ that use the anchor live in ``rewards.adapt_modes``.
 - Anchor: ``visual_anchor`` scores every layer's map (boundary, spectral, smoothness,
   concentration, depth prior), fuses them with ``softmax(10 * minmax(scores))`` and
   ``refined_mask`` turns the anchor into a soft foreground mask in [0, 1].
-- VAG-DPO inputs: ``upsample_mask`` (bicubic) and ``visually_enhance`` (``I*m + white*(1-m)``).
+- VAG-DPO's enhanced image ``I*m + white*(1-m)`` is ``data.interventions.visually_enhance``.
 
 Where the released code (github.com/yao-ustc/ADAPT) fixes what METHODS.md leaves open, it is
 followed: the z-score uses the unbiased std, Sobel and the spectral radius are as there, the box
@@ -283,28 +283,3 @@ def refined_mask(
     flat = maps.reshape(*maps.shape[:-2], -1)
     cut = jnp.quantile(flat, threshold_percentile, axis=-1)[..., None, None]
     return _minmax(jnp.where(maps < cut, 0.0, maps), 2)
-
-
-@functools.partial(jax.jit, static_argnames=("image_size",))
-def upsample_mask(mask_grid: jax.Array, image_size: tuple[int, int]) -> jax.Array:
-    """Bicubic upsampling of a ``[..., G, G]`` mask to ``[..., H, W]``, clipped to [0, 1].
-
-    Args:
-      image_size: ``(H, W)`` in pixels.
-    """
-    mask_grid = jnp.asarray(mask_grid, jnp.float32)
-    height, width = image_size
-    out = jax.image.resize(mask_grid, (*mask_grid.shape[:-2], height, width), method="bicubic")
-    return jnp.clip(out, 0.0, 1.0)
-
-
-def visually_enhance(image: jax.Array, pixel_mask: jax.Array, *, white: float = 1.0) -> jax.Array:
-    """``I_VE = I * m + white * (1 - m)``.
-
-    Args:
-      image: ``[..., H, W, C]`` raw (un-normalised) pixels, e.g. in [0, 1] (``white=1``) or [0, 255]
-        (``white=255``); apply before the CLIP normalisation.
-      pixel_mask: ``[..., H, W]`` in [0, 1] (``upsample_mask`` of the refined mask).
-    """
-    m = jnp.asarray(pixel_mask, jnp.float32)[..., None]
-    return jnp.asarray(image, jnp.float32) * m + white * (1.0 - m)

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from mmpo_jax.data import interventions
 from mmpo_jax.data.batch import Batch, SftBatch, shift_for_next_token, token_field
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.models.attention import ProbeSpec
@@ -246,7 +247,7 @@ def enhancement_mask(reference: Llava, batch: Batch, visual: Mapping[str, jax.Ar
         axis=1)  # [B, L, K, N_img]
     anchor = adapt_rewards.visual_anchor(jax.lax.stop_gradient(history))
     grid_mask = adapt_rewards.refined_mask(anchor, threshold_percentile=threshold_percentile)
-    return adapt_rewards.upsample_mask(grid_mask, tuple(batch.pixel_values.shape[1:3]))
+    return interventions.upsample_mask(grid_mask, tuple(batch.pixel_values.shape[1:3]))
 
 
 def enhanced_images(reference: Llava, batch: Batch, visual: Mapping[str, jax.Array],
@@ -258,9 +259,9 @@ def enhanced_images(reference: Llava, batch: Batch, visual: Mapping[str, jax.Arr
     is ``(1 - mean) / std``.
     """
     pixel_mask = enhancement_mask(reference, batch, visual, anchor_steps=anchor_steps,
-                                  threshold_percentile=threshold_percentile)[..., None]
+                                  threshold_percentile=threshold_percentile)
     mean, std = jnp.asarray(image_config.mean), jnp.asarray(image_config.std)
-    return batch.pixel_values * pixel_mask + ((1.0 - mean) / std) * (1.0 - pixel_mask)
+    return interventions.visually_enhance(batch.pixel_values, pixel_mask, white=(1.0 - mean) / std)
 
 
 def _encode(policy: Llava, reference: Llava | None, pixel_values: jax.Array, *,

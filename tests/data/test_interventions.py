@@ -112,6 +112,21 @@ def test_visually_enhance_identity_for_ones_white_for_zeros():
     np.testing.assert_array_equal(whitened, jnp.full_like(image, 255))
 
 
+def test_upsampled_masks_stay_in_the_unit_interval_and_batches_broadcast():
+    mask = jax.random.uniform(jax.random.key(4), (2, 8, 8)) ** 4  # sharp: bicubic overshoots
+    pixels = iv.upsample_mask(mask, (32, 40))
+    assert pixels.shape == (2, 32, 40)
+    assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0
+    np.testing.assert_allclose(iv.upsample_mask(jnp.full((8, 8), 0.3), (16, 16)), 0.3, rtol=1e-6)
+    images = jax.random.uniform(jax.random.key(5), (2, 32, 40, 3))
+    batched = iv.visually_enhance(images, mask, white=1.0)
+    for row in range(2):
+        np.testing.assert_allclose(batched[row], iv.visually_enhance(images[row], mask[row], white=1.0),
+                                   rtol=1e-6)
+    # a mask already at image size is used as it is
+    np.testing.assert_allclose(iv.upsample_mask(pixels, (32, 40)), pixels, atol=1e-6)
+
+
 def test_visually_enhance_upsamples_bicubically_and_commutes_with_normalisation():
     mask = jax.random.uniform(jax.random.key(3), (6, 5))
     upsampled = np.clip(np.asarray(jax.image.resize(mask, (48, 40), "bicubic")), 0, 1)[..., None]

@@ -196,19 +196,6 @@ def test_degenerate_maps_are_finite():
     assert np.all(np.isfinite(adapt.visual_anchor(np.ones((1, 1, 64), np.float32))))
 
 
-def test_upsample_and_visual_enhancement():
-    mask = adapt.refined_mask(adapt.visual_anchor(random_history(4)))
-    pixels = adapt.upsample_mask(mask, (32, 40))
-    assert pixels.shape == (32, 40)
-    assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0
-    np.testing.assert_allclose(adapt.upsample_mask(jnp.full((8, 8), 0.3), (16, 16)), 0.3, rtol=1e-6)
-    image = np.random.default_rng(5).uniform(0, 1, (16, 16, 3)).astype(np.float32)
-    np.testing.assert_allclose(adapt.visually_enhance(image, jnp.ones((16, 16))), image)
-    np.testing.assert_allclose(adapt.visually_enhance(image, jnp.zeros((16, 16))), 1.0)
-    half = adapt.visually_enhance(image * 255, jnp.full((16, 16), 0.5), white=255.0)
-    np.testing.assert_allclose(half, image * 255 * 0.5 + 127.5, rtol=1e-5)
-
-
 def test_jit_equals_eager_for_the_anchor_chain():
     history = random_history(6, batch=2)
     eager = adapt.refined_mask(adapt.visual_anchor(history))
