@@ -14,14 +14,16 @@ import json
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from mmpo_jax.models.convert import load_hf_llava, save_hf_llava
 from mmpo_jax.models.llava import Llava, LlavaConfig
+from mmpo_jax.training.sharding import DEFAULT_RULES, state_shardings
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -40,13 +42,20 @@ def save_checkpoint(model: Llava, config: LlavaConfig, directory: str | pathlib.
 
 
 def load_checkpoint(
-    directory: str | pathlib.Path, *, runtime: Callable[[LlavaConfig], LlavaConfig] | None = None
+    directory: str | pathlib.Path,
+    *,
+    runtime: Callable[[LlavaConfig], LlavaConfig] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
 ) -> tuple[Llava, LlavaConfig]:
     """Reads a directory written by `save_checkpoint` -> (Llava, LlavaConfig).
 
     Args:
       runtime: maps the stored config to the one to build (e.g. another compute or storage
         dtype, remat); it must keep every shape. Parameters are cast to its `param_dtype`.
+      mesh, rules: restore every parameter straight into its shards on `mesh` (by its logical
+        axis names and `rules`, as `training.sharding.state_shardings` places it), so that no
+        device ever holds the whole model; None restores onto the default device.
     """
     directory = pathlib.Path(directory).absolute()
     for required in (CONFIG_FILE, PARAMS_DIR):
@@ -57,8 +66,13 @@ def load_checkpoint(
         config = runtime(config)
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Llava(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
     target = nnx.to_pure_dict(params)
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(params, mesh, rules))
+        target = jax.tree.map(lambda spec, where: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=where),
+                              target, shardings)
     restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
-    restored = jax.tree.map(lambda value, spec: jnp.asarray(value, spec.dtype), restored, target)
+    restored = jax.tree.map(lambda value, spec: value if value.dtype == spec.dtype else value.astype(spec.dtype),
+                            restored, target)
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest), config
 

@@ -38,7 +38,7 @@ from mmpo_jax.evaluation.runner import evaluate_model
 from mmpo_jax.evaluation.table import format_table
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
-from mmpo_jax.training import config_checks, reference_cache
+from mmpo_jax.training import config_checks, reference_cache, sharding
 from mmpo_jax.training.config_loading import method_defaults
 from mmpo_jax.training.loop import train
 
@@ -136,9 +136,11 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
         if not config.model.checkpoint:
             raise ValueError("model.init='checkpoint' needs model.checkpoint (an orbax directory "
                              "from `python -m mmpo_jax.convert import`)")
-        return convert_cli.load_checkpoint(
+        return convert_cli.load_checkpoint(  # straight into the run's shards
             _expand(config.model.checkpoint),
-            runtime=functools.partial(with_runtime, model=config.model))[0]
+            runtime=functools.partial(with_runtime, model=config.model),
+            mesh=sharding.make_mesh(dict(config.mesh)),
+            rules=tuple(tuple(rule) for rule in config.mesh_rules))[0]
     if init == "random":
         return Llava(llava_config, rngs=nnx.Rngs(int(config.seed)))
     if init != "sft_base":

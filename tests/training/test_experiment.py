@@ -1,4 +1,5 @@
-"""The main job's initial model: a converted checkpoint takes the run's dtypes and remat."""
+"""The main job's initial model: a converted checkpoint takes the run's dtypes and remat, and is
+restored straight into the run's shards."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,10 @@ import numpy as np
 from flax import nnx
 
 from mmpo_jax import convert as convert_cli
+from mmpo_jax.training import sharding
 from mmpo_jax.training.config_loading import load_config
 from mmpo_jax.training.experiment import initial_model
+from mmpo_jax.training.loop import train
 from tests.training import step_fixtures as fx
 
 
@@ -16,7 +19,10 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     convert_cli.save_checkpoint(saved, saved.config, tmp_path / "orbax")
     config = load_config("configs/dpo.py", (
         "model.init=checkpoint", f"model.checkpoint={tmp_path / 'orbax'}",
-        "model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.remat=true"))
+        "model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.remat=true",
+        "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.num_steps=1",
+        "train.progress_bar=false", "data.batch_size=8", "data.buckets=(64,96)",
+        "checkpoint.async_save=false"))
     model = initial_model(config, fx.tokenizer())
     text, vision = model.config.text_config, model.config.vision_config
     assert text.remat and (text.dtype, text.param_dtype) == ("bfloat16", "bfloat16")
@@ -27,6 +33,17 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     for ours, stored in zip(params, expected):  # the stored values, rounded to bfloat16
         np.testing.assert_array_equal(np.asarray(ours, np.float32),
                                       np.asarray(jnp.asarray(stored, jnp.bfloat16), np.float32))
+    # every parameter arrives in its shards, as the trainer places it
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    state = nnx.state(model, nnx.Param)
+    wanted = jax.tree.leaves(nnx.to_pure_dict(sharding.state_shardings(state, mesh)))
+    placed = [p.sharding for p in params]
+    assert all(got.is_equivalent_to(want, p.ndim) for got, want, p in zip(placed, wanted, params))
+    assert any(not s.is_fully_replicated for s in placed)
     # the stored config is untouched: loading it plainly gives the float32 model back
     plain, stored_config = convert_cli.load_checkpoint(tmp_path / "orbax")
     assert stored_config == saved.config and not stored_config.text_config.remat
+    # and it trains from there
+    result = train(config, model=model, tokenizer=fx.tokenizer(), source=list(fx.records(8)),
+                   image_config=fx.IMAGE_CONFIG, workdir=tmp_path / "run")
+    assert result.steps == 1 and np.isfinite(result.summary["metrics"]["loss/total"]["last"])
