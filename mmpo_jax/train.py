@@ -7,7 +7,7 @@ can be overridden: ``--config.method.beta=0.2 --config.train.num_steps=50 --conf
 unknown fields, impossible meshes and data the method needs but the dataset lacks are reported
 before anything compiles. P2-DPO's pair generation reads ``get_config("pairs")`` of the same file
 unless ``--pairs`` names other settings (``--pairs=configs/p2dpo.py:pairs --pairs.noise_step=300``;
-pairs made with other settings need their own ``--config.data.manual_dir`` and ``data_dir``).
+pairs made with other settings need their own ``--config.data.manual_dir``).
 """
 
 from __future__ import annotations

@@ -90,12 +90,16 @@ def load_split(name: str, split: str, *, data_dir: str | os.PathLike[str],
       split: a split name, optionally TFDS-sliced ("train[:90%]", "train[90%:]").
       data_dir: root folder of prepared datasets.
       manual_dir: folder holding the published files of a real dataset; needed to prepare it.
-        Preparing a dataset already prepared from another `manual_dir` raises.
+        Preparing a dataset already prepared from another `manual_dir` raises (builders with a
+        `prepared_data_dir(data_dir, manual_dir)` classmethod choose a folder per source instead).
       **builder_config: the builder's options (e.g. `strict=True`, shapes world's `p=0.5`).
 
     Returns:
       A `DatasetSource` whose items hold the split's fields.
     """
+    keyed = getattr(BUILDERS.get(name), "prepared_data_dir", None)
+    if keyed is not None and manual_dir is not None:  # e.g. one prepared copy per generation
+        data_dir = keyed(data_dir, manual_dir)
     builder = get_builder(name, data_dir=data_dir, **builder_config)
     if builder.is_prepared():
         _check_same_manual_dir(builder, manual_dir)

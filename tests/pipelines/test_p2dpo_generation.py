@@ -74,12 +74,24 @@ def test_a_resumed_generation_writes_the_same_bytes(generated):
                       not k.endswith(("chair_i", "accuracy"))} == dict(truth)
 
 
-def test_a_different_setting_is_refused(generated):
-    root, *_ = generated
+def test_a_different_setting_is_refused_and_goes_to_its_own_prepared_copy(generated):
+    root, whole, *_ = generated
     with pytest.raises(ValueError, match="other settings"):
         generate_pairs(fx.base_model(), fx.tokenizer(), list(fx.records(NUM_RECORDS)),
                        image_config=fx.IMAGE_CONFIG, output_dir=root / "whole", settings=SETTINGS,
                        layout=LAYOUT, seed=1, progress=False)
+    other = generate_pairs(fx.base_model(), fx.tokenizer(), list(fx.records(4)),
+                           image_config=fx.IMAGE_CONFIG, output_dir=root / "seed1",
+                           settings=SETTINGS, layout=LAYOUT, seed=1, progress=False,
+                           source_metadata={"world": {"image_size": 64}})
+    # one data_dir holds both generations, each prepared once under its fingerprint
+    first = load_split("p2dpo_pairs", "train", data_dir=root / "shared", manual_dir=root / "whole")
+    second = load_split("p2dpo_pairs", "train", data_dir=root / "shared", manual_dir=root / "seed1")
+    assert (len(first), len(second)) == (NUM_RECORDS, 4)
+    assert first.metadata["fingerprint"] == whole["fingerprint"]
+    assert second.metadata["fingerprint"] == other["fingerprint"] != whole["fingerprint"]
+    assert sorted(p.name for p in (root / "shared" / "p2dpo_pairs_generations").iterdir()) == sorted(
+        m["fingerprint"][:16] for m in (whole, other))
 
 
 def test_dataset_loads_and_the_stored_reference_logps_are_the_trainers(generated):

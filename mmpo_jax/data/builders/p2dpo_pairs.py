@@ -14,8 +14,8 @@ its sha256 in the manifest; an unfinished generation is an error) into one "trai
 
 The dataset metadata carries the generation summary and fingerprint, the tokenizer folder (copied
 next to the prepared data, so `DatasetSource.tokenizer_path` works) and the source's metadata
-(the shapes world's `world` spec when the prompts came from it). A prepared dataset is not
-re-read when the folder changes: prepare a new generation under another `data_dir`.
+(the shapes world's `world` spec when the prompts came from it). Each generation is prepared
+under its own folder, keyed by its fingerprint (`P2dpoPairs.prepared_data_dir`).
 """
 
 from __future__ import annotations
@@ -111,6 +111,19 @@ class P2dpoPairs(Builder):
     @classmethod
     def _config(cls, name: str, options: dict[str, Any]) -> tfds.core.BuilderConfig:
         raise ValueError(f"p2dpo_pairs has no options; got {options}")
+
+    @classmethod
+    def prepared_data_dir(cls, data_dir: str | os.PathLike[str],
+                          manual_dir: str | os.PathLike[str]) -> str:
+        """Where the generation in ``manual_dir`` is prepared (read by ``sources.load_split``):
+        ``<data_dir>/p2dpo_pairs_generations/<fingerprint[:16]>``, so that each generation (other
+        settings, model or seed; the same folder regenerated) gets its own prepared copy;
+        ``data_dir`` itself while the folder has no manifest (preparing will say why)."""
+        manifest = read_manifest(manual_dir)
+        if manifest is None:
+            return os.fspath(data_dir)
+        return os.path.join(os.fspath(data_dir), f"{cls.name}_generations",
+                            manifest["fingerprint"][:16])
 
     @property
     def SPLIT_FIELDS(self) -> dict[str, tuple[str, ...]]:  # noqa: N802 (read by load_split)
