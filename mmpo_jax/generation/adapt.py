@@ -4,7 +4,8 @@ Inside the one jitted decode loop:
 
 1. steps `0 .. K-1` (the first `K = anchor_steps` generated tokens): every decoder layer's
    head-mean text->image attention of the query that chooses the token is recorded (the model's
-   `ProbeSpec(all layers, "image")` on each forward) into a `[R, L, K, N_img]` history;
+   `ProbeSpec(all layers, "image_last")` on each forward: the prefill keeps one query row per
+   layer, not `T`) into a `[R, L, K, N_img]` history;
 2. after step `K - 1` is observed, the history becomes the visual anchor
    (`rewards.adapt.visual_anchor`), its refined mask (`rewards.adapt.refined_mask`) and the HHI
    baseline (`rewards.adapt_modes.hhi` of the anchor);
@@ -107,8 +108,8 @@ class AdaptDecoding(DecodeController):
                 raise ValueError(f"{name} must lie in [0, 1]; got {value}")
 
     def probe(self, num_layers: int) -> ProbeSpec:
-        """Every layer's head-mean image attention, on every forward."""
-        return ProbeSpec(tuple(range(num_layers)), "image")
+        """Every layer's head-mean image attention of the last query, on every forward."""
+        return ProbeSpec(tuple(range(num_layers)), "image_last")
 
     @property
     def yields_hooks(self) -> bool:

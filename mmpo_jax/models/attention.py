@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-PROBE_FORMS = ("image", "image_heads", "full")
-"""``"image"``: head-mean probabilities query -> image keys ``[B, T, N]``; ``"image_heads"``:
-``[B, H, T, N]``; ``"full"``: ``[B, H, T, S]`` (tests, debugging)."""
+PROBE_FORMS = ("image", "image_last", "image_heads", "full")
+"""``"image"``: head-mean probabilities query -> image keys ``[B, T, N]``; ``"image_last"``: the
+same for the last query only, ``[B, 1, N]`` (what a decode loop reads of its prefill, without
+keeping ``T`` rows per layer); ``"image_heads"``: ``[B, H, T, N]``; ``"full"``: ``[B, H, T, S]``
+(tests, debugging)."""
 
 # Masked logits get a large finite negative (as jax.nn.dot_product_attention does), so a query with
 # no visible key (a left-pad position) gets a uniform row instead of NaNs, and gradients stay finite.
@@ -215,5 +217,7 @@ def _probe(probs: jax.Array, form: str | None, image_positions: jax.Array | None
         return None
     if form == "full":
         return probs
+    if form == "image_last":
+        probs = probs[:, :, -1:]
     image_columns = jnp.take_along_axis(probs, image_positions[:, None, None, :], axis=-1)
     return image_columns if form == "image_heads" else jnp.mean(image_columns, axis=1)

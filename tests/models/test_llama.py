@@ -124,6 +124,10 @@ def test_logits_hidden_states_and_probes_match_transformers(name):
             rows = mask[:, None, :, None] if form == "image_heads" else mask[:, :, None]
             rows = np.broadcast_to(rows, expected.shape)
             assert_close(np.where(rows, probed.probes[i], 0), np.where(rows, expected, 0))
+    _, last_query = forward(model, input_ids, probe=ProbeSpec(layers=(0, 1), form="image_last"), **common)
+    for i in (0, 1):  # the last query (a real token: the batch is left-padded) of the "image" form
+        assert last_query.probes[i].shape == (BATCH, 1, len(IMAGE_POSITIONS[0]))
+        assert_close(last_query.probes[i], probed.probes[i][:, -1:])
     if model.config.tie_word_embeddings:
         assert not hasattr(model, "lm_head")
 
