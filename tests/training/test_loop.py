@@ -123,14 +123,16 @@ def test_lora_base_reference_trains_only_the_adapters(tmp_path):
 def test_bfloat16_compute_and_remat(tmp_path):
     from mmpo_jax.models import presets
     from mmpo_jax.models.llava import Llava
-    from mmpo_jax.training.experiment import _with_remat
+    from mmpo_jax.training.experiment import with_runtime
 
     tok = fx.tokenizer()
     base = presets.tiny(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     config = _config("dpo.py", "train.num_steps=2", "optimizer.learning_rate=1e-3")
     runs = {}
-    for name, llava_config in {"plain": base, "remat": _with_remat(base, True)}.items():
+    remat = with_runtime(base, _config("dpo.py", "model.remat=true").model)
+    assert remat.text_config.remat and remat.text_config.dtype == base.text_config.dtype
+    for name, llava_config in {"plain": base, "remat": remat}.items():
         model = Llava(llava_config, rngs=nnx.Rngs(0))
         runs[name] = train(config, model=model, tokenizer=tok, source=list(fx.records(16)),
                            image_config=fx.IMAGE_CONFIG, workdir=tmp_path / name)
