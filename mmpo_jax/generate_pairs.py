@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from mmpo_jax.data.builders.p2dpo_pairs import read_manifest, summarize
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
-from mmpo_jax.training.config_loading import load_config, parse_config_flags
+from mmpo_jax.training.config_loading import flag_file_config, parse_config_flags
 from mmpo_jax.training.experiment import initial_model, load_data, prompt_source_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the training config, configs/p2dpo.py",
@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--config=configs/p2dpo.py is required")
     pairs_config = _PAIRS.value
     if pairs_config is None:
-        pairs_config = load_config(f"{config_flags.get_config_filename(flags.FLAGS['config'])}:pairs")
+        pairs_config = flag_file_config("config", "pairs")
     settings = PairSettings.from_config(pairs_config)
     output_dir = os.path.expanduser(_OUTPUT_DIR.value or config.data.manual_dir)
     if not output_dir:

@@ -21,7 +21,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mmpo_jax.training import config_checks
-from mmpo_jax.training.config_loading import load_config, parse_config_flags
+from mmpo_jax.training.config_loading import flag_file_config, parse_config_flags
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> None:
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
     pairs = _PAIRS.value
     if pairs is None and config.data.dataset == "p2dpo_pairs":  # its file's generation settings
-        pairs = load_config(f"{config_flags.get_config_filename(flags.FLAGS['config'])}:pairs")
+        pairs = flag_file_config("config", "pairs")
     run_experiment(config, pairs=pairs)
 
 

@@ -37,18 +37,18 @@ def main() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
     root = _expand(args.workdir)
-    variants, first, first_file = {}, None, None
+    variants, files = {}, []
     for index, spec in enumerate(args.variant):
         name, separator, rest = spec.partition("=")
         words = shlex.split(rest)
         if not separator or not words:
             parser.error(f"--variant {spec!r} is not 'NAME=FILE [key=value ...]'")
         overrides = (*args.set, f"workdir={root}", *words[1:])
-        config = load_config(words[0], overrides)
-        first, first_file = (first, first_file) if first else (config, words[0])
-        variants[name] = (config, pathlib.Path(root, f"{index:02d}"))
+        variants[name] = (load_config(words[0], overrides), pathlib.Path(root, f"{index:02d}"))
+        files.append(words[0])
+    first = next(iter(variants.values()))[0]
     # P2-DPO variants train on pairs generated first, with their file's `:pairs` settings.
-    pairs = (load_config(f"{first_file}:pairs", args.pairs_set)
+    pairs = (load_config(f"{files[0]}:pairs", args.pairs_set)
              if first.data.dataset == "p2dpo_pairs" else None)
     run_variants(first, variants, workdir=root, pairs=pairs)
 

@@ -37,6 +37,7 @@ from mmpo_jax.data import interventions, shapes_world
 from mmpo_jax.data.batch import Batch, collate, shift_for_next_token
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.data.template import DropReason, decode_response, encode_prompt, encode_prompt_response
+from mmpo_jax.evaluation.chair import caption_chair_counts
 from mmpo_jax.generation import BanTokens, generate
 from mmpo_jax.generation.contrastive import contrastive_generate
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
@@ -144,9 +145,9 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
     shapes = {o["shape"] for o in objects}
     for name, text in responses.items():
         if target is None:
-            mentioned = [shape for _, shape in shapes_world.parse_caption(text)]
-            counts[f"truth/{name}/mentions"] += len(mentioned)
-            counts[f"truth/{name}/hallucinated"] += sum(s not in shapes for s in mentioned)
+            chair = caption_chair_counts([s for _, s in shapes_world.parse_caption(text)], shapes)
+            counts[f"truth/{name}/mentions"] += chair.mentions
+            counts[f"truth/{name}/hallucinated"] += chair.hallucinated_mentions
         else:
             answer = shapes_world.YES if target["shape"] in shapes else shapes_world.NO
             counts[f"truth/{name}/answers"] += 1

@@ -210,6 +210,12 @@ def _check_key(config: ml_collections.ConfigDict, key: str) -> None:
         node = node[part]
 
 
+def flag_file_config(flag: str, arg: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the file the config-file flag ``flag`` was given, e.g. P2-DPO's
+    generation settings (``"pairs"``) of ``--config=configs/p2dpo.py``."""
+    return load_config(f"{config_flags.get_config_filename(flags.FLAGS[flag])}:{arg}")
+
+
 def parse_config_flags(argv: Sequence[str]) -> list[str]:
     """``absl.app.run``'s ``flags_parser`` for CLIs with config flags: an unknown
     ``--config.a.b`` field (which ml_collections reports as an ``AttributeError`` from inside the

@@ -65,7 +65,6 @@ from mmpo_jax.pipelines.verifier import Verifier, WordClipSpec
 from mmpo_jax.training import optimizer as optimizer_lib
 from mmpo_jax.training import reference_cache, sharding
 from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.logging import MetricLogger
 from mmpo_jax.training import loop
 from mmpo_jax.training.loop import TrainResult
 from mmpo_jax.training.step import masked_objective
@@ -389,10 +388,7 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
     mu = (jnp.float32(calibration.mu_c), jnp.float32(calibration.mu_h))
     metadata = {"config": config.to_dict(), "method": method,
                 "calibration": dataclasses.asdict(calibration)}
-    with MetricLogger(workdir, total_steps=num_steps, initial_step=start,
-                      log_every=int(config.train.log_every),
-                      progress_bar=bool(config.train.progress_bar),
-                      run_name=str(config.name)) as metric_log:
+    with loop.open_metric_log(config, workdir, num_steps=num_steps, start=start) as metric_log:
         end = num_steps if stop_at is None else min(int(stop_at), num_steps)
         for step in range(start, end):
             logger.debug("FiSAO rollout step %d", step + 1)

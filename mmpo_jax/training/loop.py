@@ -198,6 +198,14 @@ def open_and_resume(config: Any, workdir: pathlib.Path, trainable: Any, opt_stat
     return ckpt, restored.params, restored.opt_state, restored.rng, restored.step
 
 
+def open_metric_log(config: Any, workdir: pathlib.Path, *, num_steps: int, start: int
+                    ) -> MetricLogger:
+    """The run's ``MetricLogger`` (bar, TensorBoard, jsonl) from ``config.train`` and its name."""
+    return MetricLogger(workdir, total_steps=num_steps, initial_step=start,
+                        log_every=int(config.train.log_every),
+                        progress_bar=bool(config.train.progress_bar), run_name=str(config.name))
+
+
 def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end: int,
                split: state_lib.PolicySplit, trainable: Any, opt_state: Any, frozen: Any,
                rng: jax.Array, workdir: pathlib.Path, metadata: Mapping[str, Any],
@@ -277,10 +285,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     has_dropout = bool(config.model.lora.enabled and config.model.lora.dropout > 0)
     step_fn = None
     metadata = {"config": config.to_dict(), "method": method}
-    with MetricLogger(workdir, total_steps=num_steps, initial_step=start,
-                      log_every=int(config.train.log_every),
-                      progress_bar=bool(config.train.progress_bar),
-                      run_name=str(config.name)) as metric_log:
+    with open_metric_log(config, workdir, num_steps=num_steps, start=start) as metric_log:
         end = num_steps if stop_at is None else min(int(stop_at), num_steps)
         for step in range(start, end):
             host_batch = next(it)
