@@ -250,35 +250,34 @@ def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDic
     return source
 
 
-def _generate_pairs(config: Any, pairs: Any, base: Llava) -> Any:
-    """P2-DPO: pairs from ``base`` on the prompt source (skipped where already written); returns
-    the config of that source (its world is the one the base learned and is evaluated on)."""
+def _generate_pairs(config: Any, pairs: Any, base: Llava, prompts: Any, tokenizer: Any,
+                    image_config: image_processing.ImageProcessorConfig) -> None:
+    """P2-DPO: pairs from ``base`` on the prompt records ``prompts`` (the source of ``pairs``,
+    loaded by the caller with its tokenizer and preprocessing), skipped where already written."""
     from mmpo_jax.data.builders.p2dpo_pairs import summarize
     from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
 
-    if pairs is None:
-        raise ValueError("data.dataset='p2dpo_pairs' needs the pair-generation settings "
-                         "(configs/p2dpo.py:pairs)")
     settings = PairSettings.from_config(pairs)
-    world = prompt_source_config(config, settings)
-    source, tokenizer, image_config = load_data(world)
     manifest = generate_pairs(
-        base, tokenizer, source, image_config=image_config,
+        base, tokenizer, prompts, image_config=image_config,
         output_dir=str(_expand(config.data.manual_dir)), settings=settings, seed=int(config.seed),
         layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
                               config.data.template),
         source_metadata={"source_dataset": settings.source_dataset,
-                         "source_split": settings.source_split, "world": source.metadata["world"]})
+                         "source_split": settings.source_split, "world": prompts.metadata["world"]})
     logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
-    return world
 
 
 def _world_config(config: Any, pairs: Any) -> Any:
-    """The config whose data section names the world of the initial model and the evaluation."""
+    """The config whose data section names the world of the initial model and the evaluation:
+    ``config`` itself, or for P2-DPO the prompt source its pairs are generated from."""
     if config.data.dataset != "p2dpo_pairs":
         return config
     from mmpo_jax.pipelines.p2dpo import PairSettings
 
+    if pairs is None:
+        raise ValueError("data.dataset='p2dpo_pairs' needs the pair-generation settings "
+                         "(configs/p2dpo.py:pairs)")
     return prompt_source_config(config, PairSettings.from_config(pairs))
 
 
@@ -302,10 +301,10 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
       pairs: P2-DPO's generation settings when ``config`` trains on generated pairs.
     """
     world = _world_config(config, pairs)
-    _, tokenizer, world_image_config = load_data(world)
+    world_records, tokenizer, world_image_config = load_data(world)
     base = initial_model(world, tokenizer)
     if world is not config:
-        _generate_pairs(config, pairs, base)
+        _generate_pairs(config, pairs, base, world_records, tokenizer, world_image_config)
     source, _, image_config = load_data(config)
     for variant, _ in variants.values():
         config_checks.validate(variant, device_count=jax.device_count(),

@@ -4,12 +4,13 @@ restored straight into the run's shards."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mmpo_jax import convert as convert_cli
 from mmpo_jax.training import sharding
 from mmpo_jax.training.config_loading import load_config
-from mmpo_jax.training.experiment import initial_model
+from mmpo_jax.training.experiment import initial_model, run_experiment
 from mmpo_jax.training.loop import train
 from tests.training import step_fixtures as fx
 
@@ -47,3 +48,10 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     result = train(config, model=model, tokenizer=fx.tokenizer(), source=list(fx.records(8)),
                    image_config=fx.IMAGE_CONFIG, workdir=tmp_path / "run")
     assert result.steps == 1 and np.isfinite(result.summary["metrics"]["loss/total"]["last"])
+
+
+def test_p2dpo_without_generation_settings_is_refused_before_any_work(tmp_path):
+    config = load_config("configs/p2dpo.py", (f"data.data_dir={tmp_path}",))
+    with pytest.raises(ValueError, match=r"needs the pair-generation settings"):
+        run_experiment(config)
+    assert not any(tmp_path.iterdir())  # nothing loaded, built or trained
