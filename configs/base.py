@@ -1,6 +1,6 @@
 """Section helpers of the training configs: one per section, each a ``ConfigDict`` of the schema.
 
-Every helper starts from the schema's defaults (``mmpo_jax.training.config_loading.SCHEMA``, the
+Every helper starts from the schema's defaults (``mmpo_jax.config.loading.SCHEMA``, the
 contract the trainer reads) and takes keyword overrides; an unknown keyword raises. ``experiment``
 assembles the sections into one locked config. Config files load this file by path::
 
@@ -24,7 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mmpo_jax.objectives import registry
-from mmpo_jax.training.config_loading import (
+from mmpo_jax.config.loading import (
     OPEN_MAPPINGS,
     OPTIONAL_SECTIONS,
     SCHEMA,

@@ -31,7 +31,7 @@ point recorded here (r = alpha = 64, lr 1e-5, 2 epochs) is [our choice] within t
 import pathlib
 
 from mmpo_jax.pipelines.p2dpo import pairs_config
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

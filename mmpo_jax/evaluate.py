@@ -19,7 +19,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from mmpo_jax.convert import load_checkpoint
+from mmpo_jax.engine.model_io import load_model
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if missing:
             raise SystemExit(f"--pope_questions needs {', '.join('--' + m for m in missing)} as well")
     world = _world_options(args.world)
-    model, config = load_checkpoint(args.checkpoint)
+    model, config = load_model(args.checkpoint)
     if args.pope_questions:
         tokenizer = load_tokenizer(args.tokenizer)
         image_config = image_processing.from_hf_preprocessor_config(json.loads(args.preprocessor_config.read_text()))

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from mmpo_jax.data.builders.p2dpo_pairs import read_manifest, summarize
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
-from mmpo_jax.training.config_loading import flag_file_config, parse_config_flags
+from mmpo_jax.config.loading import flag_file_config, parse_config_flags
 from mmpo_jax.training.experiment import initial_model, load_data, prompt_source_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the training config, configs/p2dpo.py",

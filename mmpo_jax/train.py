@@ -20,8 +20,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmpo_jax.training import config_checks
-from mmpo_jax.training.config_loading import flag_file_config, parse_config_flags
+from mmpo_jax.config import checks as config_checks
+from mmpo_jax.config.loading import flag_file_config, parse_config_flags
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",

@@ -21,7 +21,7 @@ import shlex
 
 from absl import logging as absl_logging
 
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.experiment import _expand, run_variants
 
 

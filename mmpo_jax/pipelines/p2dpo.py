@@ -64,7 +64,7 @@ from mmpo_jax.data.pipeline import example_key
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives.logprobs import sequence_logps
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
-from mmpo_jax.training.reference_cache import cache_key, params_digest, tokenizer_digest
+from mmpo_jax.engine.reference_cache import cache_key, params_digest, tokenizer_digest
 
 FORMAT_VERSION = 1
 FILTER_SCORES = ("generation", "training")

@@ -45,7 +45,7 @@ from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives.logprobs import sequence_logps
 from mmpo_jax.rewards.p2dpo import (FILTER_REASONS, SALIENCY_MODES, adaptive_crop_box, pair_filter,
                                     saliency_map, saliency_objective)
-from mmpo_jax.training.scoring import RESPONSES, ScoringPlan, batch_tokens, reference_scores
+from mmpo_jax.engine.scoring import RESPONSES, ScoringPlan, batch_tokens, reference_scores
 
 PAIR_ROWS = {"focus": ("focus_chosen", "focus_rejected"), "robust": ("robust_chosen", "robust_rejected")}
 """Each generated pair -> its (chosen, rejected) response names of ``training.scoring.RESPONSES``:

@@ -30,7 +30,6 @@ import jax
 import ml_collections
 from flax import nnx
 
-from mmpo_jax import convert as convert_cli
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
@@ -38,8 +37,9 @@ from mmpo_jax.evaluation.runner import evaluate_model
 from mmpo_jax.evaluation.table import format_table
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
-from mmpo_jax.training import config_checks, reference_cache, sharding
-from mmpo_jax.training.config_loading import method_defaults
+from mmpo_jax.engine import model_io, reference_cache, sharding
+from mmpo_jax.config import checks as config_checks
+from mmpo_jax.config.loading import method_defaults
 from mmpo_jax.training.loop import train
 
 logger = logging.getLogger(__name__)
@@ -99,15 +99,6 @@ def _digest(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_model(model: Llava, directory: pathlib.Path) -> None:
-    """The model's parameters (orbax) and config (JSON) under ``directory``."""
-    convert_cli.save_checkpoint(model, model.config, directory)
-
-
-def load_model(directory: pathlib.Path) -> Llava:
-    return convert_cli.load_checkpoint(directory)[0]
-
-
 def sft_base_config(config: Any) -> ml_collections.ConfigDict:
     """The training config of the cached SFT base, derived from ``config``'s sections."""
     base = ml_collections.ConfigDict(config.to_dict())
@@ -136,7 +127,7 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
         if not config.model.checkpoint:
             raise ValueError("model.init='checkpoint' needs model.checkpoint (an orbax directory "
                              "from `python -m mmpo_jax.convert import`)")
-        return convert_cli.load_checkpoint(  # straight into the run's shards
+        return model_io.load_model(  # straight into the run's shards
             _expand(config.model.checkpoint),
             runtime=functools.partial(with_runtime, model=config.model),
             mesh=sharding.make_mesh(dict(config.mesh)),
@@ -158,15 +149,15 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
     directory = root / key[:16]
     if (directory / "done").exists():
         logger.info("SFT base: using the cached model in %s", directory)
-        return load_model(directory / "model")
+        return model_io.load_model(directory / "model")[0]
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
     source, _, image_config = load_data(base_config)
     result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
                    tokenizer=tokenizer, source=source, image_config=image_config,
                    workdir=directory / "run")
-    save_model(result.model, directory / "model")
+    model_io.save_model(result.model, directory / "model")
     (directory / "done").write_text(json.dumps({"key": key}))
-    return load_model(directory / "model")
+    return model_io.load_model(directory / "model")[0]
 
 
 def control_config(config: Any) -> ml_collections.ConfigDict:

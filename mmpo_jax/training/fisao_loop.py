@@ -62,12 +62,12 @@ from mmpo_jax.pipelines import fisao as rollouts
 from mmpo_jax.pipelines import verifier as verifier_lib
 from mmpo_jax.pipelines.fisao import Calibration, ObjectVocabulary, RolloutBatch
 from mmpo_jax.pipelines.verifier import Verifier, WordClipSpec
-from mmpo_jax.training import optimizer as optimizer_lib
-from mmpo_jax.training import reference_cache, sharding
-from mmpo_jax.training import state as state_lib
+from mmpo_jax.engine import optimizer as optimizer_lib
+from mmpo_jax.engine import reference_cache, sharding
+from mmpo_jax.engine import state as state_lib
 from mmpo_jax.training import loop
 from mmpo_jax.training.loop import TrainResult
-from mmpo_jax.training.step import masked_objective
+from mmpo_jax.engine.step import masked_objective
 
 logger = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from mmpo_jax.data import pipeline
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.models import lora
 from mmpo_jax.models.llava import Llava
-from mmpo_jax.training import optimizer as optimizer_lib
-from mmpo_jax.training import reference_cache, sharding
-from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.checkpointing import Checkpointer, abstract_target, export_policy
+from mmpo_jax.engine import optimizer as optimizer_lib
+from mmpo_jax.engine import reference_cache, sharding
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.engine.checkpointing import Checkpointer, abstract_target, export_policy
 from mmpo_jax.training.logging import MetricLogger
-from mmpo_jax.training.scoring import ScoringPlan, plan_scoring, reference_scores
-from mmpo_jax.training.step import make_train_step
+from mmpo_jax.engine.scoring import ScoringPlan, plan_scoring, reference_scores
+from mmpo_jax.engine.step import make_train_step
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmpo_jax.convert import save_checkpoint
+from mmpo_jax.engine.model_io import save_model
 from mmpo_jax.data import image_processing, shapes_world
 from mmpo_jax.data.template import encode_prompt
 from mmpo_jax.data.tokenizer import build_word_tokenizer
@@ -124,7 +124,7 @@ def test_summarise_passes_mean_and_spread():
 
 @pytest.mark.slow
 def test_evaluate_cli_on_a_small_shapes_world(setup, tmp_path, capsys):
-    save_checkpoint(setup["model"], setup["config"], tmp_path / "model")
+    save_model(setup["model"], tmp_path / "model")
     world = [f"--world={key}={value}" for key, value in
              dict(sft_size=2, preference_size=2, test_caption_size=3, test_pope_images=1, seed=3).items()]
     output = tmp_path / "metrics.json"

@@ -15,7 +15,7 @@ from mmpo_jax.evaluation.shapes import objects_from_json
 from mmpo_jax.pipelines import fisao
 from mmpo_jax.rewards.fisao import object_reward
 from tests.pipelines.test_verifier import random_word_clip, sft_records
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 SHAPES = fisao.shapes_world_vocabulary()
 

@@ -14,7 +14,7 @@ from mmpo_jax.models.llava import image_token_positions
 from mmpo_jax.pipelines import p2dpo as driver
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.rewards.p2dpo import saliency_map, saliency_objective
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 
 def _prompts(count: int = 4):

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmpo_jax import convert as convert_cli
-from mmpo_jax.training import sharding
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.engine import model_io
+from mmpo_jax.engine import sharding
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.experiment import initial_model, run_experiment
 from mmpo_jax.training.loop import train
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 
 def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     saved = fx.base_model()  # float32 compute and storage, no remat
-    convert_cli.save_checkpoint(saved, saved.config, tmp_path / "orbax")
+    model_io.save_model(saved, tmp_path / "orbax")
     config = load_config("configs/dpo.py", (
         "model.init=checkpoint", f"model.checkpoint={tmp_path / 'orbax'}",
         "model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.remat=true",
@@ -42,7 +42,7 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     assert all(got.is_equivalent_to(want, p.ndim) for got, want, p in zip(placed, wanted, params))
     assert any(not s.is_fully_replicated for s in placed)
     # the stored config is untouched: loading it plainly gives the float32 model back
-    plain, stored_config = convert_cli.load_checkpoint(tmp_path / "orbax")
+    plain, stored_config = model_io.load_model(tmp_path / "orbax")
     assert stored_config == saved.config and not stored_config.text_config.remat
     # and it trains from there
     result = train(config, model=model, tokenizer=fx.tokenizer(), source=list(fx.records(8)),

@@ -30,7 +30,7 @@ from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.models import lora
 from mmpo_jax.objectives import registry
 from mmpo_jax.objectives.metrics import Metric, accumulate
-from mmpo_jax.training.scoring import ScoringPlan, score_batch
+from mmpo_jax.engine.scoring import ScoringPlan, score_batch
 
 REFERENCE_MODES = ("copy", "lora_base", "cache")
 

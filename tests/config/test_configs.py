@@ -15,9 +15,9 @@ from ml_collections import config_flags
 from mmpo_jax.data.builders.shapes_world import SPLIT_FIELDS
 from mmpo_jax.data.pipeline import EXTRAS
 from mmpo_jax.objectives import registry
-from mmpo_jax.training import config_checks, config_loading
-from mmpo_jax.training.config_checks import required_extras, required_record_fields, validate
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config import checks as config_checks, loading as config_loading
+from mmpo_jax.config.checks import required_extras, required_record_fields, validate
+from mmpo_jax.config.loading import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 METHOD_FILES = sorted(registry.METHODS)

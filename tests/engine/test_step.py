@@ -9,10 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from mmpo_jax.training import scoring, sharding
-from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.step import make_train_step, masked_objective
-from tests.training import step_fixtures as fx
+from mmpo_jax.engine import scoring, sharding
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.engine.step import make_train_step, masked_objective
+from tests.engine import step_fixtures as fx
 
 CATPO = {"name": "catpo"}
 DPO = {"name": "dpo"}

@@ -22,14 +22,14 @@ from mmpo_jax.objectives.logprobs import REDUCTIONS
 from mmpo_jax.objectives.p2dpo import CALIB_REF_RESPONSES
 from mmpo_jax.rewards.catpo import NORMALIZATIONS
 from mmpo_jax.rewards.fisao import REWARD_GRANULARITIES
-from mmpo_jax.training.config_loading import (
+from mmpo_jax.config.loading import (
     METHOD_CORE,
     METHOD_OPTION_DEFAULTS,
     OPTIONAL_SECTIONS,
     SCHEMA,
     Required,
 )
-from mmpo_jax.training.sharding import MESH_AXES
+from mmpo_jax.engine.sharding import MESH_AXES
 
 PRESETS = ("tiny", "llava_1_5_7b", "llava_1_5_13b")  # mmpo_jax.models.presets
 INITS = ("sft_base", "random", "checkpoint")
@@ -311,7 +311,7 @@ def cache_problems(method: Mapping[str, Any]) -> list[str]:
     pair), nor ADAPT's enhanced image built from the reference's attention.
     """
     from mmpo_jax.training.loop import RANDOMISED_IMAGES
-    from mmpo_jax.training.scoring import plan_scoring
+    from mmpo_jax.engine.scoring import plan_scoring
 
     try:
         plan = plan_scoring(method)

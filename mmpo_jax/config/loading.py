@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
 from mmpo_jax.objectives import registry
-from mmpo_jax.training.sharding import DEFAULT_RULES
+from mmpo_jax.engine.sharding import DEFAULT_RULES
 
 
 @dataclasses.dataclass(frozen=True)
