@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
@@ -96,3 +96,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
             "(written by save_pretrained)"
         )
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, else its EOS id (what generation writes after EOS)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

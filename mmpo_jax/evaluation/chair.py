@@ -24,7 +24,8 @@ import dataclasses
 import functools
 import operator
 import re
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from typing import Any
 
 from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS, PHRASE_REWRITES
 from mmpo_jax.evaluation.counts import AddableCounts
@@ -109,8 +110,30 @@ def _with_plural(phrase: str) -> tuple[str, str]:
     return phrase, " ".join([*head, plural(last)])
 
 
+def phrase_mentions(text: str, index: Mapping[tuple[str, ...], Any], longest: int
+                    ) -> list[tuple[int, tuple[str, ...], Any]]:
+    """Every phrase of ``index`` in ``text``: ``(end character, words, index value)``, in order.
+
+    Lower-cases the text and splits it into words (``[a-z]+``: punctuation and hyphens separate
+    words), then scans left to right taking the longest phrase (at most ``longest`` words) that
+    starts at each word; a matched phrase's words are consumed.
+    """
+    words = [(m.group(), m.end()) for m in re.finditer(r"[a-z]+", text.lower())]
+    found, start = [], 0
+    while start < len(words):
+        for length in range(min(longest, len(words) - start), 0, -1):
+            key = tuple(word for word, _ in words[start:start + length])
+            if key in index:
+                found.append((words[start + length - 1][1], key, index[key]))
+                start += length
+                break
+        else:
+            start += 1
+    return found
+
+
 @functools.cache
-def _coco_phrase_index() -> tuple[dict[tuple[str, ...], str | None], int]:
+def coco_phrase_index() -> tuple[dict[tuple[str, ...], str | None], int]:
     """({word tuple of a surface form: its category, or None for a phrase that names none}, longest)."""
     category_of = {name: category for category, synonyms in COCO_SYNONYMS.items() for name in (category, *synonyms)}
     index: dict[tuple[str, ...], str | None] = {}
@@ -135,19 +158,8 @@ def coco_mentions(text: str) -> list[str]:
     we instead list the plural of each table entry (regular English rules plus the table's
     irregular nouns), which needs no NLP library and agrees on the table's words.
     """
-    index, longest = _coco_phrase_index()
-    words = re.findall(r"[a-z]+", text.lower())
-    found: list[tuple[str, str | None]] = []  # (surface form, category)
-    start = 0
-    while start < len(words):
-        for length in range(min(longest, len(words) - start), 0, -1):
-            key = tuple(words[start:start + length])
-            if key in index:
-                found.append((" ".join(key), index[key]))
-                start += length
-                break
-        else:
-            start += 1
+    found = [(" ".join(words), category)  # (surface form, category)
+             for _, words, category in phrase_mentions(text, *coco_phrase_index())]
     mentions_toilet = any(category == "toilet" for _, category in found)
     return [category for form, category in found
             if category is not None and not (mentions_toilet and form in ("seat", "seats"))]

@@ -88,7 +88,7 @@ def test_scorer_matches_a_plain_forward_one_row_at_a_time(setup):
     images = [record["image"] for record in setup["captions"]]
     prompt = encode_prompt(tokenizer, shapes_world.CAPTION_PROMPT, num_image_tokens=config.num_image_tokens).input_ids
     continuations = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10, 11, 12, 13, 14, 15, 16, 17])]
-    score = model_scorer(model, setup["image_config"], pad_token_id=tokenizer.pad_token_id, batch_size=BATCH)
+    score = model_scorer(model, setup["image_config"], pad_id=tokenizer.pad_token_id, batch_size=BATCH)
     together = score(images, [prompt] * 3, continuations)
     for image, continuation, scored in zip(images, continuations, together):
         ids = np.concatenate([prompt, continuation])[None]
