@@ -5,9 +5,9 @@ trains (once, cached) the tiny SFT base, trains the method, trains the chosen-on
 and prints the before/after table of CHAIR and POPE (``training.experiment``). Any config field
 can be overridden: ``--config.method.beta=0.2 --config.train.num_steps=50 --config.mesh.fsdp=2``;
 unknown fields, impossible meshes and data the method needs but the dataset lacks are reported
-before anything compiles. P2-DPO's pair generation reads ``get_config("pairs")`` of the same file
-unless ``--pairs`` names other settings (``--pairs=configs/p2dpo.py:pairs --pairs.noise_step=300``;
-pairs made with other settings need their own ``--config.data.manual_dir``).
+before anything compiles. P2-DPO's pair generation reads the config's ``pairs`` section
+(``--config.pairs.noise_step=300``; pairs made with other settings need their own
+``--config.data.manual_dir``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mmpo_jax.config import checks as config_checks
-from mmpo_jax.config.loading import flag_file_config, parse_config_flags
+from mmpo_jax.config.loading import parse_config_flags
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",
                                           lock_config=True)
-_PAIRS = config_flags.DEFINE_config_file(
-    "pairs", None, "P2-DPO's generation settings (default: get_config('pairs') of --config's "
-    "file), e.g. --pairs=configs/p2dpo.py:pairs --pairs.noise_step=300", lock_config=True)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -40,10 +37,7 @@ def main(argv: Sequence[str]) -> None:
     config_checks.validate(config, device_count=jax.device_count())
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
-    pairs = _PAIRS.value
-    if pairs is None and config.data.dataset == "p2dpo_pairs":  # its file's generation settings
-        pairs = flag_file_config("config", "pairs")
-    run_experiment(config, pairs=pairs)
+    run_experiment(config)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from mmpo_jax.objectives.catpo import catpo_loss
+from mmpo_jax.objectives import registry, terms
+from mmpo_jax.objectives.terms import CHOSEN, POLICY, REFERENCE, REJECTED
 from mmpo_jax.objectives.logprobs import token_kl, token_logprobs
 from mmpo_jax.rewards.catpo import token_weights
 
@@ -110,11 +111,15 @@ def jax_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, jax.Array]
         policy_logps = token_logprobs(policy_logits, labels, mask, chunk_size=args.chunk_size)
         ref_logps = token_logprobs(ref_logits, labels, mask, chunk_size=args.chunk_size)
         kl = token_kl(policy_logits, ref_logits, mask, chunk_size=args.chunk_size)
-        losses, _ = catpo_loss(
-            policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:],
-            weights[:half], weights[half:], mask[:half], mask[half:], kl[:half], kl[half:],
-            beta=args.beta, lambda_kl=args.lambda_kl,
-        )
+        scored = {}
+        for response, part in ((CHOSEN, slice(None, half)), (REJECTED, slice(half, None))):
+            scored.update({terms.token_logps(POLICY, response): policy_logps[part],
+                           terms.token_logps(REFERENCE, response): ref_logps[part],
+                           terms.token_weights(response): weights[part],
+                           terms.mask(response): mask[part], terms.token_kl(response): kl[part]})
+        method = {"name": "catpo", "beta": args.beta,
+                  "terms": {"dpo": 1.0, "token_kl": args.lambda_kl}}
+        losses, _ = registry.compute_objective(method, scored)
         return {"weights": weights, "policy_logps": policy_logps, "token_kl": kl, "losses": losses}
 
     return run

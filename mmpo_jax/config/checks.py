@@ -1,10 +1,10 @@
 """The checks a training config passes before anything compiles.
 
 `validate(config, device_count=..., dataset_features=...)` raises one `ValueError` listing every
-problem: unknown or missing fields and wrong types (against `config_loading.SCHEMA`), unknown
-names, impossible meshes and batch splits, references a method cannot use, and record fields the
-dataset lacks. `required_extras` / `required_record_fields` say what a method block needs from the
-data pipeline and from the records of the training split.
+problem: unknown or missing fields and wrong types (against `config.schema.SCHEMA`), values out of
+range (the method options' own declarations, `objectives.terms.Option`), unknown names,
+impossible meshes and batch splits, references a method cannot use, and record fields the
+dataset lacks (the method's `engine.scoring.ScoringPlan.record_fields`).
 """
 
 from __future__ import annotations
@@ -13,46 +13,36 @@ import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Required,
+                                    method_option_defaults)
 from mmpo_jax.data.builders import BUILDERS
 from mmpo_jax.data.template import TEMPLATES
+from mmpo_jax.engine import reference
+from mmpo_jax.engine.scoring import plan_scoring
+from mmpo_jax.engine.sharding import MESH_AXES
 from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
 from mmpo_jax.objectives import registry
-from mmpo_jax.objectives.dpo import LOSS_TYPES
-from mmpo_jax.objectives.logprobs import REDUCTIONS
-from mmpo_jax.objectives.p2dpo import CALIB_REF_RESPONSES
-from mmpo_jax.rewards.catpo import NORMALIZATIONS
+from mmpo_jax.pipelines.p2dpo import PairSettings
 from mmpo_jax.rewards.fisao import REWARD_GRANULARITIES
-from mmpo_jax.config.loading import (
-    METHOD_CORE,
-    METHOD_OPTION_DEFAULTS,
-    OPTIONAL_SECTIONS,
-    SCHEMA,
-    Required,
-)
-from mmpo_jax.engine.sharding import MESH_AXES
 
 PRESETS = ("tiny", "llava_1_5_7b", "llava_1_5_13b")  # mmpo_jax.models.presets
 INITS = ("sft_base", "random", "checkpoint")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant", "linear")
-REFERENCE_MODES = ("copy", "lora_base", "cache")
 ROLLOUT_VOCABULARIES = ("shapes_world", "coco")
 
 _CHOICES = {
     "model.preset": PRESETS, "model.init": INITS, "model.dtype": DTYPES,
     "model.param_dtype": DTYPES, "data.dataset": tuple(BUILDERS), "data.template": tuple(TEMPLATES),
-    "optimizer.schedule": SCHEDULES, "reference.mode": REFERENCE_MODES,
-    "method.loss_type": LOSS_TYPES, "method.reduction": REDUCTIONS,
-    "method.nll_reduction": REDUCTIONS, "method.calib_ref_response": CALIB_REF_RESPONSES,
-    "method.normalize": NORMALIZATIONS, "rollout.reward_granularity": REWARD_GRANULARITIES,
+    "optimizer.schedule": SCHEDULES, "reference.mode": reference.MODES,
+    "rollout.reward_granularity": REWARD_GRANULARITIES,
     "rollout.vocabulary": ROLLOUT_VOCABULARIES,
 }
 _POSITIVE = (
     "model.lora.rank", "data.batch_size", "optimizer.learning_rate", "optimizer.eps",
     "optimizer.grad_accum_steps", "train.num_steps", "train.log_every", "checkpoint.save_every",
     "checkpoint.keep", "eval.batch_size", "eval.max_new_tokens", "eval.control_learning_rate",
-    "sft_base.num_steps", "sft_base.batch_size", "sft_base.learning_rate", "method.beta",
-    "method.anchor_steps", "method.num_position_bins", "rollout.num_samples",
+    "sft_base.num_steps", "sft_base.batch_size", "sft_base.learning_rate", "rollout.num_samples",
     "rollout.max_new_tokens", "rollout.ppo_epochs",
 )
 _RANGES = {  # inclusive bounds, None = open
@@ -60,66 +50,13 @@ _RANGES = {  # inclusive bounds, None = open
     "optimizer.warmup_ratio": (0.0, 1.0), "optimizer.end_learning_rate_ratio": (0.0, 1.0),
     "optimizer.weight_decay": (0.0, None), "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0),
     "optimizer.grad_clip": (0.0, None), "eval.num_captions": (0, None),
-    "eval.num_samples": (0, None), "method.alpha": (0.0, 1.0), "method.top_k_percent": (0.0, 100.0),
-    "method.mask_threshold_percentile": (0.0, 1.0), "method.label_smoothing": (0.0, 0.5),
+    "eval.num_samples": (0, None),
 }
 
-ROLLOUTS = "rollouts"
-"""The extra of on-policy methods: samples of the policy, not records of a dataset."""
 
-# Scored response -> (the record field holding its text, the pipeline extra its image needs).
-_RESPONSES: dict[str, tuple[str | None, str | None]] = {
-    "chosen": ("chosen", None), "rejected": ("rejected", None),
-    "chosen_corrupt": ("chosen", "corrupt_pixel_values"),
-    "chosen_ve": ("chosen", None),  # I_VE: made by the step from the reference's anchor mask
-    "rejected_noise": ("rejected", "noise_pixel_values"),
-    "focus_chosen": ("chosen", None), "focus_rejected": ("rejected", None),
-    "robust_chosen": ("robust_chosen", "robust_pair"),
-    "robust_rejected": ("robust_rejected", "robust_pair"),
-    "calib_chosen_aug": ("chosen", "focus_images"), "calib_chosen_deg": ("chosen", "focus_images"),
-    "calib_rejected_aug": ("rejected", "focus_images"),
-    "calib_rejected_deg": ("rejected", "focus_images"),
-    "sample": (None, ROLLOUTS),
-}
-_EXTRA_FIELDS = {"focus_images": ("focus_aug_image", "focus_deg_image"),
-                 "ddw_clip": ("ddw_clip_crop", "ddw_clip_full")}
-
-
-def required_extras(method_config: Mapping[str, Any]) -> tuple[str, ...]:
-    """Pipeline extras (`data.pipeline.EXTRAS`, or `ROLLOUTS`) the method's scores need, sorted.
-
-    Derived from `registry.required_scores(method_config)` (a method block: ``name``, ``terms``,
-    ``token_weights``, options), e.g. mDPO -> ("corrupt_pixel_values",).
-    """
-    scores = registry.required_scores(method_config)
-    extras = {_response(key)[1] for key in scores if key.count("/") == 2}
-    if "p2dpo/focus_weights" in scores:
-        extras.add("ddw_clip")
-    if registry.token_weighting(method_config) == "tpo":  # Delta_t needs the noised image
-        extras.add("noise_pixel_values")
-    return tuple(sorted(extras - {None}))
-
-
-def required_record_fields(method_config: Mapping[str, Any]) -> tuple[str, ...]:
-    """Record fields of the training split the method reads (image, prompt, responses, extras).
-
-    E.g. DPO -> ("chosen", "image", "prompt", "rejected"); P2-DPO adds ``robust_chosen``,
-    ``robust_rejected``, ``focus_aug_image``, ``focus_deg_image`` (``ddw_clip_*`` with ddw).
-    """
-    scores = registry.required_scores(method_config)
-    fields = {"image", "prompt"}
-    fields.update(_response(key)[0] for key in scores if key.count("/") == 2)
-    for extra in required_extras(method_config):
-        fields.update(_EXTRA_FIELDS.get(extra, ()))
-    return tuple(sorted(fields - {None}))
-
-
-def _response(score_key: str) -> tuple[str | None, str | None]:
-    response = score_key.split("/")[1]
-    if response not in _RESPONSES:
-        raise ValueError(f"scored response {response!r} (from {score_key!r}) has no known record "
-                         f"field or extra; known: {sorted(_RESPONSES)}")
-    return _RESPONSES[response]
+def samples_rollouts(method_config: Mapping[str, Any]) -> bool:
+    """Whether the method's responses are samples of the policy (an on-policy method)."""
+    return any(score.response.from_rollouts for score in registry.required_scores(method_config))
 
 
 def validate(config: Any, *, device_count: int | None = None,
@@ -139,9 +76,9 @@ def validate(config: Any, *, device_count: int | None = None,
     if not problems:
         method_problems = _method_problems(tree["method"])
         problems = [*_value_problems(tree), *method_problems,
-                    *_mesh_and_batch_problems(tree, device_count)]
+                    *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree)]
         if not method_problems:
-            problems += _reference_problems(tree)
+            problems += _reference_problems(tree) + _rollout_problems(tree)
             if dataset_features is not None:
                 problems += _data_problems(tree, dataset_features)
     if problems:
@@ -197,7 +134,7 @@ def _structure_problems(tree: Mapping[str, Any]) -> list[str]:
     method = tree.get("method")
     if not isinstance(method, Mapping):
         return [*problems, f"method: missing or not a mapping ({method!r})"]
-    known = {**METHOD_CORE, **METHOD_OPTION_DEFAULTS}
+    known = {**METHOD_CORE, **method_option_defaults()}
     for key, value in method.items():
         if key not in known:
             problems.append(f"method.{key}: unknown field; valid fields of method: {sorted(known)}")
@@ -227,15 +164,15 @@ def _value_problems(tree: Mapping[str, Any]) -> list[str]:
         if (low is not None and value < low) or (high is not None and value > high):
             upper = "inf" if high is None else high
             problems.append(f"{path}={value!r} must lie in [{low}, {upper}]")
+    options = registry.option_declarations()
+    for key, value in tree["method"].items():
+        if key in options and value is not None:
+            problems += options[key].problems(f"method.{key}", value)
     buckets, max_length = tuple(tree["data"]["buckets"]), tree["data"]["max_length"]
     if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
         problems.append(f"data.buckets={buckets} must be positive and strictly increasing")
     elif max_length > buckets[-1]:
         problems.append(f"data.max_length={max_length} exceeds the largest bucket {buckets[-1]}")
-    band = _get(tree, "method.layer_band")
-    if band is not None and not (len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0):
-        problems.append(f"method.layer_band={tuple(band)} must be (low, high) with "
-                        "0 <= low <= high <= 1")
     targets = [t for t in tree["model"]["lora"]["targets"] if t not in LLAMA_LINEAR_NAMES]
     if targets or not tree["model"]["lora"]["targets"]:
         problems.append(f"model.lora.targets: unknown {targets}; choose from {LLAMA_LINEAR_NAMES}")
@@ -293,13 +230,51 @@ def _mesh_and_batch_problems(tree: Mapping[str, Any], device_count: int | None) 
 
 
 def _reference_problems(tree: Mapping[str, Any]) -> list[str]:
-    mode, method = tree["reference"]["mode"], tree["method"]
-    if mode == "lora_base" and not tree["model"]["lora"]["enabled"]:
-        return ["reference.mode='lora_base' (the policy with its adapters off) needs "
-                "model.lora.enabled=True; use reference.mode='copy' for full fine-tuning"]
-    if mode != "cache":
+    mode, method, model = tree["reference"]["mode"], tree["method"], tree["model"]
+    if samples_rollouts(method) and mode not in reference.ON_POLICY_MODES:
+        return [f"reference.mode={mode!r}: an on-policy method's reference scores fresh samples "
+                f"every step; use one of {reference.ON_POLICY_MODES}"]
+    if mode == "lora_base":
+        problems = []
+        if not model["lora"]["enabled"]:
+            problems.append("reference.mode='lora_base' (the policy with its adapters off) needs "
+                            "model.lora.enabled=true; use reference.mode='copy' for full "
+                            "fine-tuning")
+        if model["train_projector"]:
+            problems.append("reference.mode='lora_base' with model.train_projector=true: the "
+                            "reference would move with the trained projector; set "
+                            "model.train_projector=false (keeps lora_base) or "
+                            "reference.mode='copy'")
+        return problems
+    return cache_problems(method) if mode == "cache" else []
+
+
+def _pairs_problems(tree: Mapping[str, Any]) -> list[str]:
+    if "pairs" not in tree:
+        return (["data.dataset='p2dpo_pairs' trains on generated pairs: the config needs the pairs "
+                 "section (configs/p2dpo.py)"] if tree["data"]["dataset"] == "p2dpo_pairs" else [])
+    try:
+        PairSettings.from_config(tree["pairs"])
+    except ValueError as error:
+        return [f"pairs: {error}"]
+    return []
+
+
+def _rollout_problems(tree: Mapping[str, Any]) -> list[str]:
+    if not samples_rollouts(tree["method"]):
         return []
-    return cache_problems(method)
+    if "rollout" not in tree:
+        return [f"method {tree['method']['name']!r} samples rollouts: it needs the rollout "
+                "section (configs/fisao.py)"]
+    samples, batch = tree["rollout"]["num_samples"], tree["data"]["batch_size"]
+    problems = []
+    if samples < 2:
+        problems.append(f"rollout.num_samples={samples}: the group baseline needs >= 2 samples "
+                        "per prompt")
+    if batch % max(samples, 1):
+        problems.append(f"data.batch_size={batch} (samples per rollout step) must be a multiple "
+                        f"of rollout.num_samples={samples}")
+    return problems
 
 
 def cache_problems(method: Mapping[str, Any]) -> list[str]:
@@ -310,22 +285,16 @@ def cache_problems(method: Mapping[str, Any]) -> list[str]:
     images redrawn every epoch (mDPO's crop, the noise image of ADAPT, TPO and P2-DPO's robustness
     pair), nor ADAPT's enhanced image built from the reference's attention.
     """
-    from mmpo_jax.training.loop import RANDOMISED_IMAGES
-    from mmpo_jax.engine.scoring import plan_scoring
-
-    try:
-        plan = plan_scoring(method)
-    except NotImplementedError as error:
-        return [f"reference.mode='cache': {error}"]
+    plan = plan_scoring(method)
     problems = []
     if plan.token_kl:
         problems.append("reference.mode='cache' cannot serve the token_kl term: the KL needs the "
                         "reference's whole next-token distribution at every response position; "
                         "use reference.mode='copy' or 'lora_base', or method.terms.token_kl=0")
-    randomised = sorted(set(plan.images) & set(RANDOMISED_IMAGES))
-    if randomised:
+    if plan.per_epoch_images:
         problems.append(f"reference.mode='cache' cannot serve method {method['name']!r}: its "
-                        f"reference scores responses on images redrawn every epoch {randomised}")
+                        f"reference scores responses on images redrawn every epoch "
+                        f"{list(plan.per_epoch_images)}")
     if plan.needs_anchor:
         problems.append("reference.mode='cache' cannot serve ADAPT's VAG-DPO: the enhanced image "
                         "is built from the reference's attention every step")
@@ -335,10 +304,10 @@ def cache_problems(method: Mapping[str, Any]) -> list[str]:
 def _data_problems(tree: Mapping[str, Any], dataset_features: Collection[str]) -> list[str]:
     method, data = tree["method"], tree["data"]
     where = f"dataset {data['dataset']!r} split {data['split']!r}"
-    if ROLLOUTS in required_extras(method):  # rollouts need prompts and their images only
+    if samples_rollouts(method):  # rollouts need prompts and their images only
         missing = [f for f in ("image", "prompt") if f not in set(dataset_features)]
         return [f"method {method['name']!r} samples rollouts from the images and prompts of "
                 f"{where}, which lacks {missing}"] if missing else []
-    missing = [f for f in required_record_fields(method) if f not in set(dataset_features)]
+    missing = [f for f in plan_scoring(method).record_fields if f not in set(dataset_features)]
     return [f"method {method['name']!r} needs record fields {missing} that {where} lacks (it has "
             f"{sorted(dataset_features)})"] if missing else []

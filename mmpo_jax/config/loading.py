@@ -1,12 +1,4 @@
-"""What a training config is, and how one is loaded: the schema, config files, overrides.
-
-`SCHEMA` states every section and field the trainer reads, with its default (hence its type):
-`configs/base.py` builds its sections from it, `config_checks.validate` checks configs against it.
-A `Required` entry has no default; an empty dict is a free-form mapping (builder options). The
-method block is open-ended: `METHOD_CORE` (``name``, ``beta``, ``terms``, ``token_weights``) plus
-the options of `TERM_OPTIONS` / `WEIGHTING_OPTIONS` that its terms read (`method_defaults`). Two
-optional sections: ``reference_settings`` (free-form: a paper's hyper-parameters, documentation)
-and ``rollout`` (on-policy sampling, read by the FiSAO loop).
+"""How a training config is loaded: config files, ``--config.a.b=value`` overrides, CLI flags.
 
 `load_config("configs/catpo.py:arg", ["method.beta=0.2"])` is ``--config=configs/catpo.py:arg
 --config.method.beta=0.2`` of the train CLI (ml_collections' ``config_flags``, on a private flag
@@ -16,130 +8,17 @@ with `config_module`, so they work from any working directory.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import pathlib
 import types
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
-from mmpo_jax.objectives import registry
-from mmpo_jax.engine.sharding import DEFAULT_RULES
-
-
-@dataclasses.dataclass(frozen=True)
-class Required:
-    """A schema field without a default: every config must set it (to a ``type``)."""
-
-    type: type
-
-
-SCHEMA: dict[str, Any] = {
-    "seed": 0,
-    "workdir": "",  # "" -> runs/<name>
-    "name": Required(str),
-    "model": {
-        "preset": "tiny", "init": "sft_base", "checkpoint": "", "dtype": "float32",
-        "param_dtype": "float32", "remat": False, "freeze_vision": True, "train_projector": True,
-        "lora": {"enabled": False, "rank": 64, "alpha": 128.0, "dropout": 0.05,
-                 "targets": LLAMA_LINEAR_NAMES},
-    },
-    "data": {
-        "dataset": "shapes_world", "split": "preference", "data_dir": "~/mmpo_data",
-        "manual_dir": "", "builder": {}, "tokenizer": "", "template": "llava_1_5",
-        "batch_size": 32, "buckets": (64, 96), "max_length": 0, "num_epochs": 0, "shuffle": True,
-    },
-    "optimizer": {
-        "learning_rate": Required(float), "schedule": "cosine", "warmup_ratio": 0.1,
-        "end_learning_rate_ratio": 0.0, "weight_decay": 0.05, "b1": 0.9, "b2": 0.999,
-        "eps": 1e-8, "grad_clip": 1.0, "grad_accum_steps": 1,
-    },
-    "train": {"num_steps": Required(int), "log_every": 10, "progress_bar": True},
-    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-    "mesh_rules": DEFAULT_RULES,
-    "reference": {"mode": "copy", "cache_dir": ""},
-    "checkpoint": {"save_every": 100, "keep": 2, "async_save": True, "resume": True,
-                   "export_hf": False},
-    "eval": {
-        "enabled": True, "caption_split": "test_caption", "pope_split": "test_pope",
-        "num_captions": 0, "num_samples": 3, "temperature": 1.0, "max_new_tokens": 24,
-        "batch_size": 64, "control": True,
-        "control_learning_rate": 5e-5,  # the control run's (configs/sft.py's) learning rate
-    },
-    "sft_base": {"split": "sft", "num_steps": 1300, "batch_size": 32, "learning_rate": 1e-3,
-                 "cache_dir": ""},
-}
-"""Section -> field -> default (the method block is `method_defaults`')."""
-
-OPTIONAL_SECTIONS: dict[str, Any] = {
-    "reference_settings": {},
-    "rollout": {"num_samples": 4, "temperature": 1.0, "max_new_tokens": 24, "ppo_epochs": 2,
-                "reward_granularity": "token", "vocabulary": "shapes_world"},
-}
-
-METHOD_OPTION_DEFAULTS: dict[str, Any] = {
-    **registry.OPTION_DEFAULTS,
-    # Cat-PO token weights (rewards.catpo.token_weights; top_k_percent 0 = off)
-    "alpha": 0.5, "lambda_ref": 0.5, "normalize": "minmax", "top_k_percent": 0.0,
-    "layer_band": (0.6, 0.7),
-    # ADAPT VAG-DPO's visual anchor: K steps, refined-mask quantile (0 = METHODS.md's chain)
-    "anchor_steps": 5, "mask_threshold_percentile": 0.4,
-}
-_PREFERENCE = ("beta", "label_smoothing", "loss_type", "reduction")
-TERM_OPTIONS: dict[str, tuple[str, ...]] = {
-    "dpo": _PREFERENCE,
-    "copo": ("beta", "reduction"),
-    "anchor": ("beta", "reduction", "anchor_delta"),
-    "token_kl": (),
-    "nll": ("nll_reduction",),
-    "adapt_vag": _PREFERENCE + ("anchor_steps", "mask_threshold_percentile"),
-    "p2dpo": _PREFERENCE + ("lambda_calib", "calib_ref_response", "w_base", "ddw", "branches"),
-    "fisao_ppo": ("beta_kl", "gamma", "clip_eps", "num_position_bins"),
-}
-"""Registry term -> the method options it reads."""
-WEIGHTING_OPTIONS = {"catpo": ("alpha", "lambda_ref", "normalize", "top_k_percent", "layer_band"),
-                     "tpo": (), "none": ()}
-METHOD_CORE = {"name": Required(str), "beta": 0.1, "terms": {}, "token_weights": "none"}
-OPEN_MAPPINGS = ("data.builder", "method.terms", "reference_settings")
-
-
-def method_defaults(name: str, *, terms: Mapping[str, float] | None = None,
-                    token_weights: str | None = None, **options: Any) -> dict[str, Any]:
-    """The method block of ``name``: its terms, weighting and the options they read.
-
-    Args:
-      name: a `registry.METHODS` key.
-      terms: ``{term: weight}``; None -> the method's default terms.
-      token_weights: "catpo" | "tpo" | "none"; None -> the method's default.
-      **options: values for `METHOD_OPTION_DEFAULTS` keys (others than the terms read are added).
-
-    Raises:
-      ValueError: unknown method, term, weighting or option.
-    """
-    default = registry.METHODS.get(name)
-    if default is None:
-        raise ValueError(f"method name={name!r} is not one of {sorted(registry.METHODS)}")
-    terms = {term: float(weight) for term, weight in (terms or default["terms"]).items()}
-    weighting = default["token_weights"] if token_weights is None else token_weights
-    weighting = "none" if weighting is None else weighting
-    registry.active_terms({"name": name, "terms": terms, "token_weights": weighting})
-    unknown = sorted(set(options) - set(METHOD_OPTION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown method options {unknown}; "
-                         f"valid: {sorted(METHOD_OPTION_DEFAULTS)}")
-    read = {"beta", *options, *WEIGHTING_OPTIONS[weighting]}
-    read.update(option for term in terms for option in TERM_OPTIONS[term])
-    block = {"name": name, "beta": METHOD_OPTION_DEFAULTS["beta"], "terms": terms,
-             "token_weights": weighting}
-    block.update((key, value) for key, value in METHOD_OPTION_DEFAULTS.items() if key in read)
-    block.update(options)
-    return block
+from mmpo_jax.config.schema import OPEN_MAPPINGS
 
 
 def config_module(path: str | os.PathLike[str]) -> types.ModuleType:
@@ -208,12 +87,6 @@ def _check_key(config: ml_collections.ConfigDict, key: str) -> None:
             raise ValueError(f"unknown config key {key!r}: {parent} has no field {part!r}; valid "
                              f"fields of {parent}: {sorted(node.keys())}{hint}")
         node = node[part]
-
-
-def flag_file_config(flag: str, arg: str) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the file the config-file flag ``flag`` was given, e.g. P2-DPO's
-    generation settings (``"pairs"``) of ``--config=configs/p2dpo.py``."""
-    return load_config(f"{config_flags.get_config_filename(flags.FLAGS[flag])}:{arg}")
 
 
 def parse_config_flags(argv: Sequence[str]) -> list[str]:

@@ -37,9 +37,11 @@ from mmpo_jax.evaluation.runner import evaluate_model
 from mmpo_jax.evaluation.table import format_table
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
+from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
+from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.engine import model_io, reference_cache, sharding
 from mmpo_jax.config import checks as config_checks
-from mmpo_jax.config.loading import method_defaults
+from mmpo_jax.config.schema import method_defaults
 from mmpo_jax.training.loop import train
 
 logger = logging.getLogger(__name__)
@@ -215,24 +217,21 @@ SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "r
 """The main job's table: greedy and sampled CHAIR, the bias probes, POPE."""
 
 
-def run_experiment(config: Any, *, pairs: Any = None) -> dict[str, dict[str, float]]:
-    """The main job (module doc); returns ``{row name: metrics}`` in table order.
-
-    Args:
-      pairs: P2-DPO's generation settings (``get_config("pairs")`` of ``configs/p2dpo.py``); with
-        ``data.dataset="p2dpo_pairs"`` the pairs are generated from the initial policy first.
-    """
+def run_experiment(config: Any) -> dict[str, dict[str, float]]:
+    """The main job (module doc); returns ``{row name: metrics}`` in table order. With
+    ``data.dataset="p2dpo_pairs"`` the pairs are generated from the initial policy first, as the
+    config's ``pairs`` section says."""
     workdir = _expand(config.workdir or f"runs/{config.name}")
-    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir,
-                        pairs=pairs)
+    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir)
 
 
-def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDict:
-    """``config`` with its data section pointing at the prompt source of ``settings``.
+def prompt_source_config(config: Any) -> ml_collections.ConfigDict:
+    """``config`` with its data section pointing at the prompt source of its ``pairs`` section.
 
     ``training.experiment.load_data`` / ``initial_model`` read it: the prompt records, their
     tokenizer and image preprocessing, and the SFT base trained on that (shapes) world.
     """
+    settings = PairSettings.from_config(config.pairs)
     source = ml_collections.ConfigDict(config.to_dict())
     source.data.dataset = settings.source_dataset
     source.data.split = settings.source_split
@@ -241,35 +240,35 @@ def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDic
     return source
 
 
-def _generate_pairs(config: Any, pairs: Any, base: Llava, prompts: Any, tokenizer: Any,
-                    image_config: image_processing.ImageProcessorConfig) -> None:
-    """P2-DPO: pairs from ``base`` on the prompt records ``prompts`` (the source of ``pairs``,
-    loaded by the caller with its tokenizer and preprocessing), skipped where already written."""
-    from mmpo_jax.data.builders.p2dpo_pairs import summarize
-    from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
-
-    settings = PairSettings.from_config(pairs)
-    manifest = generate_pairs(
+def generate_p2dpo_pairs(config: Any, base: Llava, prompts: Any, tokenizer: Any,
+                         image_config: image_processing.ImageProcessorConfig,
+                         output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """P2-DPO: pairs from ``base`` on the prompt records ``prompts`` (the source of
+    ``config.pairs``, loaded by the caller with its tokenizer and preprocessing) into
+    ``output_dir`` (default ``data.manual_dir``), skipping shards already written; returns the
+    manifest."""
+    settings = PairSettings.from_config(config.pairs)
+    world = getattr(prompts, "metadata", {}).get("world")
+    return generate_pairs(
         base, tokenizer, prompts, image_config=image_config,
-        output_dir=str(_expand(config.data.manual_dir)), settings=settings, seed=int(config.seed),
+        output_dir=str(_expand(output_dir or config.data.manual_dir)), settings=settings,
+        seed=int(config.seed),
         layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
                               config.data.template),
         source_metadata={"source_dataset": settings.source_dataset,
-                         "source_split": settings.source_split, "world": prompts.metadata["world"]})
-    logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
+                         "source_split": settings.source_split,
+                         **({"world": world} if world is not None else {})})
 
 
-def _world_config(config: Any, pairs: Any) -> Any:
+def _world_config(config: Any) -> Any:
     """The config whose data section names the world of the initial model and the evaluation:
     ``config`` itself, or for P2-DPO the prompt source its pairs are generated from."""
     if config.data.dataset != "p2dpo_pairs":
         return config
-    from mmpo_jax.pipelines.p2dpo import PairSettings
-
-    if pairs is None:
-        raise ValueError("data.dataset='p2dpo_pairs' needs the pair-generation settings "
-                         "(configs/p2dpo.py:pairs)")
-    return prompt_source_config(config, PairSettings.from_config(pairs))
+    if "pairs" not in config:
+        raise ValueError("data.dataset='p2dpo_pairs' needs the config's pairs section "
+                         "(configs/p2dpo.py)")
+    return prompt_source_config(config)
 
 
 def _train_variant(variant: Any, **kwargs: Any):
@@ -281,7 +280,7 @@ def _train_variant(variant: Any, **kwargs: Any):
 
 
 def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], *,
-                 workdir: pathlib.Path, pairs: Any = None) -> dict[str, dict[str, float]]:
+                 workdir: pathlib.Path) -> dict[str, dict[str, float]]:
     """Base row, one trained row per variant, the control row: the main job and sweeps.
 
     Args:
@@ -289,13 +288,13 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
       variants: ``{row name: (training config, its workdir)}``, all from ``config``'s data and
         initial model.
       workdir: where ``results.txt`` / ``results.json`` go.
-      pairs: P2-DPO's generation settings when ``config`` trains on generated pairs.
     """
-    world = _world_config(config, pairs)
+    world = _world_config(config)
     world_records, tokenizer, world_image_config = load_data(world)
     base = initial_model(world, tokenizer)
     if world is not config:
-        _generate_pairs(config, pairs, base, world_records, tokenizer, world_image_config)
+        manifest = generate_p2dpo_pairs(config, base, world_records, tokenizer, world_image_config)
+        logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
     source, _, image_config = load_data(config)
     for variant, _ in variants.values():
         config_checks.validate(variant, device_count=jax.device_count(),

@@ -1,4 +1,4 @@
-"""configs/*.py, `config_loading` (schema, files, overrides) and `config_checks.validate`."""
+"""configs/*.py, `config.schema`, `config.loading` (files, overrides) and `config.checks.validate`."""
 
 import json
 import os
@@ -12,15 +12,18 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mmpo_jax.data.builders.shapes_world import SPLIT_FIELDS
-from mmpo_jax.data.pipeline import EXTRAS
-from mmpo_jax.objectives import registry
-from mmpo_jax.config import checks as config_checks, loading as config_loading
-from mmpo_jax.config.checks import required_extras, required_record_fields, validate
+from mmpo_jax.config import loading as config_loading
+from mmpo_jax.config import schema
+from mmpo_jax.config.checks import samples_rollouts, validate
 from mmpo_jax.config.loading import load_config
+from mmpo_jax.data.builders.shapes_world import SPLIT_FIELDS
+from mmpo_jax.data.fields import ROLLOUTS
+from mmpo_jax.data.pipeline import EXTRAS
+from mmpo_jax.engine.scoring import plan_scoring
+from mmpo_jax.objectives import registry
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-METHOD_FILES = sorted(registry.METHODS)
+METHOD_FILES = sorted(registry.methods())
 LLAVA_FILES = ("llava_1_5_7b_tpu.py", "llava_1_5_7b_gpu.py")
 PREFERENCE_FEATURES = SPLIT_FIELDS["preference"]
 
@@ -33,6 +36,14 @@ def elsewhere(tmp_path, monkeypatch):
 
 def _load(name: str, *overrides: str) -> ml_collections.ConfigDict:
     return load_config(str(CONFIGS / name), overrides)
+
+
+def required_extras(method) -> tuple[str, ...]:
+    return (ROLLOUTS,) if samples_rollouts(method) else plan_scoring(method).pipeline_extras
+
+
+def required_record_fields(method) -> tuple[str, ...]:
+    return ("image", "prompt") if samples_rollouts(method) else plan_scoring(method).record_fields
 
 
 def _problems(config, **kwargs) -> str:
@@ -175,14 +186,18 @@ def test_batch_splits():
 
 def test_reference_modes():
     lora_base = _load("mdpo.py", "reference.mode=lora_base")
-    assert "needs model.lora.enabled=True" in _problems(lora_base)
-    validate(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true"))
+    assert "needs model.lora.enabled=true" in _problems(lora_base)
+    projector = _problems(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true"))
+    assert "set model.train_projector=false" in projector
+    validate(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true",
+                   "model.train_projector=false"))
+    assert "on-policy" in _problems(_load("fisao.py", "reference.mode=cache"))
     catpo = _problems(_load("catpo.py", "reference.mode=cache"))
     assert "cannot serve the token_kl term" in catpo and "whole next-token distribution" in catpo
     # Cat-PO's token weights come from the reference once per record: the cache holds them.
     validate(_load("catpo.py", "reference.mode=cache", "method.terms.token_kl=0"))
-    assert "corrupt_pixel_values" in _problems(_load("mdpo.py", "reference.mode=cache"))
-    assert "noise_pixel_values" in _problems(_load("tpo.py", "reference.mode=cache"))
+    assert "['corrupted']" in _problems(_load("mdpo.py", "reference.mode=cache"))
+    assert "['noised']" in _problems(_load("tpo.py", "reference.mode=cache"))
     assert "enhanced image" in _problems(_load("adapt.py", "reference.mode=cache"))
     validate(_load("dpo.py", "reference.mode=cache"))
 
@@ -203,7 +218,7 @@ def test_dataset_features():
 
 def test_p2dpo_branch_ablations_read_only_their_pair():
     without_feps = _load("p2dpo.py", "method.branches=('robust',)").method
-    assert required_extras(without_feps) == ("robust_pair",)
+    assert required_extras(without_feps) == ("noise_pixel_values", "robust_pair")
     assert required_record_fields(without_feps) == ("image", "prompt", "robust_chosen",
                                                     "robust_rejected")
     without_vrps = _load("p2dpo.py", "method.branches=('focus',)").method
@@ -217,7 +232,7 @@ def test_p2dpo_branch_ablations_read_only_their_pair():
 EXPECTED_EXTRAS = {
     "sft": (), "dpo": (), "catpo": (), "mdpo": ("corrupt_pixel_values",),
     "tpo": ("noise_pixel_values",), "adapt": ("noise_pixel_values",),
-    "p2dpo": ("focus_images", "robust_pair"), "fisao": (config_checks.ROLLOUTS,),
+    "p2dpo": ("focus_images", "noise_pixel_values", "robust_pair"), "fisao": (ROLLOUTS,),
 }
 
 
@@ -235,26 +250,28 @@ def test_extras_follow_the_registrys_scores(method):
     block = _load(f"{method}.py").method
     extras = required_extras(block)
     assert extras == EXPECTED_EXTRAS[method]
-    assert set(extras) <= {*EXTRAS, config_checks.ROLLOUTS}
+    assert set(extras) <= {*EXTRAS, ROLLOUTS}
     assert required_record_fields(block) == EXPECTED_FIELDS[method]
 
 
 def test_extras_follow_the_options():
     p2dpo = dict(_load("p2dpo.py").method.to_dict())
-    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images", "robust_pair")
-    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("robust_pair",)
+    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images",
+                                                       "noise_pixel_values", "robust_pair")
+    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("noise_pixel_values", "robust_pair")
     catpo = _load("catpo.py").method.to_dict()
     assert required_extras({**catpo, "token_weights": "tpo"}) == ("noise_pixel_values",)
     mixed = {**catpo, "terms": {"dpo": 1.0, "copo": 1.0}}
     assert required_extras(mixed) == ("corrupt_pixel_values",)
 
 
-def test_schema_tables_match_the_registry():
-    assert set(config_loading.TERM_OPTIONS) == set(registry.TERMS)
-    assert set(registry.OPTION_DEFAULTS) <= set(config_loading.METHOD_OPTION_DEFAULTS)
-    used = {o for options in config_loading.TERM_OPTIONS.values() for o in options}
-    used |= {o for options in config_loading.WEIGHTING_OPTIONS.values() for o in options}
-    assert used == set(config_loading.METHOD_OPTION_DEFAULTS)
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_method_blocks_hold_the_options_their_declarations_read(method):
+    block = schema.method_defaults(method)
+    read = registry.options_read(block)
+    assert set(block) == {*schema.METHOD_CORE, *read}
+    assert all(block[name] == option.default for name, option in read.items())
+    assert set(read) <= set(schema.method_option_defaults())
 
 
 def test_hand_built_config_lists_every_problem():
