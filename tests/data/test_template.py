@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 from mmpo_jax.data import template as tp
