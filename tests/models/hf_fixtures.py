@@ -61,7 +61,8 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
 
 def llama_bpe_tokenizer(legacy: bool) -> LlamaTokenizer:
     """A Llama tokenizer like LLaVA-1.5's: sentencepiece-style BPE over "▁"-prefixed words, byte
-    fallback tokens <0x00>..<0xFF>, <unk>/<s>/</s> = 0/1/2, `<image>` as an added special token."""
+    fallback tokens <0x00>..<0xFF>, <unk>/<s>/</s> = 0/1/2 (BOS prepended), `<image>` as an added special
+    token."""
     trainer_backend = Tokenizer(models.BPE())
     trainer_backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
     trainer_backend.train_from_iterator(
@@ -72,7 +73,7 @@ def llama_bpe_tokenizer(legacy: bool) -> LlamaTokenizer:
     for token in sorted(learned["vocab"], key=learned["vocab"].get):
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy, add_bos_token=True)  # as Llama adds BOS
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
     return tokenizer
 
