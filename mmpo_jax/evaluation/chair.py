@@ -89,12 +89,15 @@ _IRREGULAR_PLURALS = {
     "serviceman": "servicemen", "child": "children", "grandchild": "grandchildren", "person": "people",
     "mouse": "mice", "goose": "geese", "ox": "oxen", "knife": "knives", "pocketknife": "pocketknives",
     "calf": "calves", "sheep": "sheep", "bison": "bison", "buffalo": "buffaloes",
+    # AMBER's vocabulary (`amber.object_mentions`)
+    "shelf": "shelves", "bookshelf": "bookshelves", "scarf": "scarves", "potato": "potatoes",
+    "tomato": "tomatoes",
 }
 
 
 def plural(word: str) -> str:
-    """English plural of a singular noun from the COCO table ("bus" -> "buses", "pony" -> "ponies",
-    "man" -> "men"); regular rules plus the table's irregular nouns."""
+    """English plural of a singular noun from the COCO table or AMBER's vocabulary ("bus" ->
+    "buses", "pony" -> "ponies", "man" -> "men"); regular rules plus their irregular nouns."""
     if word in _IRREGULAR_PLURALS:
         return _IRREGULAR_PLURALS[word]
     if word.endswith(("s", "x", "z", "ch", "sh")):
