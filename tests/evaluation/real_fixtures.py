@@ -65,6 +65,7 @@ def write_pope(root: pathlib.Path, image_dir: pathlib.Path) -> list[pathlib.Path
                         (2, "COCO_val2014_000000000073.jpg", "car", "no")],
     }
     paths = []
+    root.mkdir(parents=True, exist_ok=True)
     for split, questions in rows.items():
         path = root / f"coco_pope_{split}.json"
         path.write_text("".join(json.dumps({"question_id": qid, "image": image, "text": f"Is there a {word} in the image?",
