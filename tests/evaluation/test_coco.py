@@ -109,3 +109,23 @@ def test_files_not_in_the_published_format_are_named(tmp_path, files):
     bad.write_text("[]")
     with pytest.raises(ValueError, match="a JSON list, expected the COCO instances object"):
         coco.read_coco_objects(bad)
+
+
+def test_a_heldout_slice_of_prepared_rlhf_v_is_captioned_against_coco(files, tmp_path):
+    """RLHF-V's parquet (image_path naming COCO files) -> load_split("train[50%:]") -> records."""
+    from mmpo_jax.evaluation import suite
+    from tests.data import fixtures
+
+    pairs = fixtures.make_pairs(4)
+    rows = [fixtures.rlhf_v_row(pair) for pair in pairs]
+    for row, name in zip(rows, ["x.jpg", "COCO_val2014_000000000042.jpg", "y.jpg", "000000000133.jpg"]):
+        row["image_path"] = f"coco/{name}"
+    fixtures.write_rlhf_v(str(tmp_path / "manual"), rows)
+    spec = suite.EvaluationSpec(coco_instances=str(files["instances"]), heldout_dataset="rlhf_v",
+                                heldout_split="train[50%:]", heldout_data_dir=str(tmp_path / "data"),
+                                heldout_manual_dir=str(tmp_path / "manual"))
+    heldout = suite.load_benchmarks(spec).heldout
+    assert len(heldout) == 1 and heldout.unmatched == 1  # rows 2 and 3; row 2's image is not COCO's
+    record = heldout[0]
+    assert record["id"] == "3" and json.loads(record["objects"]) == ["bus"]
+    np.testing.assert_array_equal(record["image"], fixtures.decode_rgb(pairs[3].image))
