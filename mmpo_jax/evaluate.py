@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     coco.add_argument("--heldout_manual_dir", help="its published files (to prepare it)")
     coco.add_argument("--heldout_image_key", default=default["heldout_image_key"].default,
                       help="metadata field naming each record's image file")
-    coco.add_argument("--heldout_own_prompt", action="store_true", help="ask each record's prompt, not --caption_prompt")
+    coco.add_argument("--heldout_own_prompt", action="store_true",
+                      help="ask each record's own prompt, not --caption_prompt")
     pope = parser.add_argument_group("POPE")
     pope.add_argument("--pope_questions", nargs="+", default=(), help="POPE question files (jsonl)")
     pope.add_argument("--pope_images", help="folder of the POPE questions' images")

@@ -69,8 +69,8 @@ from typing import Any
 
 from mmpo_jax.data.shapes_world import NO, YES
 from mmpo_jax.evaluation.chair import plural
-from mmpo_jax.evaluation.counts import AddableCounts
-from mmpo_jax.evaluation.pope import parse_pope_answer, pope_counts
+from mmpo_jax.evaluation.counts import AddableCounts, ratio
+from mmpo_jax.evaluation.pope import pope_counts
 from mmpo_jax.evaluation.records import ImageRecords, require_dir
 
 GENERATIVE = "generative"
@@ -219,7 +219,6 @@ class AmberGenerativeCounts(AddableCounts):
 
     def metrics(self, prefix: str = "amber_") -> dict[str, float]:
         """{"chair", "cover", "hal", "cog"} (each `prefix` + name), fractions in [0, 1]."""
-        ratio = lambda numerator, denominator: numerator / denominator if denominator else 0.0  # noqa: E731
         return {f"{prefix}chair": ratio(self.hallucinated_mentions, self.mentions),
                 f"{prefix}cover": ratio(self.covered_truths, self.truths),
                 f"{prefix}hal": ratio(self.hallucinated_responses, self.responses),

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Collection, Hashable, Sequence
 
 from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS, PHRASE_REWRITES
-from mmpo_jax.evaluation.counts import AddableCounts
+from mmpo_jax.evaluation.counts import AddableCounts, ratio
 
 Grounds = Callable[[Hashable, Hashable], bool]
 """`grounds(mention, truth) -> bool`: whether the ground-truth object makes the mention faithful."""
@@ -47,14 +47,10 @@ class ChairCounts(AddableCounts):
     def metrics(self, suffix: str = "") -> dict[str, float]:
         """{"chair_s", "chair_i", "recall"} (each name + `suffix`), fractions in [0, 1]."""
         return {
-            f"chair_s{suffix}": _ratio(self.hallucinated_captions, self.captions),
-            f"chair_i{suffix}": _ratio(self.hallucinated_mentions, self.mentions),
-            f"recall{suffix}": _ratio(self.recalled_truths, self.truths),
+            f"chair_s{suffix}": ratio(self.hallucinated_captions, self.captions),
+            f"chair_i{suffix}": ratio(self.hallucinated_mentions, self.mentions),
+            f"recall{suffix}": ratio(self.recalled_truths, self.truths),
         }
-
-
-def _ratio(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else 0.0
 
 
 def caption_chair_counts(mentions: Sequence[Hashable], truths: Collection[Hashable],

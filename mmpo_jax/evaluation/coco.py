@@ -102,7 +102,8 @@ def read_coco_objects(instances: str | os.PathLike[str],
             raise ValueError(f"{os.fspath(instances)}: category {name!r} is not a COCO category; "
                              f"valid: {sorted(COCO_SYNONYMS)}")
         categories[_field(category, "id", instances, "a category")] = name
-    file_names = {int(_field(image, "id", instances, "an image")): str(_field(image, "file_name", instances, "an image"))
+    file_names = {int(_field(image, "id", instances, "an image")):
+                  str(_field(image, "file_name", instances, "an image"))
                   for image in _field(content, "images", instances, "the file")}
     objects: dict[int, set[str]] = {image: set() for image in file_names}
     for annotation in _field(content, "annotations", instances, "the file"):

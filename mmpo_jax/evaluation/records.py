@@ -50,7 +50,8 @@ class ImageRecords(Sequence):
     @classmethod
     def concatenate(cls, parts: Sequence[ImageRecords]) -> ImageRecords:
         """The records of `parts`, in order, as one."""
-        return cls(tuple(f for part in parts for f in part.fields), tuple(p for part in parts for p in part.image_paths))
+        return cls(tuple(f for part in parts for f in part.fields),
+                   tuple(p for part in parts for p in part.image_paths))
 
     def head(self, count: int | None) -> ImageRecords:
         """The first `count` records (all when None)."""

@@ -1,7 +1,5 @@
 """LLaVA-1.5 template encoding with the word-level tokenizer and LLaVA-shaped Llama BPE ones."""
 
-import json
-
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models

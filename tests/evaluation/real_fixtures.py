@@ -59,7 +59,8 @@ def write_pope(root: pathlib.Path, image_dir: pathlib.Path) -> list[pathlib.Path
     """Two POPE question files (jsonl, `{"question_id", "image", "text", "label"}` a line) over the
     COCO images."""
     rows = {
-        "random": [(1, "COCO_val2014_000000000042.jpg", "dog", "yes"), (2, "COCO_val2014_000000000042.jpg", "car", "no"),
+        "random": [(1, "COCO_val2014_000000000042.jpg", "dog", "yes"),
+                   (2, "COCO_val2014_000000000042.jpg", "car", "no"),
                    (3, "COCO_val2014_000000000133.jpg", "bus", "yes")],
         "adversarial": [(1, "COCO_val2014_000000000073.jpg", "bicycle", "yes"),
                         (2, "COCO_val2014_000000000073.jpg", "car", "no")],
@@ -68,8 +69,9 @@ def write_pope(root: pathlib.Path, image_dir: pathlib.Path) -> list[pathlib.Path
     root.mkdir(parents=True, exist_ok=True)
     for split, questions in rows.items():
         path = root / f"coco_pope_{split}.json"
-        path.write_text("".join(json.dumps({"question_id": qid, "image": image, "text": f"Is there a {word} in the image?",
-                                            "label": label}) + "\n" for qid, image, word, label in questions))
+        lines = [json.dumps({"question_id": qid, "image": image, "text": f"Is there a {word} in the image?",
+                             "label": label}) + "\n" for qid, image, word, label in questions]
+        path.write_text("".join(lines))
         paths.append(path)
     assert image_dir.is_dir()
     return paths
@@ -99,7 +101,8 @@ def write_amber(root: pathlib.Path) -> dict[str, pathlib.Path]:
     newline, query/query_*.json) and `image/`, as the repository publishes them."""
     data = root / "data"
     (data / "query").mkdir(parents=True, exist_ok=True)
-    annotations = AMBER_GENERATIVE + [{"id": i, "type": t, "truth": truth} for i, _, _, t, truth in AMBER_DISCRIMINATIVE]
+    annotations = AMBER_GENERATIVE + [{"id": i, "type": t, "truth": truth}
+                                      for i, _, _, t, truth in AMBER_DISCRIMINATIVE]
     (data / "annotations.json").write_text(json.dumps(annotations, indent=4))
     (data / "relation.json").write_text(json.dumps(AMBER_RELATION, indent=4))
     (data / "safe_words.txt").write_text("\n".join(AMBER_SAFE_WORDS))

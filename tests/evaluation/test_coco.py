@@ -81,7 +81,8 @@ def test_heldout_records_are_matched_by_the_metadata_file_name(files):
         {"id": "7", "image": image, "prompt": "What is the dog doing?",
          "metadata": json.dumps({"image_path": "coco/COCO_val2014_000000000042.jpg"})},
         {"id": "8", "image": image, "prompt": "q", "metadata": json.dumps({"image_path": "vg/123.jpg"})},
-        {"id": "9", "image": image + 1, "prompt": "Who rides?", "metadata": json.dumps({"image_path": "000000000073.jpg"})},
+        {"id": "9", "image": image + 1, "prompt": "Who rides?",
+         "metadata": json.dumps({"image_path": "000000000073.jpg"})},
     ]
     records = coco.heldout_caption_records(source, objects)
     assert len(records) == 2 and records.unmatched == 1
