@@ -131,3 +131,20 @@ def test_a_model_directory_without_tokenizer_names_the_flag(setup):
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
         evaluate.main(["--checkpoint", str(root / "orbax"), "--pope_questions", str(paths["pope"][0]),
                        "--pope_images", str(paths["images"])])
+
+
+def test_an_orbax_directory_with_its_processor_saved_loads_alone(setup, tmp_path):
+    """What `convert import` can do to make its output self-contained: `save_processor` into it."""
+    import shutil
+
+    from mmpo_jax.data.image_processing import from_pretrained_dir
+    from mmpo_jax.data.tokenizer import load_tokenizer
+    from mmpo_jax.models.hf_export import save_processor
+
+    root, _, _ = setup
+    shutil.copytree(root / "orbax", tmp_path / "model")
+    model, tokenizer, _ = load_model(root / "orbax", tokenizer=root / "hf", processor=root / "hf")
+    padded = from_pretrained_dir(root / "hf", image_aspect_ratio="pad")
+    save_processor(tmp_path / "model", config=model.config, tokenizer=load_tokenizer(root / "hf"), image_config=padded)
+    _, loaded_tokenizer, image_config = load_model(tmp_path / "model")
+    assert image_config == padded and loaded_tokenizer.encode("a cat") == tokenizer.encode("a cat")
