@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any
 
 from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS, PHRASE_REWRITES
-from mmpo_jax.evaluation.counts import AddableCounts
+from mmpo_jax.evaluation.counts import AddableCounts, ratio
 
 Grounds = Callable[[Hashable, Hashable], bool]
 """`grounds(mention, truth) -> bool`: whether the ground-truth object makes the mention faithful."""
@@ -48,14 +48,10 @@ class ChairCounts(AddableCounts):
     def metrics(self, suffix: str = "") -> dict[str, float]:
         """{"chair_s", "chair_i", "recall"} (each name + `suffix`), fractions in [0, 1]."""
         return {
-            f"chair_s{suffix}": _ratio(self.hallucinated_captions, self.captions),
-            f"chair_i{suffix}": _ratio(self.hallucinated_mentions, self.mentions),
-            f"recall{suffix}": _ratio(self.recalled_truths, self.truths),
+            f"chair_s{suffix}": ratio(self.hallucinated_captions, self.captions),
+            f"chair_i{suffix}": ratio(self.hallucinated_mentions, self.mentions),
+            f"recall{suffix}": ratio(self.recalled_truths, self.truths),
         }
-
-
-def _ratio(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else 0.0
 
 
 def caption_chair_counts(mentions: Sequence[Hashable], truths: Collection[Hashable],
@@ -90,12 +86,15 @@ _IRREGULAR_PLURALS = {
     "serviceman": "servicemen", "child": "children", "grandchild": "grandchildren", "person": "people",
     "mouse": "mice", "goose": "geese", "ox": "oxen", "knife": "knives", "pocketknife": "pocketknives",
     "calf": "calves", "sheep": "sheep", "bison": "bison", "buffalo": "buffaloes",
+    # AMBER's vocabulary (`amber.object_mentions`)
+    "shelf": "shelves", "bookshelf": "bookshelves", "scarf": "scarves", "potato": "potatoes",
+    "tomato": "tomatoes",
 }
 
 
 def plural(word: str) -> str:
-    """English plural of a singular noun from the COCO table ("bus" -> "buses", "pony" -> "ponies",
-    "man" -> "men"); regular rules plus the table's irregular nouns."""
+    """English plural of a singular noun from the COCO table or AMBER's vocabulary ("bus" ->
+    "buses", "pony" -> "ponies", "man" -> "men"); regular rules plus their irregular nouns."""
     if word in _IRREGULAR_PLURALS:
         return _IRREGULAR_PLURALS[word]
     if word.endswith(("s", "x", "z", "ch", "sh")):

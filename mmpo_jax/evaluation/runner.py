@@ -195,21 +195,14 @@ def evaluate_model(
       "partner_rate"), POPE metrics ("pope_{split}_{metric}", "pope_{metric}"); with sampling each
       also as "<name>_std"; "continuation_prob" on the shapes world; "num_samples".
     """
-    if decoding not in DECODINGS:
-        raise ValueError(f"decoding={decoding!r}; valid: {DECODINGS}")
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
-    if num_samples < 1 or (decoding != "sample" and num_samples != 1):
-        raise ValueError(f"num_samples={num_samples}: {decoding} decoding takes exactly 1, sampling >= 1")
-    if decoding == "sample" and temperature <= 0:
-        raise ValueError(f"temperature={temperature}: sampling needs a temperature > 0")
     captions, questions = _records(caption_split), _records(pope_split)
     decode = dict(image_config=image_config, num_image_tokens=num_image_tokens, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, temperature=temperature if decoding == "sample" else 0.0,
-                  controller=AdaptDecoding(ADAPT_DECODINGS[decoding]) if decoding in ADAPT_DECODINGS else None)
+                  max_new_tokens=max_new_tokens, **decoding_options(decoding, num_samples, temperature))
     passes = []
     for sample in range(num_samples):
-        rng = jax.random.fold_in(jax.random.key(seed), sample) if decoding == "sample" else None
+        rng = pass_rng(decoding, seed, sample)
         metrics: dict[str, float] = {}
         if captions:
             texts = generate_texts(model, tokenizer, [r["image"] for r in captions], [r["prompt"] for r in captions],
@@ -229,6 +222,24 @@ def evaluate_model(
             num_image_tokens=num_image_tokens, prompt=captions[0]["prompt"])
     result["num_samples"] = float(num_samples)
     return result
+
+
+def decoding_options(decoding: str, num_samples: int, temperature: float) -> dict[str, Any]:
+    """`generate_texts`' `temperature` and `controller` for a decoding (see `evaluate_model`),
+    after checking the combination."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding={decoding!r}; valid: {DECODINGS}")
+    if num_samples < 1 or (decoding != "sample" and num_samples != 1):
+        raise ValueError(f"num_samples={num_samples}: {decoding} decoding takes exactly 1, sampling >= 1")
+    if decoding == "sample" and temperature <= 0:
+        raise ValueError(f"temperature={temperature}: sampling needs a temperature > 0")
+    return dict(temperature=temperature if decoding == "sample" else 0.0,
+                controller=AdaptDecoding(ADAPT_DECODINGS[decoding]) if decoding in ADAPT_DECODINGS else None)
+
+
+def pass_rng(decoding: str, seed: int, sample: int) -> jax.Array | None:
+    """The PRNG key of decoding pass `sample` (sampling only): `fold_in(key(seed), sample)`."""
+    return jax.random.fold_in(jax.random.key(seed), sample) if decoding == "sample" else None
 
 
 def summarise_passes(passes: Sequence[Mapping[str, float]], *, with_spread: bool) -> dict[str, float]:

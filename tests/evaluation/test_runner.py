@@ -145,7 +145,7 @@ def test_evaluate_cli_offers_the_adapt_decodings(tmp_path):
 
 
 def test_evaluate_cli_rejects_incomplete_real_data_flags(tmp_path):
-    with pytest.raises(SystemExit, match="--tokenizer, --preprocessor_config, --pope_images"):
+    with pytest.raises(SystemExit, match="--pope_questions needs --pope_images"):
         evaluate_main(["--checkpoint", str(tmp_path), "--pope_questions", str(tmp_path / "q.json")])
     with pytest.raises(SystemExit, match="'p0.5'"):
         evaluate_main(["--checkpoint", str(tmp_path), "--world", "p0.5"])
