@@ -41,7 +41,7 @@ from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.engine.model_io import load_model as load_orbax_model
 from mmpo_jax.evaluation import suite
-from mmpo_jax.evaluation.loading import ModelLoader, load_model
+from mmpo_jax.engine.loading import ModelLoader, load_model
 from mmpo_jax.evaluation.records import Head
 from mmpo_jax.evaluation.runner import DECODINGS, evaluate_model
 from mmpo_jax.evaluation.table import format_table

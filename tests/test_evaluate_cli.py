@@ -14,7 +14,7 @@ import pytest
 
 from mmpo_jax import convert, evaluate
 from mmpo_jax.evaluation import amber, coco, pope, suite
-from mmpo_jax.evaluation.loading import load_model
+from mmpo_jax.engine.loading import load_model
 from mmpo_jax.evaluation.records import load_rgb
 from mmpo_jax.evaluation.runner import caption_metrics, generate_texts
 from tests.evaluation import real_fixtures
@@ -139,7 +139,7 @@ def test_an_orbax_directory_with_its_processor_saved_loads_alone(setup, tmp_path
 
     from mmpo_jax.data.image_processing import from_pretrained_dir
     from mmpo_jax.data.tokenizer import load_tokenizer
-    from mmpo_jax.models.hf_export import save_processor
+    from mmpo_jax.engine.hf_export import save_processor
 
     root, _, _ = setup
     shutil.copytree(root / "orbax", tmp_path / "model")

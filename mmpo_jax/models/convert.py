@@ -382,7 +382,7 @@ def save_hf_llava(
 ) -> None:
     """Writes config.json + float32 safetensors (hub layout) that transformers' `from_pretrained` loads.
 
-    The weights alone; `mmpo_jax.models.hf_export.export_pretrained` adds the tokenizer, processor,
+    The weights alone; `mmpo_jax.engine.hf_export.export_pretrained` adds the tokenizer, processor,
     chat template and generation config.
     """
     path = pathlib.Path(path)

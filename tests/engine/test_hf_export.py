@@ -26,7 +26,7 @@ from mmpo_jax.data.template import TEMPLATES, encode_prompt
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.generation import generate
 from mmpo_jax.models.convert import load_hf_llava
-from mmpo_jax.models.hf_export import export_pretrained, save_processor
+from mmpo_jax.engine.hf_export import export_pretrained, save_processor
 from tests.data.test_image_processing import _photo
 from tests.models import hf_fixtures
 

@@ -8,7 +8,7 @@
 
 and the tokenizer and image preprocessing saved beside it (an export and a llava-hf checkpoint
 hold both; an orbax directory holds them when the files were saved into it, e.g. with
-`models.hf_export.save_processor`), or from the directories given. The preprocessing is read with
+`engine.hf_export.save_processor`), or from the directories given. The preprocessing is read with
 `image_processing.from_pretrained_dir`, the definition training and pair generation use too.
 
 `evaluate`'s command line takes the loader as an argument, so a loader for other checkpoints
@@ -27,7 +27,7 @@ from mmpo_jax.data.image_processing import ImageProcessorConfig, from_pretrained
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.engine.model_io import load_model as load_orbax_model
 from mmpo_jax.models.convert import SAFETENSORS_FILE, SAFETENSORS_INDEX, load_hf_llava
-from mmpo_jax.models.hf_export import check_compatible
+from mmpo_jax.engine.hf_export import check_compatible
 from mmpo_jax.models.llava import Llava
 
 ORBAX_PARAMS = "params"
