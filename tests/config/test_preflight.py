@@ -10,6 +10,7 @@ from mmpo_jax.config.checks import ConfigError
 from mmpo_jax.config.loading import load_config
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import build_word_tokenizer
+from mmpo_jax.objectives import registry
 from tests.data import fixtures as fx
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -67,9 +68,15 @@ def test_filled_placeholders_pass(tmp_path, files):
                     device_count=1)
     preflight.check(_preset("p2dpo", tmp_path, *filled, f"data.manual_dir={tmp_path / 'pairs'}",
                             f"pairs.source_manual_dir={files / 'rlhf_v'}"), device_count=1)
-    # the shapes world is generated on first use and ships its tokenizer
-    preflight.check(load_config(str(CONFIGS / "dpo.py"), (f"data.data_dir={tmp_path}",)),
-                    device_count=1)
+
+
+@pytest.mark.parametrize("method", sorted(registry.methods()))
+def test_every_method_config_passes_as_shipped(tmp_path, method):
+    """The shapes world is generated on first use and ships its tokenizer: nothing to fill in."""
+    config = load_config(str(CONFIGS / f"{method}.py"), (f"data.data_dir={tmp_path}",))
+    preflight.check(config, device_count=8)
+    if "pairs" in config:
+        preflight.check(config, device_count=8, generating_pairs=True)
 
 
 def test_paths_holding_the_wrong_thing_say_what_is_missing(tmp_path, files):
