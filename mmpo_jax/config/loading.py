@@ -24,6 +24,7 @@ import sys
 import traceback
 import types
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 import ml_collections
 from absl import flags
@@ -168,7 +169,9 @@ def parse_config_flags(argv: Sequence[str]) -> list[str]:
     be loaded (`load_config_file`, checked before absl parses it: ml_collections would defer a
     missing file to a later traceback and wrap other errors in one), an unknown ``--config.a.b``
     field (which ml_collections reports as an ``AttributeError`` from inside the parser) or a
-    value of the wrong type exits with one line naming it and status 2, not a traceback."""
+    value of the wrong type exits with one line naming it and status 2, not a traceback. [our
+    choice] a good config file thus runs twice (here and in absl's parser): config files are
+    pure functions of their argument, and the alternative is ml_collections' private parser."""
     import ast
 
     from absl import app
@@ -220,6 +223,6 @@ def exit_on_config_error() -> Iterator[None]:
         _exit_with(str(error))
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(USAGE_ERROR_STATUS)
