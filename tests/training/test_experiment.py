@@ -5,6 +5,7 @@ anything compiles; a run's length follows its split."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 from flax import nnx
 
@@ -56,10 +57,11 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     assert result.steps == 1 and np.isfinite(result.summary["metrics"]["loss/total"]["last"])
 
 
-def test_p2dpo_without_generation_settings_is_refused_before_any_work(tmp_path):
-    config = load_config("configs/p2dpo.py", (f"data.data_dir={tmp_path}",))
-    with pytest.raises(ValueError, match=r"needs the pair-generation settings"):
-        run_experiment(config)
+def test_p2dpo_without_its_pairs_section_is_refused_before_any_work(tmp_path):
+    config = load_config("configs/p2dpo.py", (f"data.data_dir={tmp_path}",)).to_dict()
+    del config["pairs"]
+    with pytest.raises(ValueError, match="needs the config's pairs section"):
+        run_experiment(ml_collections.ConfigDict(config))
     assert not any(tmp_path.iterdir())  # nothing loaded, built or trained
 
 
