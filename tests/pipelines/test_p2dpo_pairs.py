@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
 from mmpo_jax.objectives.p2dpo import PAIRS
 from mmpo_jax.pipelines import p2dpo as driver
-from mmpo_jax.generation.prompts import left_pad
+from mmpo_jax.generation.prompts import left_padded_prompts
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.rewards.p2dpo import saliency_map, saliency_objective
 from tests.engine import step_fixtures as fx
@@ -22,8 +23,8 @@ from tests.engine import step_fixtures as fx
 def _prompts(count: int = 4):
     records = fx.records(count)
     prompts = [pairs.focus_prompt(r, i, question_fraction=0.5, seed=0)[0] for i, r in enumerate(records)]
-    ids = pairs.prompt_ids(fx.tokenizer(), prompts, num_image_tokens=16, template="llava_1_5")
-    input_ids, mask = left_pad(ids, fx.tokenizer().pad_token_id)
+    input_ids, mask = left_padded_prompts(fx.tokenizer(), prompts, num_image_tokens=16,
+                                          template="llava_1_5")
     pixels = np.stack([fx.IMAGE_CONFIG(r["image"]) for r in records])
     return input_ids, mask, pixels
 
@@ -228,5 +229,5 @@ def test_settings_validation_names_the_bad_values():
         driver.PairSettings(filter_pairs=("focus", "calib"))
     with pytest.raises(ValueError, match="unknown P2-DPO pair settings"):
         driver.PairSettings.from_config({"batch": 3})
-    config = driver.pairs_config(base_box=32.0)
+    config = base.pairs(base_box=32.0)  # the config section a P2-DPO config carries
     assert driver.PairSettings.from_config(config) == driver.PairSettings(base_box=32.0)
