@@ -8,7 +8,8 @@ shapes-world SFT base, trained first if absent) and the prompts come from
 ``pairs.source_dataset`` / ``pairs.source_split``. Pairs are written to ``--output_dir``
 (default ``config.data.manual_dir``, the folder the ``p2dpo_pairs`` dataset of the training
 config is prepared from); a rerun finishes an interrupted generation. Prints the summary: records
-kept, drops per pair and reason, crop coverage of question prompts, throughput.
+kept, drops per pair and reason, crop coverage of question prompts, throughput. In a job of several
+processes (``distributed`` section) process 0 generates and writes while the others wait.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ml_collections import config_flags
 
 from mmpo_jax.config.loading import parse_config_flags
 from mmpo_jax.data.builders.p2dpo_pairs import read_manifest, summarize
+from mmpo_jax.engine import distributed
 from mmpo_jax.training.experiment import (generate_p2dpo_pairs, initial_model, load_data,
                                           prompt_source_config)
 
@@ -44,6 +46,7 @@ def main(argv: Sequence[str]) -> None:
     output_dir = os.path.expanduser(_OUTPUT_DIR.value or config.data.manual_dir)
     if not output_dir:
         raise app.UsageError("no output folder: pass --output_dir or set data.manual_dir")
+    distributed.initialize(distributed.Settings.from_config(config.distributed))  # before devices
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
 
@@ -59,9 +62,10 @@ def main(argv: Sequence[str]) -> None:
     summary["seconds"] = round(elapsed, 1)
     summary["records_per_second"] = round((summary.get("candidates", 0) - done_before) / elapsed, 2)
     summary["output_dir"] = output_dir
-    print(json.dumps(summary, indent=1, sort_keys=True), flush=True)
+    if distributed.is_primary():
+        print(json.dumps(summary, indent=1, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_config_flags)
+    app.run(distributed.exit_together(main), flags_parser=parse_config_flags)

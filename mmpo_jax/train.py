@@ -5,7 +5,11 @@ trains (once, cached) the tiny SFT base, trains the method, trains the chosen-on
 and prints the before/after table of CHAIR and POPE (``training.experiment``). Any config field
 can be overridden: ``--config.method.beta=0.2 --config.train.num_steps=50 --config.mesh.fsdp=2``;
 unknown fields, impossible meshes and data the method needs but the dataset lacks are reported
-before anything compiles. P2-DPO's pair generation reads the config's ``pairs`` section
+before anything compiles. Several processes (one per host of a TPU pod slice or GPU cluster, or
+several CPU processes) start ``jax.distributed`` first, from the ``distributed`` section: detected
+on TPU VMs, SLURM and ``JAX_COORDINATOR_ADDRESS``, or given as
+``--config.distributed.coordinator=host:port --config.distributed.num_processes=N
+--config.distributed.process_id=i`` (``engine.distributed``). P2-DPO's pair generation reads the config's ``pairs`` section
 (``--config.pairs.noise_step=300``; pairs made with other settings need their own
 ``--config.data.manual_dir``).
 """
@@ -22,6 +26,7 @@ from ml_collections import config_flags
 
 from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config.loading import parse_config_flags
+from mmpo_jax.engine import distributed
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",
@@ -34,6 +39,7 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<method>.py is required")
+    distributed.initialize(distributed.Settings.from_config(config.distributed))  # before devices
     config_checks.validate(config, device_count=jax.device_count())
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
@@ -42,4 +48,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_config_flags)
+    app.run(distributed.exit_together(main), flags_parser=parse_config_flags)

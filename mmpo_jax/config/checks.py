@@ -17,7 +17,7 @@ from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Requ
                                     method_option_defaults)
 from mmpo_jax.data.builders import BUILDERS
 from mmpo_jax.data.template import TEMPLATES
-from mmpo_jax.engine import reference
+from mmpo_jax.engine import distributed, reference
 from mmpo_jax.engine.scoring import plan_scoring
 from mmpo_jax.engine.sharding import MESH_AXES
 from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
@@ -76,7 +76,8 @@ def validate(config: Any, *, device_count: int | None = None,
     if not problems:
         method_problems = _method_problems(tree["method"])
         problems = [*_value_problems(tree), *method_problems,
-                    *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree)]
+                    *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree),
+                    *distributed.Settings(**tree["distributed"]).problems()]
         if not method_problems:
             problems += _reference_problems(tree) + _rollout_problems(tree)
             if dataset_features is not None:
