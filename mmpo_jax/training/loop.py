@@ -23,6 +23,7 @@ import os
 import pathlib
 from typing import Any, Iterator, Mapping
 
+import grain
 import jax
 import numpy as np
 from flax import nnx
@@ -62,21 +63,28 @@ def is_sft(method_config: Mapping[str, Any]) -> bool:
 
 def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: ImageProcessorConfig,
                   num_image_tokens: int, plan: ScoringPlan, num_epochs: int | None = None,
-                  shuffle: bool | None = None, shard_by_process: bool = True
-                  ) -> pipeline.PipelineIterator:
-    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows)."""
+                  shuffle: bool | None = None, shard_by_process: bool = True,
+                  shard: tuple[int, int] | None = None) -> pipeline.PipelineIterator:
+    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows).
+
+    ``shard=(k, P)`` gives the iterator process ``k`` of a ``P``-process job reads, on any
+    process (tests, debugging); None reads this process's shard (or everything, without
+    ``shard_by_process``).
+    """
     data = config.data
-    per_process, remainder = divmod(int(data.batch_size), jax.process_count())
+    index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
+    per_process, remainder = divmod(int(data.batch_size), count)
     if remainder:
         raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
+                         f"{count} processes")
     common = dict(
         tokenizer=tokenizer, image_config=image_config, num_image_tokens=num_image_tokens,
         batch_size=per_process, buckets=tuple(data.buckets), seed=int(config.seed),
         num_epochs=(int(data.num_epochs) or None) if num_epochs is None else num_epochs,
         shuffle=bool(data.shuffle) if shuffle is None else shuffle,
         max_length=int(data.max_length) or None, template=data.template,
-        shard_by_process=shard_by_process)
+        shard_by_process=shard_by_process,
+        shard_options=None if shard is None else grain.sharding.ShardOptions(index, count))
     if is_sft(config.method):
         field = "response" if "response" in source[0] else "chosen"
         return pipeline.sft_pipeline(source, response_field=field, **common)
