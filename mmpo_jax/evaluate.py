@@ -25,6 +25,11 @@ are read from it unless `--tokenizer` / `--processor` name other directories
 (`evaluation.loading.load_model`). `--image_aspect_ratio pad` gives LLaVA-1.5's pad-to-square,
 which llava-hf's processor files do not record; use what the model was trained with.
 Metric names: `evaluation.suite`.
+
+On a TPU pod slice (or any job of several processes) run the same command on every host: the
+processes start `jax.distributed` (detected, or `--coordinator host:port --num_processes N
+--process_id i`), each evaluates a whole copy of the model on its first device, and process 0
+prints and writes the results.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from collections.abc import Sequence
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
+from mmpo_jax.engine import distributed
 from mmpo_jax.engine.model_io import load_model as load_orbax_model
 from mmpo_jax.evaluation import suite
 from mmpo_jax.engine.loading import ModelLoader, load_model
@@ -102,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     decoding.add_argument("--answer_max_new_tokens", type=int, default=default["answer_max_new_tokens"].default)
     decoding.add_argument("--seed", type=int, default=0)
     decoding.add_argument("--max_examples", type=int, help="evaluate only the first N records of each benchmark")
+    job = parser.add_argument_group("several processes (hosts of a pod slice; engine.distributed)")
+    job.add_argument("--distributed", choices=distributed.MODES, default="auto",
+                     help="auto: start jax.distributed when the flags below or a detected cluster "
+                          "say so; off: one process")
+    job.add_argument("--coordinator", default="", help="host:port of process 0")
+    job.add_argument("--num_processes", type=int, default=0)
+    job.add_argument("--process_id", type=int, default=-1)
     output = parser.add_argument_group("output")
     output.add_argument("--name", default="model", help="row name in the printed table")
     output.add_argument("--output", type=pathlib.Path, help="also write the metrics here as JSON")
@@ -136,7 +149,8 @@ def spec_from_args(args: argparse.Namespace) -> suite.EvaluationSpec:
 def _shapes_world(args: argparse.Namespace) -> dict[str, float]:
     world = _world_options(args.world)
     model, config = load_orbax_model(args.checkpoint)
-    caption_split = load_split("shapes_world", "test_caption", data_dir=args.data_dir, **world)
+    caption_split = distributed.primary_first("prepare shapes_world", lambda: load_split(
+        "shapes_world", "test_caption", data_dir=args.data_dir, **world))
     pope_split = load_split("shapes_world", "test_pope", data_dir=args.data_dir, **world)
     return evaluate_model(
         model, load_tokenizer(caption_split.tokenizer_path), caption_split=Head(caption_split, args.max_examples),
@@ -154,6 +168,12 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
     (model, tokenizer, image preprocessing); see `evaluation.loading.load_model`.
     """
     args = _parser().parse_args(argv)
+    try:
+        distributed.initialize(distributed.Settings(
+            mode=args.distributed, coordinator=args.coordinator,
+            num_processes=args.num_processes, process_id=args.process_id))
+    except ValueError as error:
+        raise SystemExit(f"python -m mmpo_jax.evaluate: {error}") from None
     if any(getattr(args, flag) for flag in REAL_DATA_FLAGS):
         spec = spec_from_args(args)  # checked before the model is loaded
         model, tokenizer, image_config = loader(args.checkpoint, tokenizer=args.tokenizer, processor=args.processor,
@@ -161,6 +181,8 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
         metrics = suite.evaluate(model, tokenizer, image_config, spec)
     else:
         metrics = _shapes_world(args)
+    if not distributed.is_primary():
+        return metrics
     print(format_table({args.name: metrics}))
     if args.output is not None:
         args.output.write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -168,4 +190,4 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
 
 
 if __name__ == "__main__":
-    main()
+    distributed.exit_together(main)()

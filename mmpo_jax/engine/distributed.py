@@ -16,7 +16,13 @@ arrays (orbax); files that are one per job (metrics, tables, caches' markers) ar
 ``is_primary()`` (process 0) alone. ``primary_first`` lets process 0 build something (a dataset)
 while the others wait at a barrier; ``broadcast`` / ``all_gather`` agree on small JSON values
 through the coordination service (no device work, so they never wait behind queued steps);
-``check_shared_directory`` refuses a checkpoint directory the processes do not share.
+``check_shared_directory`` refuses a checkpoint directory the processes do not share; ``put``
+places arrays every process holds whole onto shardings that span the processes, and
+``process_local`` copies such arrays whole onto each process (evaluation, exports).
+
+CPU processes (tests, a laptop) talk through gloo, JAX's default
+``jax_cpu_collectives_implementation``; gloo gives the processes 30 s (fixed) to meet at the first
+collective over a set of devices, so they must not drift further apart than that before it.
 
 A process that dies ends the job: JAX's coordination service notices its missing heartbeats
 within ``heartbeat_timeout`` seconds and terminates every other process with "Terminating process
@@ -385,7 +391,8 @@ def exit_together(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except BaseException as error:
-            if jax.process_count() == 1 or (isinstance(error, SystemExit) and not error.code):
+            if (not jax.distributed.is_initialized() or jax.process_count() == 1
+                    or (isinstance(error, SystemExit) and not error.code)):
                 raise
             code = error.code if isinstance(error, SystemExit) else 1
             code = code if isinstance(code, int) else 1
