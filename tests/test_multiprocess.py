@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import pytest
 
+from mmpo_jax.config.checks import ConfigError, distributed_settings
 from mmpo_jax.data.batch import pad_to_length
 from mmpo_jax.engine import distributed, model_io
 from mmpo_jax.engine.scoring import plan_scoring
@@ -153,8 +154,9 @@ def test_one_process_helpers_are_no_ops_and_settings_are_checked():
     assert [p.split("=")[0] for p in problems] == [
         "distributed.coordinator", "distributed.process_id", "distributed.heartbeat_timeout"]
     assert distributed.Settings(mode="off", process_id=0).problems()  # off with explicit fields
-    with pytest.raises(ValueError, match="distributed.mode='on'"):
-        distributed.Settings.from_config({"mode": "on"})
+    config = worker.config("distributed.mode=on", "distributed.initialization_timeout=0")
+    with pytest.raises(ConfigError, match=r"(?s)distributed.mode='on'.*initialization_timeout=0"):
+        distributed_settings(config)
 
 
 def test_auto_mode_starts_nothing_without_a_cluster(monkeypatch):

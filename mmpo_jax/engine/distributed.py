@@ -50,7 +50,7 @@ import pathlib
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
@@ -66,7 +66,7 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The ``distributed`` config section.
+    """The ``distributed`` config section (``config.checks.distributed_settings`` reads it).
 
     Attributes:
       mode: "auto" (start ``jax.distributed`` when the fields below or a detected cluster say
@@ -90,16 +90,6 @@ class Settings:
     heartbeat_timeout: int = 100
     shutdown_timeout: int = 300
     barrier_timeout: int = 7200
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> Settings:
-        """Settings from a config's ``distributed`` section (a ConfigDict or a mapping)."""
-        values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-        settings = cls(**values)
-        problems = settings.problems()
-        if problems:
-            raise ValueError("distributed: " + "; ".join(problems))
-        return settings
 
     @property
     def explicit(self) -> bool:

@@ -64,8 +64,10 @@ def is_sft(method_config: Mapping[str, Any]) -> bool:
 def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: ImageProcessorConfig,
                   num_image_tokens: int, plan: ScoringPlan, num_epochs: int | None = None,
                   shuffle: bool | None = None, shard_by_process: bool = True,
-                  shard: tuple[int, int] | None = None) -> pipeline.PipelineIterator:
-    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows).
+                  drop_remainder: bool | None = None, shard: tuple[int, int] | None = None
+                  ) -> pipeline.PipelineIterator:
+    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows); None
+    arguments come from ``config.data``.
 
     ``shard=(k, P)`` gives the iterator process ``k`` of a ``P``-process job reads, on any
     process (tests, debugging); None reads this process's shard (or everything, without
@@ -83,7 +85,8 @@ def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: Ima
         num_epochs=(int(data.num_epochs) or None) if num_epochs is None else num_epochs,
         shuffle=bool(data.shuffle) if shuffle is None else shuffle,
         max_length=int(data.max_length) or None, template=data.template,
-        shard_by_process=shard_by_process,
+        shard_by_process=shard_by_process, too_long=data.too_long,
+        drop_remainder=bool(data.drop_remainder) if drop_remainder is None else drop_remainder,
         shard_options=None if shard is None else grain.sharding.ShardOptions(index, count))
     if is_sft(config.method):
         field = "response" if "response" in source[0] else "chosen"
@@ -264,7 +267,8 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
                                       seed=int(config.seed))
     reference = _Reference(
         config, plan, policy, mesh=mesh, rules=rules, source_length=len(source),
-        make_batches=lambda: iterator(num_epochs=1, shuffle=False, shard_by_process=False),
+        make_batches=lambda: iterator(num_epochs=1, shuffle=False, shard_by_process=False,
+                                      drop_remainder=False),  # a row for every record
         tokenizer=tokenizer, image_config=image_config, eos_token_id=eos_token_id,
         workdir=workdir)
     split = state_lib.split_policy(policy, config.model)
