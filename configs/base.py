@@ -27,7 +27,7 @@ from mmpo_jax.config.schema import OPEN_MAPPINGS, OPTIONAL_SECTIONS, SCHEMA, Req
 from mmpo_jax.objectives import registry
 
 SECTIONS = ("model", "data", "optimizer", "train", "mesh", "reference", "checkpoint", "eval",
-            "sft_base", "rollout", "pairs")
+            "sft_base", "distributed", "rollout", "pairs")
 
 
 def _config_dict(spec: Any) -> Any:
@@ -108,6 +108,12 @@ def evaluation(**overrides: Any) -> ml_collections.ConfigDict:
 def sft_base(**overrides: Any) -> ml_collections.ConfigDict:
     """``sft_base``: how the cached shapes-world SFT base is trained."""
     return section("sft_base", **overrides)
+
+
+def distributed(**overrides: Any) -> ml_collections.ConfigDict:
+    """``distributed``: how the processes of a multi-host job find each other, and timeouts
+    (``mmpo_jax.engine.distributed.Settings``)."""
+    return section("distributed", **overrides)
 
 
 def rollout(**overrides: Any) -> ml_collections.ConfigDict:

@@ -29,6 +29,11 @@ Metric names: `evaluation.suite`.
 Bad flags are named before the model loads, all at once, in one line without a traceback: an
 incomplete benchmark (`--pope_questions` without `--pope_images`, ...) and every path flag naming
 nothing (`--checkpoint`, `--tokenizer`, `--processor`, the benchmark files and folders).
+
+On a TPU pod slice (or any job of several processes) run the same command on every host: the
+processes start `jax.distributed` (detected, or `--coordinator host:port --num_processes N
+--process_id i`), each evaluates a whole copy of the model on its first device, and process 0
+prints and writes the results.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from collections.abc import Sequence
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
+from mmpo_jax.engine import distributed
 from mmpo_jax.engine.model_io import load_model as load_orbax_model
 from mmpo_jax.evaluation import suite
 from mmpo_jax.engine.loading import ModelLoader, load_model
@@ -111,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     decoding.add_argument("--answer_max_new_tokens", type=int, default=default["answer_max_new_tokens"].default)
     decoding.add_argument("--seed", type=int, default=0)
     decoding.add_argument("--max_examples", type=int, help="evaluate only the first N records of each benchmark")
+    job = parser.add_argument_group("several processes (hosts of a pod slice; engine.distributed)")
+    job.add_argument("--distributed", choices=distributed.MODES, default="auto",
+                     help="auto: start jax.distributed when the flags below or a detected cluster "
+                          "say so; off: one process")
+    job.add_argument("--coordinator", default="", help="host:port of process 0")
+    job.add_argument("--num_processes", type=int, default=0)
+    job.add_argument("--process_id", type=int, default=-1)
     output = parser.add_argument_group("output")
     output.add_argument("--name", default="model", help="row name in the printed table")
     output.add_argument("--output", type=pathlib.Path, help="also write the metrics here as JSON")
@@ -170,7 +183,8 @@ def _shapes_world(args: argparse.Namespace) -> dict[str, float]:
     _exit_if(path_problems(args))
     world = _world_options(args.world)
     model, config = load_orbax_model(args.checkpoint)
-    caption_split = load_split("shapes_world", "test_caption", data_dir=args.data_dir, **world)
+    caption_split = distributed.primary_first("prepare shapes_world", lambda: load_split(
+        "shapes_world", "test_caption", data_dir=args.data_dir, **world))
     pope_split = load_split("shapes_world", "test_pope", data_dir=args.data_dir, **world)
     return evaluate_model(
         model, load_tokenizer(caption_split.tokenizer_path), caption_split=Head(caption_split, args.max_examples),
@@ -188,6 +202,12 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
     (model, tokenizer, image preprocessing); see `evaluation.loading.load_model`.
     """
     args = _parser().parse_args(argv)
+    try:
+        distributed.initialize(distributed.Settings(
+            mode=args.distributed, coordinator=args.coordinator,
+            num_processes=args.num_processes, process_id=args.process_id))
+    except ValueError as error:
+        raise SystemExit(f"python -m mmpo_jax.evaluate: {error}") from None
     if any(getattr(args, flag) for flag in REAL_DATA_FLAGS):
         spec = spec_from_args(args)  # checked before the model is loaded
         model, tokenizer, image_config = loader(args.checkpoint, tokenizer=args.tokenizer, processor=args.processor,
@@ -195,6 +215,8 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
         metrics = suite.evaluate(model, tokenizer, image_config, spec)
     else:
         metrics = _shapes_world(args)
+    if not distributed.is_primary():
+        return metrics
     print(format_table({args.name: metrics}))
     if args.output is not None:
         args.output.write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -203,6 +225,6 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
 
 if __name__ == "__main__":
     try:
-        main()
+        distributed.exit_together(main)()
     except FileNotFoundError as error:  # an input the flags name lacks a file: one line
         raise SystemExit(f"python -m mmpo_jax.evaluate: {error}") from None

@@ -8,7 +8,8 @@ shapes-world SFT base, trained first if absent) and the prompts come from
 ``pairs.source_dataset`` / ``pairs.source_split``. Pairs are written to ``--output_dir``
 (default ``config.data.manual_dir``, the folder the ``p2dpo_pairs`` dataset of the training
 config is prepared from); a rerun finishes an interrupted generation. Prints the summary: records
-kept, drops per pair and reason, crop coverage of question prompts, throughput.
+kept, drops per pair and reason, crop coverage of question prompts, throughput. In a job of several
+processes (``distributed`` section) process 0 generates and writes while the others wait.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config import preflight
 from mmpo_jax.config.loading import exit_on_config_error, parse_config_flags
 from mmpo_jax.data.builders.p2dpo_pairs import read_manifest, summarize
+from mmpo_jax.engine import distributed
 from mmpo_jax.training.experiment import (check_image_size, generate_p2dpo_pairs, initial_model,
                                           load_data, prompt_source_config)
 
@@ -43,6 +46,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--config=configs/p2dpo.py is required")
     output_dir = os.path.expanduser(_OUTPUT_DIR.value or config.data.manual_dir)
     with exit_on_config_error():  # every problem at once, before the model or data are loaded
+        # before anything touches a device: the device count is the job's
+        distributed.initialize(config_checks.distributed_settings(config))
         preflight.check(config, device_count=jax.device_count(), generating_pairs=True, extra=[
             *([] if "pairs" in config else
               ["the config has no pairs section (configs/p2dpo.py has one)"]),
@@ -67,9 +72,10 @@ def _generate(config, output_dir: str) -> None:
     summary["seconds"] = round(elapsed, 1)
     summary["records_per_second"] = round((summary.get("candidates", 0) - done_before) / elapsed, 2)
     summary["output_dir"] = output_dir
-    print(json.dumps(summary, indent=1, sort_keys=True), flush=True)
+    if distributed.is_primary():
+        print(json.dumps(summary, indent=1, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_config_flags)
+    app.run(distributed.exit_together(main), flags_parser=parse_config_flags)

@@ -8,7 +8,12 @@ A config file that cannot be loaded, unknown fields, impossible meshes, unset pl
 paths that hold nothing usable (``config.preflight``) are reported together before any data is
 prepared or any model loaded; data the method needs but the dataset lacks, and an image size the
 model does not take, before anything compiles. Such problems print as one list, without a
-traceback, and exit with status 2. P2-DPO's pair generation reads the config's ``pairs`` section
+traceback, and exit with status 2. Several processes (one per host of a TPU pod slice or GPU
+cluster, or several CPU processes) start ``jax.distributed`` first, from the ``distributed``
+section: detected on TPU VMs, SLURM and ``JAX_COORDINATOR_ADDRESS``, or given as
+``--config.distributed.coordinator=host:port --config.distributed.num_processes=N
+--config.distributed.process_id=i`` (``engine.distributed``). P2-DPO's pair generation reads the
+config's ``pairs`` section
 (``--config.pairs.noise_step=300``; pairs made with other settings need their own
 ``--config.data.manual_dir``).
 """
@@ -23,8 +28,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config import preflight
 from mmpo_jax.config.loading import exit_on_config_error, parse_config_flags
+from mmpo_jax.engine import distributed
 from mmpo_jax.training.experiment import run_experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<method>.py file",
@@ -38,6 +45,8 @@ def main(argv: Sequence[str]) -> None:
     if config is None:
         raise app.UsageError("--config=configs/<method>.py is required")
     with exit_on_config_error():
+        # before anything touches a device: the device count is the job's
+        distributed.initialize(config_checks.distributed_settings(config))
         preflight.check(config, device_count=jax.device_count())
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines
         logging.getLogger("mmpo_jax").setLevel(logging.INFO)
@@ -46,4 +55,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_config_flags)
+    app.run(distributed.exit_together(main), flags_parser=parse_config_flags)

@@ -12,6 +12,7 @@ import logging
 
 from absl import logging as absl_logging
 
+from mmpo_jax.engine import distributed
 from mmpo_jax.training.sweep import file_overrides, grid_overrides, run_sweep
 
 
@@ -29,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    distributed.exit_together(main)()

@@ -29,7 +29,7 @@ from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Requ
 from mmpo_jax.data.builders import BUILDERS
 from mmpo_jax.data.pipeline import TOO_LONG_POLICIES, Schedule
 from mmpo_jax.data.template import TEMPLATES
-from mmpo_jax.engine import reference
+from mmpo_jax.engine import distributed, reference
 from mmpo_jax.engine.scoring import plan_scoring
 from mmpo_jax.engine.sharding import MESH_AXES
 from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
@@ -101,6 +101,24 @@ def validate(config: Any, *, device_count: int | None = None,
         raise ConfigError(format_problems(config, found))
 
 
+def distributed_settings(config: Any) -> distributed.Settings:
+    """The ``distributed`` section of ``config`` (``engine.distributed.initialize`` starts the
+    processes from it, before the device count the other checks need is known).
+
+    Raises:
+      ConfigError: the section's problems.
+    """
+    section = plain(config).get("distributed")
+    if not isinstance(section, Mapping) or set(section) != set(SCHEMA["distributed"]):
+        raise ConfigError(format_problems(config, [
+            f"distributed: expected the fields {sorted(SCHEMA['distributed'])}, got {section!r}"]))
+    settings = distributed.Settings(**section)
+    found = settings.problems()
+    if found:
+        raise ConfigError(format_problems(config, found))
+    return settings
+
+
 def format_problems(config: Any, found: list[str]) -> str:
     """The message of `ConfigError`: the config's name, then one problem per line."""
     tree = plain(config)
@@ -118,7 +136,8 @@ def problems(config: Any, *, device_count: int | None = None,
         return found
     method_problems = _method_problems(tree["method"])
     found = [*_value_problems(tree), *method_problems,
-             *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree)]
+             *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree),
+             *distributed.Settings(**tree["distributed"]).problems()]
     if not method_problems:
         found += _reference_problems(tree) + _rollout_problems(tree) + _run_problems(tree)
         if dataset_features is not None:

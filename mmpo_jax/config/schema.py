@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from mmpo_jax.engine import distributed
 from mmpo_jax.engine.sharding import DEFAULT_RULES
 from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
 from mmpo_jax.objectives import registry
@@ -68,6 +69,8 @@ SCHEMA: dict[str, Any] = {
     },
     "sft_base": {"split": "sft", "num_steps": 1300, "batch_size": 32, "learning_rate": 1e-3,
                  "cache_dir": ""},
+    # several processes (hosts of a pod): engine.distributed.Settings
+    "distributed": dataclasses.asdict(distributed.Settings()),
 }
 """Section -> field -> default (the method block is `method_defaults`')."""
 

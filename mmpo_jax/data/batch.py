@@ -258,3 +258,27 @@ def collate(
     if unknown:
         raise ValueError(f"{batch_type.__name__} has no fields {unknown}; valid: {sorted(names)}")
     return batch_type(**fields)
+
+
+def pad_to_length(batch: AnyBatch, length: int, pad_id: int) -> AnyBatch:
+    """``batch`` with every token group right-padded from ``T`` to ``length >= T`` (ids with
+    ``pad_id``, masks with 0), as a batch collated into that longer bucket would be.
+
+    The processes of a multi-process job each collate their own rows; they pad to the longest
+    one's length so that the rows form one global array. NumPy leaves.
+    """
+    current = batch.sequence_length
+    if length < current:
+        raise ValueError(f"cannot pad a batch of length {current} to the shorter {length}")
+    if length == current:
+        return batch
+    padded = {}
+    for group in batch.token_groups:
+        for suffix in TOKEN_SUFFIXES:
+            name = token_field(group, suffix)
+            value = getattr(batch, name)
+            if value is not None:
+                fill = pad_id if suffix == "input_ids" else 0
+                padded[name] = np.pad(np.asarray(value), ((0, 0), (0, length - current)),
+                                      constant_values=fill)
+    return batch.replace(**padded)

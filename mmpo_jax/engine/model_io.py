@@ -3,6 +3,11 @@
 This is the format of `python -m mmpo_jax.convert import`, of the cached SFT base and of the
 trainer's exports: `config.json` holds `LlavaConfig.to_dict()` and `params/` the parameter state as
 a pure dict, written by orbax's `StandardCheckpointer`.
+
+Processes: in a job of several processes (`engine.distributed`) `save_model` is collective (every
+process writes its shards; process 0 writes `config.json`) and `load_model` restores either onto the
+run's mesh (`mesh=`, each process reading its own shards) or, by default, a whole copy onto each
+process's first local device, which is what evaluation and pair generation compute with.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
+from mmpo_jax.engine import distributed
 from mmpo_jax.engine.sharding import DEFAULT_RULES, state_shardings
 from mmpo_jax.models.llava import Llava, LlavaConfig
 
@@ -26,13 +32,15 @@ PARAMS_DIR = "params"
 
 def save_model(model: Llava, directory: str | pathlib.Path) -> None:
     """Writes `config.json` (`model.config`) and the orbax `params/` of `model` into `directory`
-    (created; its `params/` must not exist yet)."""
+    (created; its `params/` must not exist yet). Collective in a multi-process job."""
     config = model.config
     directory = pathlib.Path(directory).absolute()
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists; choose an empty output directory")
+    distributed.barrier(f"save_model {directory}")  # every process checked before any writes
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    if distributed.is_primary():
+        (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     checkpointer.wait_until_finished()
@@ -65,8 +73,10 @@ def load_model(
     target = nnx.to_pure_dict(params)
     if mesh is not None:
         shardings = nnx.to_pure_dict(state_shardings(params, mesh, rules))
-        target = jax.tree.map(lambda spec, where: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=where),
-                              target, shardings)
+    else:  # explicit: orbax would otherwise lay the arrays out as saved, over other processes
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), target)
+    target = jax.tree.map(lambda spec, where: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=where),
+                          target, shardings)
     restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
     restored = jax.tree.map(lambda value, spec: value if value.dtype == spec.dtype else value.astype(spec.dtype),
                             restored, target)

@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mmpo_jax.engine import sharding
+from mmpo_jax.engine import distributed, sharding
 from mmpo_jax.engine.state import copy_model
 from mmpo_jax.models import lora
 from mmpo_jax.models.llava import Llava
@@ -43,7 +43,7 @@ def merged_copy(model: Llava) -> Llava:
 def placed_copy(model: Llava, mesh: Mesh, rules: Any) -> tuple[Any, nnx.State]:
     """``(graphdef, state)`` of ``merged_copy(model)``, the state on ``mesh`` by its logical axes."""
     graphdef, state = nnx.split(merged_copy(model))
-    return graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+    return graphdef, distributed.put(state, sharding.state_shardings(state, mesh, rules))
 
 
 def reference_model(mode: str, policy: Llava, graphdef: Any = None, state: Any = None

@@ -54,6 +54,7 @@ import numpy as np
 import tqdm
 
 from mmpo_jax.data.batch import AnyBatch, token_field
+from mmpo_jax.engine import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +124,14 @@ def params_digest(state: Any) -> str:
 
     Returns:
       64 lower-case hex characters; equal for equal contents (across calls and processes),
-      different when any element, dtype, shape or path differs.
+      different when any element, dtype, shape or path differs. Collective when leaves span
+      several processes (each leaf is gathered whole onto every process).
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(state)
     digest = hashlib.sha256()
     for path, leaf in sorted(((jax.tree_util.keystr(p), leaf) for p, leaf in leaves),
                              key=lambda item: item[0]):
-        host = np.ascontiguousarray(jax.device_get(leaf))
+        host = np.ascontiguousarray(jax.device_get(distributed.process_local(leaf)))
         header = json.dumps([path, host.dtype.str, host.dtype.name, list(host.shape)])
         digest.update(len(header).to_bytes(8, "little") + header.encode())
         digest.update(host.nbytes.to_bytes(8, "little"))

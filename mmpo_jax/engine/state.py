@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from mmpo_jax.models import lora
 from mmpo_jax.models.llava import Llava
-from mmpo_jax.engine import sharding
+from mmpo_jax.engine import distributed, sharding
 
 VISION_TOWER = "vision_tower"
 PROJECTOR = "multi_modal_projector"
@@ -91,7 +91,7 @@ def split_policy(model: Llava, model_config: Mapping[str, Any]) -> PolicySplit:
 def place(state: nnx.State, mesh: Mesh, rules: Any) -> tuple[nnx.State, Any]:
     """``state`` on ``mesh`` by its logical axis names, and the shardings used."""
     shardings = sharding.state_shardings(state, mesh, rules)
-    return jax.device_put(state, shardings), shardings
+    return distributed.put(state, shardings), shardings
 
 
 def copy_model(model: nnx.Module) -> nnx.Module:

@@ -14,6 +14,11 @@
    (chosen captions are clean data, so this alone lowers hallucination; a method shows its worth
    only by beating it);
 5. print and save (``<workdir>/results.json``, ``results.txt``) the table of CHAIR / POPE rows.
+
+Several processes (``engine.distributed``): process 0 prepares a dataset first and the others
+then find it (shared disk) or prepare their own copy; the SFT base trains once, over all of them
+(one SPMD run), and is cached by process 0's decision; every process evaluates its own whole copy
+of a model (the same numbers), and process 0 alone prints and writes the table.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
-from mmpo_jax.engine import model_io, reference_cache, sharding
+from mmpo_jax.engine import distributed, model_io, reference_cache, sharding
 from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config.schema import method_defaults
 from mmpo_jax.training.loop import train
@@ -57,9 +62,10 @@ def _expand(path: str) -> pathlib.Path:
 def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorConfig]:
     """``(training split, tokenizer, image preprocessing)`` of ``config.data``."""
     data = config.data
-    source = load_split(data.dataset, data.split, data_dir=_expand(data.data_dir),
-                        manual_dir=_expand(data.manual_dir) if data.manual_dir else None,
-                        **data.builder.to_dict())
+    source = distributed.primary_first(f"prepare {data.dataset}", lambda: load_split(
+        data.dataset, data.split, data_dir=_expand(data.data_dir),
+        manual_dir=_expand(data.manual_dir) if data.manual_dir else None,
+        **data.builder.to_dict()))
     tokenizer_path = data.tokenizer or source.tokenizer_path
     if not tokenizer_path:
         raise ValueError(f"{data.dataset} ships no tokenizer; set data.tokenizer to a tokenizer "
@@ -184,7 +190,9 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
                    "data": {k: base_config.data[k] for k in ("buckets", "template", "max_length")}})
     root = _expand(config.sft_base.cache_dir or os.path.join(config.data.data_dir, "sft_base"))
     directory = root / key[:16]
-    if (directory / "done").exists():
+    distributed.check_shared_directory(root, "sft_base.cache_dir")
+    # Process 0's view decides, so that every process takes the same (collective) path.
+    if distributed.broadcast("sft base cached", (directory / "done").exists()):
         logger.info("SFT base: using the cached model in %s", directory)
         return model_io.load_model(directory / "model")[0]
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
@@ -193,7 +201,9 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
                    tokenizer=tokenizer, source=source, image_config=image_config,
                    workdir=directory / "run")
     model_io.save_model(result.model, directory / "model")
-    (directory / "done").write_text(json.dumps({"key": key}))
+    if distributed.is_primary():
+        (directory / "done").write_text(json.dumps({"key": key}))
+    distributed.barrier("sft base saved")
     return model_io.load_model(directory / "model")[0]
 
 
@@ -281,10 +291,14 @@ def generate_p2dpo_pairs(config: Any, base: Llava, prompts: Any, tokenizer: Any,
     """P2-DPO: pairs from ``base`` on the prompt records ``prompts`` (the source of
     ``config.pairs``, loaded by the caller with its tokenizer and preprocessing) into
     ``output_dir`` (default ``data.manual_dir``), skipping shards already written; returns the
-    manifest."""
+    manifest. Several processes: process 0 generates with its own copy of ``base``, the others
+    wait for its manifest (``distributed.barrier_timeout``)."""
     settings = PairSettings.from_config(config.pairs)
     world = getattr(prompts, "metadata", {}).get("world")
-    return generate_pairs(
+    base = distributed.process_local(base)  # collective; generation runs on one device
+    if not distributed.is_primary():  # process 0 generates and writes; its manifest comes here
+        return distributed.broadcast("p2dpo manifest")
+    return distributed.broadcast("p2dpo manifest", generate_pairs(
         base, tokenizer, prompts, image_config=image_config,
         output_dir=str(_expand(output_dir or config.data.manual_dir)), settings=settings,
         seed=int(config.seed),
@@ -292,7 +306,7 @@ def generate_p2dpo_pairs(config: Any, base: Llava, prompts: Any, tokenizer: Any,
                               config.data.template),
         source_metadata={"source_dataset": settings.source_dataset,
                          "source_split": settings.source_split,
-                         **({"world": world} if world is not None else {})})
+                         **({"world": world} if world is not None else {})}))
 
 
 def _world_config(config: Any) -> Any:
@@ -328,6 +342,7 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
     world_records, tokenizer, world_image_config = load_data(world)
     check_image_size(world, tokenizer, world_image_config)  # before loading or compiling
     base = initial_model(world, tokenizer)
+    local = distributed.process_local  # evaluation runs a whole copy on each process's device
     if world is not config:
         manifest = generate_p2dpo_pairs(config, base, world_records, tokenizer, world_image_config)
         logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
@@ -345,21 +360,21 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
     summaries: dict[str, Any] = {}
     if evaluation:
         rows["base (SFT)" if config.model.init == "sft_base" else "initial"] = evaluate(
-            world, base, tokenizer, world_image_config)
+            world, local(base), tokenizer, world_image_config)
     for name, (variant, variant_dir) in variants.items():
         result = _train_variant(variant, model=base, tokenizer=tokenizer, source=source,
                                 image_config=image_config, workdir=variant_dir)
         summaries[name] = result.summary
         if evaluation:
-            rows[name] = evaluate(world, result.model, tokenizer, world_image_config)
+            rows[name] = evaluate(world, local(result.model), tokenizer, world_image_config)
     if evaluation and config.eval.control and config.method.name != "sft":
         control = train(with_epoch_steps(control_config(config), len(source)), model=base,
                         tokenizer=tokenizer, source=source, image_config=image_config,
                         workdir=workdir / "control")
         summaries["control"] = control.summary
-        rows["control (SFT on chosen)"] = evaluate(world, control.model, tokenizer,
+        rows["control (SFT on chosen)"] = evaluate(world, local(control.model), tokenizer,
                                                    world_image_config)
-    if rows:
+    if rows and distributed.is_primary():
         table = format_table(rows, SAMPLED_COLUMNS)
         print(table, flush=True)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -324,6 +324,10 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
       ``training.loop.TrainResult`` (``steps`` = rollout steps run).
     """
     config_checks.validate(config, device_count=jax.device_count())
+    if jax.process_count() > 1:  # rollouts are sampled and scored with host arrays
+        raise NotImplementedError(
+            f"FiSAO runs in one process; this job has {jax.process_count()} (run it on one "
+            "host with --config.distributed.mode=off)")
     workdir = pathlib.Path(workdir) if workdir is not None else _expand(
         config.workdir or f"runs/{config.name}")
     workdir.mkdir(parents=True, exist_ok=True)

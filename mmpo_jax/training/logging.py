@@ -110,6 +110,8 @@ class MetricLogger:
       progress_bar: show a tqdm bar on stderr.
       tensorboard: also write TensorBoard scalars.
       run_name: shown on the bar and in the summary.
+      write_files: write ``metrics.jsonl``, TensorBoard and ``summary.json``; False on every
+        process of a multi-process job but process 0 (it still keeps the records and summary).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class MetricLogger:
         progress_bar: bool = True,
         tensorboard: bool = True,
         run_name: str = "",
+        write_files: bool = True,
     ):
         if log_every < 1:
             raise ValueError(f"log_every={log_every} must be >= 1")
@@ -135,9 +138,10 @@ class MetricLogger:
         self.initial_step = initial_step
         self.log_every = log_every
         self.run_name = run_name
-        self._metrics_file = (self.workdir / METRICS_FILE).open("a")
+        self.write_files = write_files
+        self._metrics_file = (self.workdir / METRICS_FILE).open("a") if write_files else None
         self._writer = None
-        if tensorboard:
+        if tensorboard and write_files:
             # tensorboardX names event files by the second and the host, and truncates a file of
             # that name: a run resumed within the same second would wipe the previous file.
             self._writer = _import_summary_writer()(
@@ -213,8 +217,9 @@ class MetricLogger:
 
     def _write(self, record: dict[str, Any]) -> None:
         self._records.append(record)
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
         step = record["step"]
         if self._writer is not None:
             for name, value in record.items():
@@ -281,9 +286,11 @@ class MetricLogger:
         return "\n".join(lines)
 
     def write_summary(self, path: str | Path | None = None) -> Path:
-        """Write ``summary()`` as JSON to ``path`` (default ``<workdir>/summary.json``)."""
+        """Write ``summary()`` as JSON to ``path`` (default ``<workdir>/summary.json``); only
+        with ``write_files``."""
         path = Path(path) if path is not None else self.workdir / SUMMARY_FILE
-        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        if self.write_files:
+            path.write_text(json.dumps(self.summary(), indent=2) + "\n")
         return path
 
     def close(self) -> None:
@@ -296,7 +303,8 @@ class MetricLogger:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
-        self._metrics_file.close()
+        if self._metrics_file is not None:
+            self._metrics_file.close()
 
     def __enter__(self) -> MetricLogger:
         return self

@@ -6,6 +6,13 @@ steps and returns the final policy. Everything the run writes lives under its wo
 ``checkpoints/`` (orbax; a rerun with ``checkpoint.resume`` continues from the latest complete
 one, data position and PRNG included), ``metrics.jsonl``, ``tensorboard/``, ``summary.json`` and,
 with ``checkpoint.export_hf``, ``hf/`` (the final policy in the transformers layout).
+
+Several processes (``engine.distributed``): each reads its own shard of the data
+(``data.batch_size / process_count`` rows, padded to the longest process's bucket) and the rows
+form one global batch (``jax.make_array_from_process_local_data``: process ``k``'s rows are rows
+``[k B/P, (k+1) B/P)`` of it on a mesh laid out over ``jax.devices()``); all of them save and
+restore the checkpoints (which must be on a disk they share) and process 0 alone writes the
+metric log, TensorBoard, the summary and the export.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import pathlib
 from typing import Any, Iterator, Mapping
 
+import grain
 import jax
 import numpy as np
 from flax import nnx
@@ -23,7 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmpo_jax.config import checks as config_checks
 from mmpo_jax.data import pipeline
+from mmpo_jax.data.batch import pad_to_length
 from mmpo_jax.data.image_processing import ImageProcessorConfig
+from mmpo_jax.engine import distributed
 from mmpo_jax.engine import optimizer as optimizer_lib
 from mmpo_jax.engine import reference as reference_lib
 from mmpo_jax.engine import reference_cache, sharding
@@ -54,14 +64,21 @@ def is_sft(method_config: Mapping[str, Any]) -> bool:
 def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: ImageProcessorConfig,
                   num_image_tokens: int, plan: ScoringPlan, num_epochs: int | None = None,
                   shuffle: bool | None = None, shard_by_process: bool = True,
-                  drop_remainder: bool | None = None) -> pipeline.PipelineIterator:
+                  drop_remainder: bool | None = None, shard: tuple[int, int] | None = None
+                  ) -> pipeline.PipelineIterator:
     """The run's batch iterator (per process: ``data.batch_size / process_count`` rows); None
-    arguments come from ``config.data``."""
+    arguments come from ``config.data``.
+
+    ``shard=(k, P)`` gives the iterator process ``k`` of a ``P``-process job reads, on any
+    process (tests, debugging); None reads this process's shard (or everything, without
+    ``shard_by_process``).
+    """
     data = config.data
-    per_process, remainder = divmod(int(data.batch_size), jax.process_count())
+    index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
+    per_process, remainder = divmod(int(data.batch_size), count)
     if remainder:
         raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
+                         f"{count} processes")
     common = dict(
         tokenizer=tokenizer, image_config=image_config, num_image_tokens=num_image_tokens,
         batch_size=per_process, buckets=tuple(data.buckets), seed=int(config.seed),
@@ -69,7 +86,8 @@ def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: Ima
         shuffle=bool(data.shuffle) if shuffle is None else shuffle,
         max_length=int(data.max_length) or None, template=data.template,
         shard_by_process=shard_by_process, too_long=data.too_long,
-        drop_remainder=bool(data.drop_remainder) if drop_remainder is None else drop_remainder)
+        drop_remainder=bool(data.drop_remainder) if drop_remainder is None else drop_remainder,
+        shard_options=None if shard is None else grain.sharding.ShardOptions(index, count))
     if is_sft(config.method):
         field = "response" if "response" in source[0] else "chosen"
         return pipeline.sft_pipeline(source, response_field=field, **common)
@@ -82,6 +100,15 @@ def _global(tree: Any, mesh: Mesh, rules: Any) -> Any:
         return jax.make_array_from_process_local_data(
             sharding.batch_sharding(mesh, np.ndim(x), rules), np.asarray(x))
     return jax.tree.map(put, tree)
+
+
+def same_length_everywhere(host_batch: Any, pad_id: int) -> Any:
+    """The process's batch padded to the longest of all processes' (no-op for one process): the
+    rows of one global array must share its shape. Agreed host-side, every step."""
+    if jax.process_count() == 1:
+        return host_batch
+    length = max(distributed.all_gather("batch length", host_batch.sequence_length))
+    return pad_to_length(host_batch, length, pad_id)
 
 
 def _shardings(tree: Any) -> Any:
@@ -117,7 +144,7 @@ class _Reference:
 
         rules = tuple(tuple(r) for r in config.mesh_rules)
         key = reference_cache.cache_key(
-            params=reference_cache.params_digest(self.state),
+            params=reference_cache.params_digest(self.state),  # (collective over processes)
             tokenizer=reference_cache.tokenizer_digest(tokenizer),
             model=config.model.to_dict(), data=config.data.to_dict(), seed=int(config.seed),
             method=config.method.to_dict(), names=[s.key for s in plan.reference_outputs])
@@ -136,7 +163,7 @@ class _Reference:
 
 def place_policy(split: state_lib.PolicySplit, mesh: Mesh, rules: Any) -> tuple[Any, Any]:
     """``(trainable, frozen)`` of ``split`` on ``mesh`` by their logical axis names."""
-    return tuple(jax.device_put(tree, sharding.state_shardings(tree, mesh, rules))
+    return tuple(distributed.put(tree, sharding.state_shardings(tree, mesh, rules))
                  for tree in (split.trainable, split.frozen))
 
 
@@ -170,9 +197,11 @@ def open_and_resume(config: Any, workdir: pathlib.Path, trainable: Any, opt_stat
 def open_metric_log(config: Any, workdir: pathlib.Path, *, num_steps: int, start: int
                     ) -> MetricLogger:
     """The run's ``MetricLogger`` (bar, TensorBoard, jsonl) from ``config.train`` and its name."""
+    primary = distributed.is_primary()  # one log per job
     return MetricLogger(workdir, total_steps=num_steps, initial_step=start,
                         log_every=int(config.train.log_every),
-                        progress_bar=bool(config.train.progress_bar), run_name=str(config.name))
+                        progress_bar=bool(config.train.progress_bar) and primary,
+                        run_name=str(config.name), write_files=primary)
 
 
 def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end: int,
@@ -193,8 +222,9 @@ def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end
     final = nnx.merge(split.graphdef, trainable, frozen)
     final.eval()
     if config.checkpoint.export_hf:
-        exported = reference_lib.merged_copy(final)
-        export_policy(exported, exported.config, workdir / "hf")
+        exported = distributed.process_local(reference_lib.merged_copy(final))
+        if distributed.is_primary():
+            export_policy(exported, exported.config, workdir / "hf")
     return TrainResult(model=final, steps=end, summary=summary, workdir=workdir)
 
 
@@ -219,6 +249,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     config_checks.validate(config, device_count=jax.device_count())
     workdir = pathlib.Path(workdir) if workdir is not None else _workdir(config)
     workdir.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_directory(workdir, "workdir")  # orbax writes one checkpoint from all
     method = config.method.to_dict()
     plan = plan_scoring(method)
     num_steps = int(config.train.num_steps)
@@ -226,6 +257,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     rules = tuple(tuple(r) for r in config.mesh_rules)
     num_image_tokens = model.config.num_image_tokens
     eos_token_id = int(tokenizer.eos_token_id)
+    pad_id = int(tokenizer.pad_token_id)
 
     def iterator(**overrides):
         return make_iterator(config, source, tokenizer=tokenizer, image_config=image_config,
@@ -247,17 +279,19 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
     opt_state = init_opt_state(tx, trainable, mesh)
     it = data_iterator if data_iterator is not None else iterator()
-    ckpt, trainable, opt_state, rng, start = open_and_resume(
-        config, workdir, trainable, opt_state, jax.random.key(int(config.seed)), it)
-
     replicated = NamedSharding(mesh, PartitionSpec())
+    # one global key (orbax saves arrays that span the processes, not per-process copies)
+    ckpt, trainable, opt_state, rng, start = open_and_resume(
+        config, workdir, trainable, opt_state,
+        distributed.put(jax.random.key(int(config.seed)), replicated), it)
+
     has_dropout = bool(config.model.lora.enabled and config.model.lora.dropout > 0)
     step_fn = None
     metadata = {"config": config.to_dict(), "method": method}
     with open_metric_log(config, workdir, num_steps=num_steps, start=start) as metric_log:
         end = num_steps if stop_at is None else min(int(stop_at), num_steps)
         for step in range(start, end):
-            host_batch = next(it)
+            host_batch = same_length_everywhere(next(it), pad_id)
             cached = reference.cached(host_batch)
             batch, cached = _global(host_batch, mesh, rules), _global(cached, mesh, rules)
             if step_fn is None:  # shardings are fixed by the first batch's structure

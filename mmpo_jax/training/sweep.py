@@ -13,7 +13,9 @@ import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
+from mmpo_jax.config.checks import distributed_settings
 from mmpo_jax.config.loading import config_module, load_config
+from mmpo_jax.engine import distributed
 from mmpo_jax.training.experiment import _expand, run_variants
 
 
@@ -51,6 +53,8 @@ def run_sweep(path: str, sweep: Sequence[tuple[str, ...]], *,
     if not sweep:
         raise ValueError(f"the sweep of {path} is empty: pass key=v1|v2 axes or define get_sweep()")
     config = load_config(path, tuple(common))
+    # Several processes (every host of a pod runs the sweep): start them before any device use.
+    distributed.initialize(distributed_settings(config))
     root = _expand(config.workdir or f"runs/{config.name}") / "sweep"
     variants = {}
     for overrides in sweep:

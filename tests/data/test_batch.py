@@ -9,6 +9,7 @@ from mmpo_jax.data.batch import (
     SftBatch,
     choose_bucket,
     collate,
+    pad_to_length,
     shift_for_next_token,
     validate_buckets,
 )
@@ -120,3 +121,15 @@ def test_concatenated_responses_stacks_chosen_then_rejected():
     np.testing.assert_array_equal(ids[:2], batch.chosen_input_ids)
     np.testing.assert_array_equal(ids[2:], batch.rejected_input_ids)
     np.testing.assert_array_equal(attention[2:], batch.rejected_attention_mask)
+
+
+def test_pad_to_length_equals_collating_into_the_longer_bucket():
+    rows = [_row(7, 5, 9), _row(-1, 4, 4)]
+    short = collate(Batch, rows, example_mask=[True, False], buckets=(16,), pad_id=PAD)
+    long = collate(Batch, rows, example_mask=[True, False], buckets=(32,), pad_id=PAD)
+    padded = pad_to_length(short, 32, PAD)
+    for name, value in vars(long).items():
+        np.testing.assert_array_equal(getattr(padded, name), value, err_msg=name)
+    assert pad_to_length(short, 16, PAD) is short
+    with pytest.raises(ValueError, match="length 16 to the shorter 8"):
+        pad_to_length(short, 8, PAD)
