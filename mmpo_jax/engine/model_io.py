@@ -3,6 +3,11 @@
 This is the format of `python -m mmpo_jax.convert import`, of the cached SFT base and of the
 trainer's exports: `config.json` holds `LlavaConfig.to_dict()` and `params/` the parameter state as
 a pure dict, written by orbax's `StandardCheckpointer`.
+
+A save is all-or-nothing: `config.json` is replaced in one step (`engine.disk.write_atomic`), then
+orbax writes `params/` under a temporary name and renames it into place last, so a directory whose
+`params/` exists holds a whole model, and a save killed before that rename leaves none (the next
+save into the directory removes orbax's leftover and writes it again).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from mmpo_jax.engine.disk import write_atomic
 from mmpo_jax.engine.sharding import DEFAULT_RULES, state_shardings
 from mmpo_jax.models.llava import Llava, LlavaConfig
 
@@ -32,7 +38,7 @@ def save_model(model: Llava, directory: str | pathlib.Path) -> None:
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists; choose an empty output directory")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    write_atomic(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     checkpointer.wait_until_finished()
