@@ -24,8 +24,11 @@ import logging
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from mmpo_jax.engine.integrity import Fingerprint
+import jax
+
+from mmpo_jax.engine.integrity import Fingerprint, leaf_name
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,26 @@ def check_files(step: int, directory: pathlib.Path, files: Iterable[str]) -> Non
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CorruptCheckpoint(step, directory, relative, "bad-json",
                                     f"not valid JSON ({error})") from None
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``"a/b/0/value" -> shape`` for every array leaf; names, attributes and indices alike."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {leaf_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def target_mismatches(stored: Any, target: Any, limit: int = 8) -> list[str]:
+    """Missing, unexpected and differently shaped arrays of a restore ``target`` against the
+    ``stored`` tree (orbax's metadata): the run's model or optimizer differ from the saved ones,
+    which is the caller's mistake, not damage to the checkpoint."""
+    saved, wanted = _shapes_by_path(stored), _shapes_by_path(target)
+    problems = [f"{path} is not in the checkpoint" for path in sorted(wanted.keys() - saved)]
+    problems += [f"{path} of the checkpoint is not in the target"
+                 for path in sorted(saved.keys() - wanted)]
+    problems += [f"{path} has shape {saved[path]} in the checkpoint, {wanted[path]} in the target"
+                 for path in sorted(saved.keys() & wanted) if saved[path] != wanted[path]]
+    return problems[:limit] + ([f"... {len(problems) - limit} more"] if len(problems) > limit
+                               else [])
 
 
 def describe(error: BaseException) -> str:

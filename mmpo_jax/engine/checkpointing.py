@@ -26,11 +26,13 @@ inf (``NonFiniteState``), so no such checkpoint is ever written.
 
 Write errors. Before each save the checkpoint directory is probed in the calling thread
 (``engine.disk.require_writable``): an unwritable or full directory is a ``CheckpointWriteError``
-there and then. [why] orbax-checkpoint 0.12.8 creates the step directory of an asynchronous save
-in a background thread; when that ``mkdir`` fails, its other threads wait ``multihost``'s 300 s
-signal timeout each, and the process hangs at exit joining them. An asynchronous write that fails
-later is noticed at the next ``save`` call (every step of a run) once orbax reports the write
-done, and raised there as a ``CheckpointWriteError`` naming the step.
+there and then. An asynchronous write that fails later is noticed at the next ``save`` call
+(every step of a run) once orbax reports the write done, and raised there as a
+``CheckpointWriteError`` naming the step. [why] orbax-checkpoint 0.12.8 creates the step directory
+of an asynchronous save in a background thread; when that ``mkdir`` fails, the commit threads of
+the other items wait ``multihost.coordination_timeout()`` (300 s) per signal for it, and as
+non-daemon threads they keep the interpreter from exiting: the probe avoids that case, and
+``_release_orbax_waiters`` wakes them when it happens anyway.
 """
 
 from __future__ import annotations
@@ -120,24 +122,6 @@ def _split_key(rng: jax.Array) -> tuple[jax.Array, str | None]:
     return rng, None
 
 
-def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-    """``"a/b/0/value" -> shape`` for every array leaf; names, attributes and indices alike."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {integrity.leaf_name(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def _target_mismatches(stored: Any, target: Any, limit: int = 8) -> list[str]:
-    """Missing, unexpected and differently shaped arrays of ``target`` against ``stored``."""
-    saved, wanted = _shapes_by_path(stored), _shapes_by_path(target)
-    problems = [f"{path} is not in the checkpoint" for path in sorted(wanted.keys() - saved)]
-    problems += [f"{path} of the checkpoint is not in the target"
-                 for path in sorted(saved.keys() - wanted)]
-    problems += [f"{path} has shape {saved[path]} in the checkpoint, {wanted[path]} in the target"
-                 for path in sorted(saved.keys() & wanted) if saved[path] != wanted[path]]
-    return problems[:limit] + ([f"... {len(problems) - limit} more"] if len(problems) > limit
-                               else [])
-
-
 def _as_json(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """``metadata`` as a plain JSON dict, or a TypeError naming what cannot be written."""
     if metadata is None:
@@ -153,12 +137,10 @@ def _as_json(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 def _release_orbax_waiters() -> None:
     """Wake the commit threads of a failed asynchronous save, so the process can exit.
 
-    [why] When orbax-checkpoint 0.12.8 fails to create a step directory in its background
-    thread, the commit threads of the other items keep waiting for the "directory created"
-    signal, ``multihost.coordination_timeout()`` (300 s) per signal, and as non-daemon threads
-    they keep the interpreter from exiting. Each such thread is cancelled (it returns without
-    running its write once woken) and the signals it waits for are set. This reads orbax's
-    private ``_SignalingThread`` fields; with another orbax it does nothing.
+    [why] They wait for the signal of a step directory that was never created (module doc). Each
+    is cancelled (once woken it returns without writing) and its signals are set. This reads
+    orbax-checkpoint 0.12.8's private ``_SignalingThread`` fields; with another orbax it does
+    nothing.
     """
     try:
         from orbax.checkpoint._src.futures import future as orbax_future
@@ -237,15 +219,11 @@ class Checkpointer:
         """Whether ``save(step)`` without ``force`` would write."""
         return step not in self.all_steps() and self._manager.should_save(step)
 
-    # ------------------------------------------------------------------------------- saving
-
     def save(self, step: int, *, params: nnx.State, opt_state: Any, rng: jax.Array,
              data_iterator: grain.DatasetIterator | None = None,
              metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-        """Save the training state at ``step`` if it is due (or ``force``).
-
-        Every call first checks whether a finished asynchronous save failed, so a run calling
-        this once per step learns of a failed write within a step.
+        """Save the training state at ``step`` if it is due (or ``force``); first raise the
+        failure of a finished asynchronous save, if any (``check_background_write``).
 
         Args:
           step: the number of optimizer steps taken.
@@ -308,12 +286,8 @@ class Checkpointer:
             raise NonFiniteState(
                 f"refusing to save the checkpoint of step {step}: {item}/{bad[0]} holds NaN or "
                 f"inf values ({len(bad)} arrays do); the newest checkpoint in {self.directory} "
-                f"is {self._describe_latest()}")
+                f"is {'none' if self.latest_step() is None else f'step {self.latest_step()}'}")
         return {name: fingerprint.checksum for name, fingerprint in fingerprints.items()}
-
-    def _describe_latest(self) -> str:
-        latest = self.latest_step()
-        return "none" if latest is None else f"step {latest}"
 
     def _write_failure(self, step: int, error: BaseException) -> str:
         """The one-line message of a failed write; wakes orbax's threads that would wait for it."""
@@ -345,8 +319,6 @@ class Checkpointer:
             raise CheckpointWriteError(
                 f"the checkpoint of step {step} was not committed to {self.directory}: orbax's "
                 f"background write failed (its log above says why)")
-
-    # ------------------------------------------------------------------------------- restoring
 
     def restore(self, step: int | None = None, *, abstract_params: nnx.State,
                 abstract_opt_state: Any, data_iterator: grain.DatasetIterator | None = None
@@ -422,7 +394,7 @@ class Checkpointer:
                                     "bad-json", "it holds no checksums")
         stored = self._read_metadata(step)
         for item, target in (("params", abstract_params), ("opt_state", abstract_opt_state)):
-            problems = _target_mismatches(stored[item].tree, target)
+            problems = checks.target_mismatches(stored[item].tree, target)
             if problems:
                 raise ValueError(
                     f"the abstract {item} does not match the {item} saved at step {step} in "
@@ -478,7 +450,7 @@ class Checkpointer:
 
         A resumed run can compare it with its own config before building the model.
         """
-        return self._read_json(self._resolve_step(step), "metadata")
+        return self._read(self._resolve_step(step), "metadata", ocp.args.JsonRestore())
 
     def _resolve_step(self, step: int | None) -> int:
         """``step``, or the latest complete step when None, after pending saves are committed."""
@@ -492,10 +464,6 @@ class Checkpointer:
             raise ValueError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
                              f"{steps}")
         return step
-
-    def _read_json(self, step: int, item: str) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.JsonRestore()}))[item]
 
     def close(self) -> None:
         """Finish pending saves and release orbax's threads (CheckpointWriteError if the last

@@ -310,10 +310,14 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
             metrics = dict(metrics)
             metrics["optim/learning_rate"] = float(schedule(step))
             metric_log.log(step + 1, metrics, examples=int(np.sum(host_batch.example_mask)))
-            if guard.due(step + 1) or ckpt.should_save(step + 1):
+            saving = ckpt.should_save(step + 1)  # orbax's decision, taken once per step
+            if saving or guard.due(step + 1):  # never save past max_bad_steps bad steps
                 check_guard(config, guard, ckpt=ckpt, metric_log=metric_log)
-            ckpt.save(step + 1, params=trainable, opt_state=opt_state, rng=rng,
-                      data_iterator=it, metadata=metadata)
+            if saving:
+                ckpt.save(step + 1, params=trainable, opt_state=opt_state, rng=rng,
+                          data_iterator=it, metadata=metadata, force=True)
+            else:
+                ckpt.check_background_write()
         return finish_run(config, ckpt=ckpt, metric_log=metric_log, end=end, split=split,
                           trainable=trainable, opt_state=opt_state, frozen=frozen, rng=rng,
                           workdir=workdir, metadata=metadata, data_iterator=it, guard=guard)
