@@ -15,7 +15,6 @@ free-form mapping (``data.builder``, ``method.terms``, ``reference_settings``) i
 from __future__ import annotations
 
 import copy
-import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +28,6 @@ from mmpo_jax.objectives import registry
 
 SECTIONS = ("model", "data", "optimizer", "train", "mesh", "reference", "checkpoint", "eval",
             "sft_base", "rollout", "pairs")
-RLHF_V_PAIRS = 5733  # RLHF-V-Dataset.parquet: epochs -> steps for the LLaVA presets
 
 
 def _config_dict(spec: Any) -> Any:
@@ -72,7 +70,8 @@ def model(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def data(**overrides: Any) -> ml_collections.ConfigDict:
-    """``data``: dataset, split, directories, tokenizer, template, global batch, buckets."""
+    """``data``: dataset, split, directories, tokenizer, template, global batch, buckets, epochs,
+    over-long responses (``too_long``), the last partial batch (``drop_remainder``), image size."""
     return section("data", **overrides)
 
 
@@ -82,7 +81,7 @@ def optimizer(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def train(**overrides: Any) -> ml_collections.ConfigDict:
-    """``train``: optimizer steps (required), logging."""
+    """``train``: optimizer steps (required; 0 = ``data.num_epochs`` over the split), logging."""
     return section("train", **overrides)
 
 
@@ -189,13 +188,17 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
     bf16 compute over f32 parameters, remat, LoRA on every decoder linear layer (rank/alpha from
     the paper's settings, else the schema's) with the projector and vision tower frozen,
     ``reference.mode="lora_base"`` (the policy with its adapters off: the initial policy, without
-    a second 7B copy). Steps = the paper's epochs over
-    the 5,733 RLHF-V pairs (1 epoch where none is recorded). ``sections`` (platform: mesh,
-    accumulation) override last.
+    a second 7B copy). Length: the paper's epochs (``data.num_epochs``; 1 where none is
+    recorded) over the prepared training split, whatever its size (``train.num_steps=0``: the
+    steps are resolved when the run starts and logged); each epoch's last partial batch is padded
+    (``data.drop_remainder=False``). ``sections`` (platform: mesh, accumulation) override last.
 
-    Set before running (placeholders): ``data.manual_dir`` (the RLHF-V parquet folder, needed
-    until the dataset is prepared), ``model.checkpoint`` (``python -m mmpo_jax.convert import
-    <hf_dir> <orbax_dir>``) and ``data.tokenizer`` (the transformers checkpoint folder).
+    Set before running (placeholders, all checked before anything is loaded):
+    ``--config.model.checkpoint`` (``python -m mmpo_jax.convert import <hf_dir> <orbax_dir>``),
+    ``--config.data.tokenizer`` (the transformers checkpoint folder), ``--config.data.manual_dir``
+    (the RLHF-V parquet folder, needed until the dataset is prepared; for P2-DPO the folder its
+    pairs are generated into) and, for P2-DPO, ``--config.pairs.source_manual_dir`` (the RLHF-V
+    parquet folder its prompts come from).
     """
     settings = method_config.get("reference_settings", ml_collections.ConfigDict())
     config = experiment(
@@ -212,7 +215,7 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
                   else "rlhf_v", split="train",
                   manual_dir="", tokenizer="~/models/llava-1.5-7b-hf", buckets=(1024, 2048)),
         optimizer=dict(learning_rate=method_config.optimizer.learning_rate),
-        train=dict(num_steps=1, log_every=1),
+        train=dict(num_steps=0, log_every=1),  # 0: data.num_epochs over the split
         reference=dict(mode="lora_base"),
         checkpoint=dict(save_every=200, keep=2),
         # The shapes-world evaluation has no RLHF-V counterpart; real benchmarks run separately.
@@ -232,7 +235,6 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
             for parent in parents:
                 node = node[parent]
             node[field] = value
-    epochs = settings.get("num_epochs", 1)
-    config.train.num_steps = math.ceil(epochs * RLHF_V_PAIRS / config.data.batch_size)
+    config.data.num_epochs = int(settings.get("num_epochs", 1))
     override(config, sections)
     return config

@@ -25,6 +25,10 @@ are read from it unless `--tokenizer` / `--processor` name other directories
 (`evaluation.loading.load_model`). `--image_aspect_ratio pad` gives LLaVA-1.5's pad-to-square,
 which llava-hf's processor files do not record; use what the model was trained with.
 Metric names: `evaluation.suite`.
+
+Bad flags are named before the model loads, all at once, in one line without a traceback: an
+incomplete benchmark (`--pope_questions` without `--pope_images`, ...) and every path flag naming
+nothing (`--checkpoint`, `--tokenizer`, `--processor`, the benchmark files and folders).
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ from mmpo_jax.evaluation.runner import DECODINGS, evaluate_model
 from mmpo_jax.evaluation.table import format_table
 
 REAL_DATA_FLAGS = ("coco_images", "heldout_dataset", "pope_questions", "amber_dir")
+# path flag -> what it must name ("dir", "file" or "any"); --amber_queries lie in --amber_dir
+PATH_FLAGS = {"checkpoint": "dir", "tokenizer": "dir", "processor": "any",
+              "coco_instances": "file", "coco_captions": "file", "coco_images": "dir",
+              "heldout_manual_dir": "dir", "pope_questions": "file", "pope_images": "dir",
+              "amber_dir": "dir", "amber_images": "dir"}
 _SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(suite.EvaluationSpec))
 
 
@@ -108,6 +117,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def path_problems(args: argparse.Namespace) -> list[str]:
+    """Every path flag given that names no file or folder of the kind it needs."""
+    nouns = {"dir": "folder", "file": "file", "any": "file or folder"}
+    problems = []
+    for flag, kind in PATH_FLAGS.items():
+        value = getattr(args, flag, None)
+        for path in (value if isinstance(value, (list, tuple)) else [value]):
+            target = None if path is None else pathlib.Path(path).expanduser()
+            if target is None or (target.exists() and kind == "any"):
+                continue
+            if not target.exists():
+                problems.append(f"--{flag} {path}: no such {nouns[kind]}")
+            elif target.is_dir() != (kind == "dir"):
+                problems.append(f"--{flag} {path}: not a {nouns[kind]}")
+    return problems
+
+
 def _world_options(pairs: Sequence[str]) -> dict[str, object]:
     """["p=0.5", "seed=3"] -> {"p": 0.5, "seed": 3} (values read as JSON, else kept as text)."""
     options: dict[str, object] = {}
@@ -123,17 +149,25 @@ def _world_options(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def spec_from_args(args: argparse.Namespace) -> suite.EvaluationSpec:
-    """The evaluation spec of the command line; a bad combination exits naming the flags."""
+    """The evaluation spec of the command line; a bad combination exits naming the flags, with
+    every path flag that names nothing (`path_problems`)."""
     fields = {name: getattr(args, name) for name in _SPEC_FIELDS if hasattr(args, name)}
     fields["heldout_data_dir"] = str(args.data_dir)
     try:
-        return suite.EvaluationSpec(**fields)
+        spec, problems = suite.EvaluationSpec(**fields), []
     except ValueError as error:
-        flags = re.sub(rf"\b({'|'.join(_SPEC_FIELDS)})\b", r"--\1", str(error))
-        raise SystemExit(f"python -m mmpo_jax.evaluate: {flags}") from None
+        spec, problems = None, [re.sub(rf"\b({'|'.join(_SPEC_FIELDS)})\b", r"--\1", str(error))]
+    _exit_if(problems + path_problems(args))
+    return spec
+
+
+def _exit_if(problems: list[str]) -> None:
+    if problems:
+        raise SystemExit("python -m mmpo_jax.evaluate: " + "; ".join(problems))
 
 
 def _shapes_world(args: argparse.Namespace) -> dict[str, float]:
+    _exit_if(path_problems(args))
     world = _world_options(args.world)
     model, config = load_orbax_model(args.checkpoint)
     caption_split = load_split("shapes_world", "test_caption", data_dir=args.data_dir, **world)
@@ -168,4 +202,7 @@ def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as error:  # an input the flags name lacks a file: one line
+        raise SystemExit(f"python -m mmpo_jax.evaluate: {error}") from None

@@ -19,14 +19,16 @@ import os
 import time
 from typing import Sequence
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmpo_jax.config.loading import parse_config_flags
+from mmpo_jax.config import preflight
+from mmpo_jax.config.loading import exit_on_config_error, parse_config_flags
 from mmpo_jax.data.builders.p2dpo_pairs import read_manifest, summarize
-from mmpo_jax.training.experiment import (generate_p2dpo_pairs, initial_model, load_data,
-                                          prompt_source_config)
+from mmpo_jax.training.experiment import (check_image_size, generate_p2dpo_pairs, initial_model,
+                                          load_data, prompt_source_config)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the training config, configs/p2dpo.py",
                                           lock_config=True)
@@ -39,16 +41,22 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/p2dpo.py is required")
-    if "pairs" not in config:
-        raise app.UsageError("the config has no pairs section (configs/p2dpo.py has one)")
     output_dir = os.path.expanduser(_OUTPUT_DIR.value or config.data.manual_dir)
-    if not output_dir:
-        raise app.UsageError("no output folder: pass --output_dir or set data.manual_dir")
+    with exit_on_config_error():  # every problem at once, before the model or data are loaded
+        preflight.check(config, device_count=jax.device_count(), generating_pairs=True, extra=[
+            *([] if "pairs" in config else
+              ["the config has no pairs section (configs/p2dpo.py has one)"]),
+            *([] if output_dir else
+              ["no output folder: pass --output_dir or set --config.data.manual_dir"])])
+        _generate(config, output_dir)
+
+
+def _generate(config, output_dir: str) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
-
     source_config = prompt_source_config(config)
     source, tokenizer, image_config = load_data(source_config)
+    check_image_size(source_config, tokenizer, image_config)
     model = initial_model(source_config, tokenizer)
     previous = read_manifest(output_dir)
     done_before = summarize(previous).get("candidates", 0) if previous else 0

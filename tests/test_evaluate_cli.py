@@ -126,6 +126,20 @@ def test_incomplete_flags_are_named_before_the_model_loads(tmp_path, extra, mess
         evaluate.main(["--checkpoint", str(tmp_path / "absent"), *extra])
 
 
+def test_every_path_flag_naming_nothing_is_listed_before_the_model_loads(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(["--checkpoint", str(tmp_path / "absent"), "--pope_questions",
+                       str(tmp_path / "q.json"), str(tmp_path), "--pope_images",
+                       str(tmp_path / "a_file")])
+    assert str(error.value) == (
+        f"python -m mmpo_jax.evaluate: --checkpoint {tmp_path / 'absent'}: no such folder; "
+        f"--pope_questions {tmp_path / 'q.json'}: no such file; --pope_questions {tmp_path}: not "
+        f"a file; --pope_images {tmp_path / 'a_file'}: not a folder")
+    with pytest.raises(SystemExit, match="--checkpoint .*absent: no such folder"):  # shapes world
+        evaluate.main(["--checkpoint", str(tmp_path / "absent")])
+
+
 def test_a_model_directory_without_tokenizer_names_the_flag(setup):
     root, paths, _ = setup
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):

@@ -1,10 +1,21 @@
 """The checks a training config passes before anything compiles.
 
-`validate(config, device_count=..., dataset_features=...)` raises one `ValueError` listing every
-problem: unknown or missing fields and wrong types (against `config.schema.SCHEMA`), values out of
-range (the method options' own declarations, `objectives.terms.Option`), unknown names,
-impossible meshes and batch splits, references a method cannot use, and record fields the
-dataset lacks (the method's `engine.scoring.ScoringPlan.record_fields`).
+`validate(config, device_count=..., dataset_features=..., num_records=..., image_sizes=...)`
+raises one `ConfigError` listing every problem: unknown or missing fields and wrong types
+(against `config.schema.SCHEMA`), values out of range (the method options' own declarations,
+`objectives.terms.Option`), unknown names, impossible meshes and batch splits, references a
+method cannot use; and, once the data is known, record fields the dataset lacks (the method's
+`engine.scoring.ScoringPlan.record_fields`), a step count the epochs cannot feed and a
+preprocessing size the model's vision tower does not take. `problems` returns the list.
+
+Run length: ``train.num_steps`` optimizer steps, each one batch of ``data.batch_size``; 0 means
+``data.num_epochs`` passes over the training split (`epoch_steps`), resolved when its size is
+known. An epoch is the pipeline's schedule (`data.pipeline.Schedule`): ``ceil(N / batch)``
+batches, the last one padded (``data.drop_remainder=False``, the default [our choice]: every
+record is trained on every epoch, and the short batch's loss is the mean over its real rows), or
+``floor(N / batch)`` with the remainder dropped (a new permutation each epoch drops other
+records). An on-policy method (FiSAO) reads ``batch_size / rollout.num_samples`` prompts per
+step from an endless stream: ``ceil(epochs * N / prompts)`` steps.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from typing import Any
 from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Required,
                                     method_option_defaults)
 from mmpo_jax.data.builders import BUILDERS
+from mmpo_jax.data.pipeline import TOO_LONG_POLICIES, Schedule
 from mmpo_jax.data.template import TEMPLATES
 from mmpo_jax.engine import reference
 from mmpo_jax.engine.scoring import plan_scoring
@@ -30,17 +42,18 @@ INITS = ("sft_base", "random", "checkpoint")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant", "linear")
 ROLLOUT_VOCABULARIES = ("shapes_world", "coco")
+SHAPES_WORLD = "shapes_world"
 
 _CHOICES = {
     "model.preset": PRESETS, "model.init": INITS, "model.dtype": DTYPES,
     "model.param_dtype": DTYPES, "data.dataset": tuple(BUILDERS), "data.template": tuple(TEMPLATES),
     "optimizer.schedule": SCHEDULES, "reference.mode": reference.MODES,
     "rollout.reward_granularity": REWARD_GRANULARITIES,
-    "rollout.vocabulary": ROLLOUT_VOCABULARIES,
+    "rollout.vocabulary": ROLLOUT_VOCABULARIES, "data.too_long": TOO_LONG_POLICIES,
 }
 _POSITIVE = (
     "model.lora.rank", "data.batch_size", "optimizer.learning_rate", "optimizer.eps",
-    "optimizer.grad_accum_steps", "train.num_steps", "train.log_every", "checkpoint.save_every",
+    "optimizer.grad_accum_steps", "train.log_every", "checkpoint.save_every",
     "checkpoint.keep", "eval.batch_size", "eval.max_new_tokens", "eval.control_learning_rate",
     "sft_base.num_steps", "sft_base.batch_size", "sft_base.learning_rate", "rollout.num_samples",
     "rollout.max_new_tokens", "rollout.ppo_epochs", "train.max_bad_steps",
@@ -50,8 +63,13 @@ _RANGES = {  # inclusive bounds, None = open
     "optimizer.warmup_ratio": (0.0, 1.0), "optimizer.end_learning_rate_ratio": (0.0, 1.0),
     "optimizer.weight_decay": (0.0, None), "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0),
     "optimizer.grad_clip": (0.0, None), "eval.num_captions": (0, None),
-    "eval.num_samples": (0, None),
+    "eval.num_samples": (0, None), "train.num_steps": (0, None), "data.image_size": (0, None),
 }
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem, one per line. The CLIs print
+    it without a traceback and exit with status 2."""
 
 
 def samples_rollouts(method_config: Mapping[str, Any]) -> bool:
@@ -60,34 +78,141 @@ def samples_rollouts(method_config: Mapping[str, Any]) -> bool:
 
 
 def validate(config: Any, *, device_count: int | None = None,
-             dataset_features: Collection[str] | None = None) -> None:
+             dataset_features: Collection[str] | None = None, num_records: int | None = None,
+             process_count: int = 1, image_sizes: tuple[int, int] | None = None) -> None:
     """Checks a full config (ConfigDict or nested dicts); raises one error listing every problem.
 
     Args:
       config: the experiment config (`SCHEMA`).
       device_count: devices the mesh spans; None skips the checks that need it.
       dataset_features: record fields of the training split; None skips the data check.
+      num_records: records of the training split; None skips the run-length check.
+      process_count: processes the data is sharded over (the run-length check).
+      image_sizes: ``(preprocessing crop size, the model's vision image size)`` in pixels;
+        None skips the image-size check.
 
     Raises:
-      ValueError: the problems, one per line.
+      ConfigError: the problems, one per line.
     """
-    tree = _plain(config)
-    problems = _structure_problems(tree)
-    if not problems:
-        method_problems = _method_problems(tree["method"])
-        problems = [*_value_problems(tree), *method_problems,
-                    *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree)]
-        if not method_problems:
-            problems += _reference_problems(tree) + _rollout_problems(tree)
-            if dataset_features is not None:
-                problems += _data_problems(tree, dataset_features)
-    if problems:
-        raise ValueError(f"config {tree.get('name')!r} is invalid:\n  - " + "\n  - ".join(problems))
+    found = problems(config, device_count=device_count, dataset_features=dataset_features,
+                     num_records=num_records, process_count=process_count,
+                     image_sizes=image_sizes)
+    if found:
+        raise ConfigError(format_problems(config, found))
 
 
-def _plain(value: Any) -> Any:
+def format_problems(config: Any, found: list[str]) -> str:
+    """The message of `ConfigError`: the config's name, then one problem per line."""
+    tree = plain(config)
+    name = tree.get("name") if isinstance(tree, Mapping) else None
+    return f"config {name!r} is invalid:\n  - " + "\n  - ".join(found)
+
+
+def problems(config: Any, *, device_count: int | None = None,
+             dataset_features: Collection[str] | None = None, num_records: int | None = None,
+             process_count: int = 1, image_sizes: tuple[int, int] | None = None) -> list[str]:
+    """`validate`'s problems as a list (empty when the config is valid)."""
+    tree = plain(config)
+    found = structure_problems(tree)
+    if found:
+        return found
+    method_problems = _method_problems(tree["method"])
+    found = [*_value_problems(tree), *method_problems,
+             *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree)]
+    if not method_problems:
+        found += _reference_problems(tree) + _rollout_problems(tree) + _run_problems(tree)
+        if dataset_features is not None:
+            found += _data_problems(tree, dataset_features)
+        if num_records is not None and not found:
+            found += _epoch_problems(tree, num_records, process_count)
+    if image_sizes is not None:
+        found += image_size_problems(tree, *image_sizes)
+    return found
+
+
+def epoch_steps(config: Any, num_records: int, *, process_count: int = 1) -> int:
+    """Optimizer steps of ``data.num_epochs`` passes over ``num_records`` (module doc).
+
+    Raises:
+      ValueError: ``data.drop_remainder`` leaves no full batch.
+    """
+    tree = plain(config)
+    epochs, batch = int(tree["data"]["num_epochs"]), int(tree["data"]["batch_size"])
+    if samples_rollouts(tree["method"]):
+        prompts = batch // int(tree["rollout"]["num_samples"])
+        return math.ceil(epochs * num_records / prompts)
+    schedule = Schedule(num_records=num_records, shard_index=0, shard_count=process_count,
+                        batch_size=batch // process_count, seed=0,
+                        drop_remainder=bool(tree["data"]["drop_remainder"]))
+    return epochs * schedule.batches_per_epoch
+
+
+def _run_problems(tree: Mapping[str, Any]) -> list[str]:
+    """What the main job and the loops refuse once data and model are loaded."""
+    data, model, method = tree["data"], tree["model"], tree["method"]
+    world = (tree.get("pairs", {}).get("source_dataset", SHAPES_WORLD)
+             if data["dataset"] == "p2dpo_pairs" else data["dataset"])
+    found = []
+    if tree["train"]["num_steps"] == 0 and data["num_epochs"] == 0:
+        found.append("train.num_steps=0 takes the run's length from data.num_epochs, which is 0 "
+                     "(repeat the data forever); set train.num_steps=N or data.num_epochs=E")
+    if model["init"] == "sft_base" and world != SHAPES_WORLD:
+        found.append(f"model.init='sft_base' trains the tiny SFT base on the shapes world, not "
+                     f"{world!r}; set model.init='checkpoint' (with model.checkpoint) or 'random'")
+    if model["lora"]["enabled"] and not model["freeze_vision"]:
+        found.append("model.lora.enabled=true with model.freeze_vision=false: the adapters cover "
+                     "the language model only; set model.freeze_vision=true, or "
+                     "model.lora.enabled=false to train the vision tower in full")
+    if samples_rollouts(method) and data["dataset"] != SHAPES_WORLD:
+        found.append(f"method {method['name']!r} on data.dataset={data['dataset']!r}: its "
+                     "verifier and calibration are built from the shapes world's ground truth "
+                     "only; train it on shapes_world, or call training.fisao_loop.train_fisao "
+                     "with verifier= and calibration=")
+    if tree["eval"]["enabled"] and world != SHAPES_WORLD:
+        found.append(f"eval.enabled=true evaluates on the shapes world's "
+                     f"{tree['eval']['caption_split']!r}/{tree['eval']['pope_split']!r} splits, "
+                     f"which {world!r} lacks; set eval.enabled=false and evaluate with "
+                     "python -m mmpo_jax.evaluate")
+    return found
+
+
+def _epoch_problems(tree: Mapping[str, Any], num_records: int, process_count: int) -> list[str]:
+    data, steps = tree["data"], tree["train"]["num_steps"]
+    try:
+        available = epoch_steps(tree, num_records, process_count=process_count)
+    except ValueError:
+        return [f"data.drop_remainder=true leaves no full batch of data.batch_size="
+                f"{data['batch_size']} in the {num_records} records of {data['dataset']}/"
+                f"{data['split']}; lower data.batch_size or set data.drop_remainder=false"]
+    if steps and data["num_epochs"] and steps > available and not samples_rollouts(tree["method"]):
+        return [f"train.num_steps={steps} needs {steps} batches, but data.num_epochs="
+                f"{data['num_epochs']} over the {num_records} records of {data['dataset']}/"
+                f"{data['split']} gives {available} (data.batch_size={data['batch_size']}, "
+                f"data.drop_remainder={data['drop_remainder']}); set train.num_steps=0 to train "
+                f"for data.num_epochs, or raise data.num_epochs (0 repeats the data forever)"]
+    return []
+
+
+def image_size_problems(config: Any, preprocessing: int, model: int) -> list[str]:
+    """Why images preprocessed to ``preprocessing`` px cannot feed a vision tower taking
+    ``model`` px (empty when the sizes agree)."""
+    tree = plain(config)
+    if preprocessing == model:
+        return []
+    model_config = tree["model"]
+    where = (f"model.checkpoint={model_config['checkpoint']!r}"
+             if model_config["init"] == "checkpoint"
+             else f"model.preset={model_config['preset']!r}")
+    return [f"the images of data.dataset={tree['data']['dataset']!r} are preprocessed to "
+            f"{preprocessing} px but the vision tower of {where} takes {model} px; set "
+            f"data.image_size={model}, or use a model (preset or checkpoint) whose vision tower "
+            f"takes {preprocessing}-px images"]
+
+
+def plain(value: Any) -> Any:
+    """A config (ConfigDict or mappings) as nested plain dicts."""
     value = value.to_dict() if hasattr(value, "to_dict") else value
-    return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+    return {k: plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Any:
@@ -122,7 +247,8 @@ def _field_problems(parent: Mapping[str, Any], key: str, spec: Any, path: str) -
     return problems
 
 
-def _structure_problems(tree: Mapping[str, Any]) -> list[str]:
+def structure_problems(tree: Mapping[str, Any]) -> list[str]:
+    """Unknown, missing and mistyped fields of a `plain` config (the other checks need none)."""
     valid = [*SCHEMA, "method", *OPTIONAL_SECTIONS]
     problems = [f"{key}: unknown section or field; valid: {valid}"
                 for key in tree if key not in valid]

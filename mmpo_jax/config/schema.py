@@ -43,6 +43,11 @@ SCHEMA: dict[str, Any] = {
         "dataset": "shapes_world", "split": "preference", "data_dir": "~/mmpo_data",
         "manual_dir": "", "builder": {}, "tokenizer": "", "template": "llava_1_5",
         "batch_size": 32, "buckets": (64, 96), "max_length": 0, "num_epochs": 0, "shuffle": True,
+        # a response longer than max_length: "truncate" (kept, cut) | "skip"; both counted
+        "too_long": "truncate",
+        # each epoch's last partial batch: padded (False; every record every epoch) or dropped
+        "drop_remainder": False,
+        "image_size": 0,  # 0: the dataset's preprocessing size; N: images resized to N px
     },
     "optimizer": {
         "learning_rate": Required(float), "schedule": "cosine", "warmup_ratio": 0.1,

@@ -25,6 +25,7 @@ BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
 IMAGE_TOKEN = "<image>"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # what save_pretrained writes; load_tokenizer needs it
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
 
 
@@ -90,7 +91,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
       FileNotFoundError: `path` is not a directory holding a saved tokenizer.
     """
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+    if not os.path.isfile(os.path.join(path, TOKENIZER_CONFIG)):
         raise FileNotFoundError(
             f"no saved tokenizer at {path!r}: expected a directory with tokenizer_config.json "
             "(written by save_pretrained)"

@@ -30,6 +30,7 @@ checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -84,6 +85,9 @@ def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorCon
         image_config = image_processing.tiny(int(world["image_size"]))
     else:
         image_config = image_processing.clip_vit_l_336()
+    if data.image_size:  # the same steps at another size (e.g. the tiny model's 64 px)
+        image_config = dataclasses.replace(image_config, size=int(data.image_size),
+                                           crop_size=int(data.image_size))
     return source, tokenizer, image_config
 
 
@@ -100,6 +104,36 @@ def model_config(config: Any, tokenizer: Any) -> LlavaConfig:
     if factory is None:
         raise ValueError(f"unknown model preset {model.preset!r}")
     return factory(dtype=model.dtype, param_dtype=model.param_dtype)
+
+
+def check_image_size(config: Any, tokenizer: Any,
+                     image_config: image_processing.ImageProcessorConfig) -> None:
+    """Raises `config.checks.ConfigError` when ``image_config`` makes images of another size than
+    the initial model's vision tower takes; read without loading or compiling the model (the
+    checkpoint's ``config.json`` for ``model.init="checkpoint"``, else the preset's)."""
+    if config.model.init == "checkpoint":
+        stored = _expand(config.model.checkpoint) / model_io.CONFIG_FILE
+        llava_config = LlavaConfig.from_dict(json.loads(stored.read_text()))
+    else:
+        llava_config = model_config(config, tokenizer)
+    problems = config_checks.image_size_problems(config, image_config.crop_size,
+                                                 llava_config.vision_config.image_size)
+    if problems:
+        raise config_checks.ConfigError(config_checks.format_problems(config, problems))
+
+
+def with_epoch_steps(config: Any, num_records: int) -> Any:
+    """``config`` itself, or with ``train.num_steps=0`` a copy with the steps of
+    ``data.num_epochs`` passes over ``num_records`` (`config.checks.epoch_steps`), logged."""
+    if int(config.train.num_steps):
+        return config
+    steps = config_checks.epoch_steps(config, num_records, process_count=jax.process_count())
+    logger.info("%s: train.num_steps=0 -> %d steps: data.num_epochs=%d over %d records, batches "
+                "of %d (data.drop_remainder=%s)", config.name, steps, config.data.num_epochs,
+                num_records, config.data.batch_size, config.data.drop_remainder)
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.train.num_steps = steps
+    return resolved
 
 
 def with_runtime(llava_config: LlavaConfig, model: Any) -> LlavaConfig:
@@ -124,6 +158,7 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
     base.data.split = section.split
     base.data.batch_size = int(section.batch_size)
     base.data.num_epochs = 0
+    base.data.too_long, base.data.drop_remainder = "truncate", False  # not in the cache key
     base.train.num_steps = int(section.num_steps)
     base.optimizer.learning_rate = float(section.learning_rate)
     base.optimizer.warmup_ratio = 0.05
@@ -351,6 +386,7 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
     world = _world_config(config)
     _require_writable_dirs(config, world, variants, workdir)
     world_records, tokenizer, world_image_config = load_data(world)
+    check_image_size(world, tokenizer, world_image_config)  # before loading or compiling
     base = initial_model(world, tokenizer)
     if world is not config:
         manifest = generate_p2dpo_pairs(config, base, world_records, tokenizer, world_image_config)
@@ -358,7 +394,12 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
     source, _, image_config = load_data(config)
     for variant, _ in variants.values():
         config_checks.validate(variant, device_count=jax.device_count(),
-                               dataset_features=getattr(source, "fields", None))
+                               dataset_features=getattr(source, "fields", None),
+                               num_records=len(source), process_count=jax.process_count(),
+                               image_sizes=(image_config.crop_size,
+                                            base.config.vision_config.image_size))
+    variants = {name: (with_epoch_steps(variant, len(source)), variant_dir)
+                for name, (variant, variant_dir) in variants.items()}
     evaluation = bool(config.eval.enabled)
     rows: dict[str, dict[str, float]] = {}
     summaries: dict[str, Any] = {}
@@ -372,8 +413,9 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
         if evaluation:
             rows[name] = evaluate(world, result.model, tokenizer, world_image_config)
     if evaluation and config.eval.control and config.method.name != "sft":
-        control = train(control_config(config), model=base, tokenizer=tokenizer, source=source,
-                        image_config=image_config, workdir=workdir / "control")
+        control = train(with_epoch_steps(control_config(config), len(source)), model=base,
+                        tokenizer=tokenizer, source=source, image_config=image_config,
+                        workdir=workdir / "control")
         summaries["control"] = control.summary
         rows["control (SFT on chosen)"] = evaluate(world, control.model, tokenizer,
                                                    world_image_config)

@@ -62,9 +62,10 @@ def is_sft(method_config: Mapping[str, Any]) -> bool:
 
 def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: ImageProcessorConfig,
                   num_image_tokens: int, plan: ScoringPlan, num_epochs: int | None = None,
-                  shuffle: bool | None = None, shard_by_process: bool = True
-                  ) -> pipeline.PipelineIterator:
-    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows)."""
+                  shuffle: bool | None = None, shard_by_process: bool = True,
+                  drop_remainder: bool | None = None) -> pipeline.PipelineIterator:
+    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows); None
+    arguments come from ``config.data``."""
     data = config.data
     per_process, remainder = divmod(int(data.batch_size), jax.process_count())
     if remainder:
@@ -76,7 +77,8 @@ def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: Ima
         num_epochs=(int(data.num_epochs) or None) if num_epochs is None else num_epochs,
         shuffle=bool(data.shuffle) if shuffle is None else shuffle,
         max_length=int(data.max_length) or None, template=data.template,
-        shard_by_process=shard_by_process)
+        shard_by_process=shard_by_process, too_long=data.too_long,
+        drop_remainder=bool(data.drop_remainder) if drop_remainder is None else drop_remainder)
     if is_sft(config.method):
         field = "response" if "response" in source[0] else "chosen"
         return pipeline.sft_pipeline(source, response_field=field, **common)
@@ -267,7 +269,8 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
                                       seed=int(config.seed))
     reference = _Reference(
         config, plan, policy, mesh=mesh, rules=rules, source_length=len(source),
-        make_batches=lambda: iterator(num_epochs=1, shuffle=False, shard_by_process=False),
+        make_batches=lambda: iterator(num_epochs=1, shuffle=False, shard_by_process=False,
+                                      drop_remainder=False),  # a row for every record
         tokenizer=tokenizer, image_config=image_config, eos_token_id=eos_token_id,
         workdir=workdir)
     split = state_lib.split_policy(policy, config.model)
