@@ -1,10 +1,10 @@
 """Files a run writes: a writability probe before any work, and all-or-nothing small files.
 
-``require_writable(directory, role)`` creates ``directory`` if needed and then creates and removes
-a probe directory in it, in the calling thread. A run calls it for its workdir, data directory and
-checkpoint directory before loading data or models, and the checkpointer before every save, so a
-directory it cannot write is one clear ``UnwritableDirectory`` error at once instead of a failure
-deep inside a data builder or orbax's background threads. [our choice] The probe creates a
+``require_writable(directory, role)`` creates and removes a probe directory in ``directory`` (and
+the directory itself when absent), in the calling thread. A run calls it for its workdir, data
+directory and checkpoint directory before loading data or models, and the checkpointer before
+every save, so a directory it cannot write is one clear ``UnwritableDirectory`` error at once
+instead of a failure deep inside a data builder or orbax's background threads. [our choice] The probe creates a
 directory rather than testing ``os.access``: permission bits do not bind root, and read-only
 mounts, immutable directories and full disks refuse a real ``mkdir`` whoever asks; a directory,
 not a file, because that is what orbax's first write is.
@@ -25,7 +25,10 @@ class UnwritableDirectory(OSError):
 
 
 def require_writable(directory: str | os.PathLike[str], role: str) -> pathlib.Path:
-    """``directory`` (created with its parents if absent) after proving a write in it works.
+    """``directory`` after proving that it can be created (if absent) and written in.
+
+    The probe leaves no trace: the directories it creates, ``directory`` and any missing parents,
+    are removed again (the run creates them when it writes there).
 
     Args:
       directory: the directory the run will write under.
@@ -36,6 +39,7 @@ def require_writable(directory: str | os.PathLike[str], role: str) -> pathlib.Pa
       UnwritableDirectory: ``directory`` cannot be created, or nothing can be created in it.
     """
     path = pathlib.Path(directory).expanduser()
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -45,6 +49,12 @@ def require_writable(directory: str | os.PathLike[str], role: str) -> pathlib.Pa
         raise UnwritableDirectory(
             f"{role} {path} is not writable ({error.strerror or error}); fix its permissions, "
             f"free space or mount, or point {role} elsewhere") from error
+    finally:
+        for created in missing:
+            try:
+                created.rmdir()
+            except OSError:  # not created by us after all, or no longer empty
+                break
     return path
 
 

@@ -253,6 +253,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     config_checks.validate(config, device_count=jax.device_count())
     workdir = require_writable(workdir if workdir is not None else _workdir(config), "workdir")
     require_writable(workdir / "checkpoints", "the checkpoint directory")
+    workdir.mkdir(parents=True, exist_ok=True)
     method = config.method.to_dict()
     plan = plan_scoring(method)
     num_steps = int(config.train.num_steps)
