@@ -56,7 +56,7 @@ _POSITIVE = (
     "optimizer.grad_accum_steps", "train.log_every", "checkpoint.save_every",
     "checkpoint.keep", "eval.batch_size", "eval.max_new_tokens", "eval.control_learning_rate",
     "sft_base.num_steps", "sft_base.batch_size", "sft_base.learning_rate", "rollout.num_samples",
-    "rollout.max_new_tokens", "rollout.ppo_epochs",
+    "rollout.max_new_tokens", "rollout.ppo_epochs", "train.max_bad_steps",
 )
 _RANGES = {  # inclusive bounds, None = open
     "model.lora.dropout": (0.0, 1.0), "data.max_length": (0, None), "data.num_epochs": (0, None),

@@ -55,7 +55,10 @@ SCHEMA: dict[str, Any] = {
         "end_learning_rate_ratio": 0.0, "weight_decay": 0.05, "b1": 0.9, "b2": 0.999,
         "eps": 1e-8, "grad_clip": 1.0, "grad_accum_steps": 1,
     },
-    "train": {"num_steps": Required(int), "log_every": 10, "progress_bar": True},
+    # max_bad_steps: stop after this many consecutive steps with a NaN/inf loss or gradient norm
+    # (each one's update is skipped; training.divergence)
+    "train": {"num_steps": Required(int), "log_every": 10, "progress_bar": True,
+              "max_bad_steps": 5},
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
     "mesh_rules": DEFAULT_RULES,
     "reference": {"mode": "copy", "cache_dir": ""},

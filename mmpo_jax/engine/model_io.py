@@ -8,6 +8,11 @@ Processes: in a job of several processes (`engine.distributed`) `save_model` is 
 process writes its shards; process 0 writes `config.json`) and `load_model` restores either onto the
 run's mesh (`mesh=`, each process reading its own shards) or, by default, a whole copy onto each
 process's first local device, which is what evaluation and pair generation compute with.
+
+A save is all-or-nothing: `config.json` is replaced in one step (`engine.disk.write_atomic`), then
+orbax writes `params/` under a temporary name and renames it into place last, so a directory whose
+`params/` exists holds a whole model, and a save killed before that rename leaves none (the next
+save into the directory removes orbax's leftover and writes it again).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from mmpo_jax.engine import distributed
+from mmpo_jax.engine.disk import write_atomic
 from mmpo_jax.engine.sharding import DEFAULT_RULES, state_shardings
 from mmpo_jax.models.llava import Llava, LlavaConfig
 
@@ -40,7 +46,7 @@ def save_model(model: Llava, directory: str | pathlib.Path) -> None:
     distributed.barrier(f"save_model {directory}")  # every process checked before any writes
     directory.mkdir(parents=True, exist_ok=True)
     if distributed.is_primary():
-        (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        write_atomic(directory / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     checkpointer.wait_until_finished()

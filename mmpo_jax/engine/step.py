@@ -15,6 +15,15 @@ and metrics count real examples only (the objective is evaluated per example wit
 (sum, count) metrics are masked). With ``accum_steps = A`` the batch is cut into ``A`` interleaved
 micro-batches (rows ``a, a + A, ...``: every device keeps a share of each one), scanned with
 gradients summed, so the update equals the update of the whole batch.
+
+NaN/inf guard (``guarded_update``): a step whose loss or gradient norm is not finite leaves
+``trainable`` and ``opt_state`` as they were. The decision is a ``jnp.where`` on the device values
+inside the jit (no host sync); the step's metrics say it happened (``optim/skipped``, and which
+value was bad: ``optim/nonfinite_loss``, ``optim/nonfinite_grad_norm``, each 0 or 1 per step) and
+``training.divergence`` stops a run after ``train.max_bad_steps`` such steps in a row. [our
+choice] The optimizer state is kept too, so a skipped step does not advance the step count of the
+learning-rate schedule or Adam's moments: the next good step is the update the bad one would
+have been.
 """
 
 from __future__ import annotations
@@ -74,6 +83,42 @@ def reseed_dropout(state: Any, key: jax.Array) -> Any:
         return leaf
 
     return jax.tree_util.tree_map_with_path(reseed, state)
+
+
+SKIPPED = "optim/skipped"
+NONFINITE_LOSS = "optim/nonfinite_loss"
+NONFINITE_GRAD_NORM = "optim/nonfinite_grad_norm"
+GRAD_NORM = "optim/grad_norm"
+
+
+def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
+                   loss: jax.Array) -> tuple[Any, Any, dict[str, Metric]]:
+    """``tx``'s update of ``params``, or no change when ``loss`` or the gradient norm is NaN/inf.
+
+    Args:
+      tx: the optimizer; grads, params: pytrees of one structure; opt_state: ``tx``'s state.
+      loss: the scalar loss the gradients are of.
+
+    Returns:
+      ``(params, opt_state, metrics)``: the updated (or unchanged) pair, and ``GRAD_NORM`` (the
+      gradients' global L2 norm, before clipping) and the guard's 0/1 flags ``SKIPPED``,
+      ``NONFINITE_LOSS``, ``NONFINITE_GRAD_NORM`` as ``(value, 1)`` metrics.
+    """
+    grad_norm = optax.tree.norm(grads)
+    loss_finite, norm_finite = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+    apply = loss_finite & norm_finite
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                                     (new_params, new_opt_state), (params, opt_state))
+    one = jnp.asarray(1.0, jnp.float32)
+
+    def flag(condition):
+        return (condition.astype(jnp.float32), one)
+
+    return params, opt_state, {GRAD_NORM: (grad_norm, one), SKIPPED: flag(~apply),
+                               NONFINITE_LOSS: flag(~loss_finite),
+                               NONFINITE_GRAD_NORM: flag(~norm_finite)}
 
 
 def _micro_batches(tree: Any, accum_steps: int) -> Any:
@@ -142,27 +187,28 @@ def make_train_step(
             micro = _micro_batches((batch, cached), accum_steps)
 
             def body(carry, inputs):
-                grads_sum, metrics_sum = carry
+                grads_sum, loss_sum, metrics_sum = carry
                 index, (micro_batch, micro_cached) = inputs
-                (_, metrics), grads = grad_fn(trainable, frozen, reference_state, micro_batch,
-                                              micro_cached, jax.random.fold_in(key, index), count)
+                (loss, metrics), grads = grad_fn(trainable, frozen, reference_state, micro_batch,
+                                                 micro_cached, jax.random.fold_in(key, index),
+                                                 count)
                 grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-                return (grads_sum, accumulate(metrics_sum, metrics)), None
+                return (grads_sum, loss_sum + loss.astype(jnp.float32),
+                        accumulate(metrics_sum, metrics)), None
 
             first_metrics = jax.eval_shape(
                 lambda: grad_fn(trainable, frozen, reference_state,
                                 jax.tree.map(lambda x: x[0], micro[0]),
                                 jax.tree.map(lambda x: x[0], micro[1]), key, count)[0][1])
-            zeros = (jax.tree.map(jnp.zeros_like, trainable),
+            zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32),
                      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_metrics))
-            (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+            (grads, loss, metrics), _ = jax.lax.scan(body, zeros,
+                                                     (jnp.arange(accum_steps), micro))
         with jax.named_scope("update"):
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
-        metrics = dict(metrics)
-        one = jnp.asarray(1.0, jnp.float32)
-        metrics["optim/grad_norm"] = (optax.tree.norm(grads), one)
-        metrics["examples"] = (count, one)
+            trainable, opt_state, guard_metrics = guarded_update(tx, grads, opt_state, trainable,
+                                                                 loss)
+        metrics = {**metrics, **guard_metrics}
+        metrics["examples"] = (count, jnp.asarray(1.0, jnp.float32))
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1), in_shardings=in_shardings,

@@ -19,6 +19,18 @@ Several processes (``engine.distributed``): process 0 prepares a dataset first a
 then find it (shared disk) or prepare their own copy; the SFT base trains once, over all of them
 (one SPMD run), and is cached by process 0's decision; every process evaluates its own whole copy
 of a model (the same numbers), and process 0 alone prints and writes the table.
+
+Before any data or model is loaded, every directory the job will write is probed
+(``engine.disk.require_writable``): the workdir and each variant's, ``data.data_dir`` for the
+shapes world (generated there), the SFT-base cache (``<data.data_dir>/sft_base`` unless
+``sft_base.cache_dir`` moves it), ``reference.cache_dir`` and, for P2-DPO, the pairs'
+``data.manual_dir``. [our choice] A real dataset's ``data.data_dir`` is not probed: a
+prepared copy may sit on a read-only mount.
+
+The SFT-base cache entry ``<key>/model/`` is written under a temporary name and renamed into
+place last (``_commit_model``), so a run killed at any moment leaves no model or a complete one;
+the next run rebuilds a missing or incomplete one (its training resumes from ``<key>/run/``'s
+checkpoints).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -46,6 +59,7 @@ from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.engine import distributed, model_io, reference_cache, sharding
+from mmpo_jax.engine.disk import require_writable
 from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config.schema import method_defaults
 from mmpo_jax.training.loop import train
@@ -188,23 +202,53 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
                    "trained": base_config.model.to_dict(),
                    "tokenizer": reference_cache.tokenizer_digest(tokenizer),
                    "data": {k: base_config.data[k] for k in ("buckets", "template", "max_length")}})
-    root = _expand(config.sft_base.cache_dir or os.path.join(config.data.data_dir, "sft_base"))
+    root = _sft_base_root(config)
     directory = root / key[:16]
+    model_dir = directory / "model"
     distributed.check_shared_directory(root, "sft_base.cache_dir")
     # Process 0's view decides, so that every process takes the same (collective) path.
-    if distributed.broadcast("sft base cached", (directory / "done").exists()):
+    if distributed.broadcast("sft base cached", _is_complete_model(model_dir)):
         logger.info("SFT base: using the cached model in %s", directory)
-        return model_io.load_model(directory / "model")[0]
+        return model_io.load_model(model_dir)[0]
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
     source, _, image_config = load_data(base_config)
     result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
                    tokenizer=tokenizer, source=source, image_config=image_config,
                    workdir=directory / "run")
-    model_io.save_model(result.model, directory / "model")
+    _commit_model(result.model, model_dir)
+    return model_io.load_model(model_dir)[0]
+
+
+def _sft_base_root(config: Any) -> pathlib.Path:
+    return _expand(config.sft_base.cache_dir or os.path.join(config.data.data_dir, "sft_base"))
+
+
+def _is_complete_model(model_dir: pathlib.Path) -> bool:
+    """Whether the cache entry holds a whole model; ``_commit_model`` writes only such entries,
+    the check also refuses the half-written ones of older versions (a ``model/`` without its
+    ``params/``)."""
+    return ((model_dir / model_io.CONFIG_FILE).is_file()
+            and (model_dir / model_io.PARAMS_DIR).is_dir())
+
+
+def _commit_model(model: Llava, model_dir: pathlib.Path) -> None:
+    """``model_io.save_model`` (collective) into ``<model_dir>.partial``, renamed to ``model_dir``
+    last by process 0; a leftover of an interrupted write and an incomplete ``model_dir`` are
+    removed first (by process 0, before any process writes)."""
+    partial = model_dir.with_name(f"{model_dir.name}.partial")
     if distributed.is_primary():
-        (directory / "done").write_text(json.dumps({"key": key}))
-    distributed.barrier("sft base saved")
-    return model_io.load_model(directory / "model")[0]
+        if partial.exists():
+            shutil.rmtree(partial)
+        if model_dir.exists():
+            logger.warning("SFT base: %s is incomplete (an interrupted write); rebuilding it",
+                           model_dir)
+            shutil.rmtree(model_dir)
+    distributed.barrier(f"sft base cleared {model_dir}")
+    model_io.save_model(model, partial)
+    distributed.barrier(f"sft base written {model_dir}")
+    if distributed.is_primary():
+        os.rename(partial, model_dir)
+    distributed.barrier(f"sft base committed {model_dir}")
 
 
 def control_config(config: Any) -> ml_collections.ConfigDict:
@@ -328,6 +372,25 @@ def _train_variant(variant: Any, **kwargs: Any):
     return train(variant, **kwargs)
 
 
+def _require_writable_dirs(config: Any, world: Any,
+                           variants: Mapping[str, tuple[Any, pathlib.Path]],
+                           workdir: pathlib.Path) -> None:
+    """Probe every directory the job writes (module doc) before anything is loaded."""
+    directories = {"workdir": workdir, **{f"the workdir of {name}": variant_dir
+                                          for name, (_, variant_dir) in variants.items()}}
+    if world.data.dataset == SHAPES_WORLD:
+        directories["data.data_dir"] = _expand(world.data.data_dir)
+    if world.model.init == "sft_base":
+        directories["the SFT-base cache (sft_base.cache_dir, default <data.data_dir>/sft_base)"] = (
+            _sft_base_root(world))
+    if config.reference.cache_dir:
+        directories["reference.cache_dir"] = _expand(config.reference.cache_dir)
+    if world is not config and config.data.manual_dir:  # where the P2-DPO pairs are written
+        directories["data.manual_dir"] = _expand(config.data.manual_dir)
+    for role, directory in directories.items():
+        require_writable(directory, role)
+
+
 def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], *,
                  workdir: pathlib.Path) -> dict[str, dict[str, float]]:
     """Base row, one trained row per variant, the control row: the main job and sweeps.
@@ -339,6 +402,7 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
       workdir: where ``results.txt`` / ``results.json`` go.
     """
     world = _world_config(config)
+    _require_writable_dirs(config, world, variants, workdir)
     world_records, tokenizer, world_image_config = load_data(world)
     check_image_size(world, tokenizer, world_image_config)  # before loading or compiling
     base = initial_model(world, tokenizer)

@@ -18,6 +18,14 @@ The first window's throughput includes compiling the step; a window is timed fro
 point to the end of this one's ``device_get``, so it measures finished, not dispatched, steps.
 
 ``summary()`` / ``format_summary()`` / ``write_summary()`` describe the run at its end.
+
+Non-finite values [our choice]: ``metrics.jsonl`` and ``summary.json`` are strict JSON. A NaN or
+infinite value (a diverging run's loss, an infinite gradient norm) is written as the string
+``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (the names Python's ``float()`` and JavaScript's
+``Number()`` parse), never as the bare tokens ``json.dumps`` emits by default, which strict
+parsers reject; strings rather than ``null`` so the sign of an infinity survives.
+``read_metrics`` turns them back into floats. A summary's ``min`` / ``max`` are over the finite
+values (NaN when there are none).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import jax
 import numpy as np
 import tqdm
 
+from mmpo_jax.engine.disk import write_atomic
 from mmpo_jax.objectives.metrics import accumulate
 
 METRICS_FILE = "metrics.jsonl"
@@ -50,13 +59,35 @@ PROGRESS_FIELDS = (
 """Bar postfix: a label, then the metrics it shows, first present wins (SFT: ``loss/nll``)."""
 
 
+NON_FINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""How ``metrics.jsonl`` and ``summary.json`` write non-finite floats (module doc)."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts and lists too) replaced by its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _dumps(value: Any, **kwargs: Any) -> str:
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (a file, or the workdir that holds one), in file order."""
+    """The records of a ``metrics.jsonl`` (a file, or the workdir that holds one), in file order;
+    non-finite values come back as floats."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     with path.open() as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+        records = [json.loads(line) for line in lines if line.strip()]
+    return [{key: NON_FINITE_NAMES.get(value, value) if isinstance(value, str) else value
+             for key, value in record.items()} for record in records]
 
 
 def _as_pair(name: str, value: Any) -> tuple[Any, Any]:
@@ -218,7 +249,7 @@ class MetricLogger:
     def _write(self, record: dict[str, Any]) -> None:
         self._records.append(record)
         if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.write(_dumps(record) + "\n")
             self._metrics_file.flush()
         step = record["step"]
         if self._writer is not None:
@@ -253,9 +284,10 @@ class MetricLogger:
                     continue
                 entry = metrics.setdefault(name, {"first": value})
                 entry["last"] = value
-                if name.startswith("loss/"):
-                    entry["min"] = min(entry.get("min", math.inf), value)
-                    entry["max"] = max(entry.get("max", -math.inf), value)
+                if name.startswith("loss/"):  # fmin/fmax skip NaN: non-finite values count out
+                    finite = value if math.isfinite(value) else math.nan
+                    entry["min"] = float(np.fmin(entry.get("min", math.nan), finite))
+                    entry["max"] = float(np.fmax(entry.get("max", math.nan), finite))
         return {
             "run_name": self.run_name,
             "first_step": self.initial_step,
@@ -285,12 +317,14 @@ class MetricLogger:
             lines.append(line)
         return "\n".join(lines)
 
-    def write_summary(self, path: str | Path | None = None) -> Path:
-        """Write ``summary()`` as JSON to ``path`` (default ``<workdir>/summary.json``); only
-        with ``write_files``."""
+    def write_summary(self, path: str | Path | None = None, *,
+                      extra: Mapping[str, Any] | None = None) -> Path:
+        """Write ``summary()`` (with ``extra``'s fields added, e.g. why the run stopped) as JSON
+        to ``path`` (default ``<workdir>/summary.json``), replacing it in one step; only with
+        ``write_files``."""
         path = Path(path) if path is not None else self.workdir / SUMMARY_FILE
         if self.write_files:
-            path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+            write_atomic(path, _dumps({**self.summary(), **(extra or {})}, indent=2) + "\n")
         return path
 
     def close(self) -> None:

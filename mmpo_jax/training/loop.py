@@ -13,6 +13,13 @@ form one global batch (``jax.make_array_from_process_local_data``: process ``k``
 ``[k B/P, (k+1) B/P)`` of it on a mesh laid out over ``jax.devices()``); all of them save and
 restore the checkpoints (which must be on a disk they share) and process 0 alone writes the
 metric log, TensorBoard, the summary and the export.
+
+Faults: the workdir and ``checkpoints/`` are probed for writability before anything is built
+(``engine.disk``); a step with a NaN/inf loss or gradient norm is skipped, and
+``train.max_bad_steps`` of them in a row stop the run with ``divergence.TrainingDiverged`` after
+writing ``summary.json`` (``training.divergence``); a failed checkpoint write stops it with
+``engine.checkpointing.CheckpointWriteError``; resuming skips (and sets aside) checkpoints that
+fail their checks. ``summary.json`` counts the skipped steps (``skipped_steps``).
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ from mmpo_jax.engine import reference as reference_lib
 from mmpo_jax.engine import reference_cache, sharding
 from mmpo_jax.engine import state as state_lib
 from mmpo_jax.engine.checkpointing import Checkpointer, abstract_target, export_policy
+from mmpo_jax.engine.disk import require_writable
 from mmpo_jax.engine.scoring import ScoringPlan, plan_scoring, reference_scores
 from mmpo_jax.engine.step import make_train_step
 from mmpo_jax.models.llava import Llava
+from mmpo_jax.training.divergence import BadStepGuard
 from mmpo_jax.training.logging import MetricLogger
 
 logger = logging.getLogger(__name__)
@@ -180,16 +189,21 @@ def open_and_resume(config: Any, workdir: pathlib.Path, trainable: Any, opt_stat
                     rng: jax.Array, data_iterator: Any = None
                     ) -> tuple[Checkpointer, Any, Any, jax.Array, int]:
     """The run's ``Checkpointer`` and ``(trainable, opt_state, rng, start step)``, restored from
-    its latest complete checkpoint when ``checkpoint.resume`` (``data_iterator`` repositioned)."""
+    its newest checkpoint that passes its checks when ``checkpoint.resume`` (``data_iterator``
+    repositioned); from step 0 when there is none."""
     ckpt = Checkpointer(workdir / "checkpoints", save_every=int(config.checkpoint.save_every),
                         keep=int(config.checkpoint.keep) or None,
                         async_save=bool(config.checkpoint.async_save))
     if not (config.checkpoint.resume and ckpt.latest_step() is not None):
         return ckpt, trainable, opt_state, rng, 0
-    restored = ckpt.restore(
-        abstract_params=abstract_target(trainable, _shardings(trainable)),
-        abstract_opt_state=abstract_target(opt_state, _shardings(opt_state)),
-        data_iterator=data_iterator)
+    try:
+        restored = ckpt.restore(
+            abstract_params=abstract_target(trainable, _shardings(trainable)),
+            abstract_opt_state=abstract_target(opt_state, _shardings(opt_state)),
+            data_iterator=data_iterator)
+    except FileNotFoundError as error:  # every checkpoint failed its checks and was set aside
+        logger.warning("%s: %s; starting from step 0", config.name, error)
+        return ckpt, trainable, opt_state, rng, 0
     logger.info("%s: resumed from step %d in %s", config.name, restored.step, ckpt.directory)
     return ckpt, restored.params, restored.opt_state, restored.rng, restored.step
 
@@ -204,18 +218,38 @@ def open_metric_log(config: Any, workdir: pathlib.Path, *, num_steps: int, start
                         run_name=str(config.name), write_files=primary)
 
 
+def check_guard(config: Any, guard: BadStepGuard, *, ckpt: Checkpointer,
+                metric_log: MetricLogger) -> None:
+    """Reads ``guard``'s pending flags; after ``train.max_bad_steps`` bad steps in a row, writes
+    the summary (with the reason), waits for pending checkpoint writes and raises
+    ``TrainingDiverged``."""
+    if guard.check() is None:
+        return
+    ckpt.wait_until_finished()  # a checkpoint in flight holds a good state: let it land
+    error = guard.error(str(config.name), ckpt.latest_step(), ckpt.directory)
+    metric_log.flush()
+    metric_log.write_summary(extra={"skipped_steps": guard.skipped, "stopped": str(error)})
+    ckpt.close()
+    raise error
+
+
 def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end: int,
                split: state_lib.PolicySplit, trainable: Any, opt_state: Any, frozen: Any,
                rng: jax.Array, workdir: pathlib.Path, metadata: Mapping[str, Any],
-               data_iterator: Any = None) -> TrainResult:
-    """The end of a run: the final checkpoint, the summary, the merged policy (eval mode) and,
-    with ``checkpoint.export_hf``, its transformers export. Closes the logger and checkpointer."""
+               data_iterator: Any = None, guard: BadStepGuard | None = None) -> TrainResult:
+    """The end of a run: the guard's last check, the final checkpoint, the summary, the merged
+    policy (eval mode) and, with ``checkpoint.export_hf``, its transformers export. Closes the
+    logger and checkpointer."""
+    extra = {}
+    if guard is not None:
+        check_guard(config, guard, ckpt=ckpt, metric_log=metric_log)
+        extra["skipped_steps"] = guard.skipped
     ckpt.save(end, params=trainable, opt_state=opt_state, rng=rng, data_iterator=data_iterator,
               metadata=metadata, force=True)
     ckpt.wait_until_finished()
     metric_log.flush()
-    summary = metric_log.summary()
-    metric_log.write_summary()
+    summary = {**metric_log.summary(), **extra}
+    metric_log.write_summary(extra=extra)
     logger.info("%s\n%s", config.name, metric_log.format_summary())
     metric_log.close()
     ckpt.close()
@@ -247,7 +281,8 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
         resumes from it. None runs to ``train.num_steps``.
     """
     config_checks.validate(config, device_count=jax.device_count())
-    workdir = pathlib.Path(workdir) if workdir is not None else _workdir(config)
+    workdir = require_writable(workdir if workdir is not None else _workdir(config), "workdir")
+    require_writable(workdir / "checkpoints", "the checkpoint directory")
     workdir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_directory(workdir, "workdir")  # orbax writes one checkpoint from all
     method = config.method.to_dict()
@@ -287,6 +322,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
 
     has_dropout = bool(config.model.lora.enabled and config.model.lora.dropout > 0)
     step_fn = None
+    guard = BadStepGuard(int(config.train.max_bad_steps))
     metadata = {"config": config.to_dict(), "method": method}
     with open_metric_log(config, workdir, num_steps=num_steps, start=start) as metric_log:
         end = num_steps if stop_at is None else min(int(stop_at), num_steps)
@@ -308,11 +344,18 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
                                                     reference.state, batch, cached,
                                                     jax.random.fold_in(rng, step))
+            guard.record(step + 1, metrics)
             metrics = dict(metrics)
             metrics["optim/learning_rate"] = float(schedule(step))
             metric_log.log(step + 1, metrics, examples=int(np.sum(host_batch.example_mask)))
-            ckpt.save(step + 1, params=trainable, opt_state=opt_state, rng=rng,
-                      data_iterator=it, metadata=metadata)
+            saving = ckpt.should_save(step + 1)  # orbax's decision, taken once per step
+            if saving or guard.due(step + 1):  # never save past max_bad_steps bad steps
+                check_guard(config, guard, ckpt=ckpt, metric_log=metric_log)
+            if saving:
+                ckpt.save(step + 1, params=trainable, opt_state=opt_state, rng=rng,
+                          data_iterator=it, metadata=metadata, force=True)
+            else:
+                ckpt.check_background_write()
         return finish_run(config, ckpt=ckpt, metric_log=metric_log, end=end, split=split,
                           trainable=trainable, opt_state=opt_state, frozen=frozen, rng=rng,
-                          workdir=workdir, metadata=metadata, data_iterator=it)
+                          workdir=workdir, metadata=metadata, data_iterator=it, guard=guard)

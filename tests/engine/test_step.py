@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from mmpo_jax.engine import scoring, sharding
 from mmpo_jax.engine import state as state_lib
-from mmpo_jax.engine.step import make_train_step, masked_objective
+from mmpo_jax.engine.step import (GRAD_NORM, NONFINITE_GRAD_NORM, NONFINITE_LOSS, SKIPPED,
+                                  guarded_update, make_train_step, masked_objective)
 from mmpo_jax.objectives import terms
 from tests.engine import step_fixtures as fx
 
@@ -97,3 +99,28 @@ def test_masked_objective_weights_only_real_examples():
     # nll with per-token mean: 1.5 and 3.0; the third row is padding.
     np.testing.assert_allclose(loss_sum, 4.5)
     np.testing.assert_allclose(metrics["loss/nll"][0] / metrics["loss/nll"][1], 2.25)
+
+
+def test_a_step_with_a_non_finite_loss_or_gradient_norm_changes_nothing():
+    tx = optax.adamw(0.1)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
+    opt_state = tx.init(params)
+    grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.arange(3.0)}
+    update = jax.jit(lambda g, loss: guarded_update(tx, g, opt_state, params, loss))
+
+    applied, applied_state, metrics = update(grads, jnp.float32(0.3))
+    updates, expected_state = tx.update(grads, opt_state, params)
+    fx.tree_allclose(applied, optax.apply_updates(params, updates), rtol=0, atol=0)
+    fx.tree_allclose(applied_state, expected_state, rtol=0, atol=0)
+    assert {k: float(v[0]) for k, v in metrics.items()} == {
+        GRAD_NORM: pytest.approx(float(optax.tree.norm(grads))), SKIPPED: 0.0,
+        NONFINITE_LOSS: 0.0, NONFINITE_GRAD_NORM: 0.0}
+
+    infinite = {"w": grads["w"].at[0, 0].set(jnp.inf), "b": grads["b"]}
+    for bad_grads, loss, flags in ((grads, jnp.float32(jnp.nan), (1.0, 1.0, 0.0)),
+                                   (infinite, jnp.float32(0.3), (1.0, 0.0, 1.0))):
+        kept, kept_state, metrics = update(bad_grads, loss)
+        fx.tree_allclose(kept, params, rtol=0, atol=0)  # bitwise: nothing moved
+        fx.tree_allclose(kept_state, opt_state, rtol=0, atol=0)  # Adam's count did not advance
+        assert tuple(float(metrics[k][0]) for k in (SKIPPED, NONFINITE_LOSS,
+                                                     NONFINITE_GRAD_NORM)) == flags

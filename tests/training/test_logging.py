@@ -192,6 +192,34 @@ def test_summary_content(tmp_path):
     assert re.search(r"\n  perf/steps_per_second +first ", text)
 
 
+def _strict_json(text: str):
+    """``json.loads`` that refuses the bare NaN / Infinity tokens strict parsers reject."""
+    def refuse(token):
+        raise ValueError(f"bare {token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_values_keep_both_files_valid_json(tmp_path):
+    values = [(0.5, 1.0), (float("nan"), float("inf")), (0.25, -float("inf"))]
+    with MetricLogger(tmp_path, total_steps=3, log_every=1, progress_bar=False) as logger:
+        for step, (loss, grad_norm) in enumerate(values, start=1):
+            logger.log(step, {"loss/total": loss, "optim/grad_norm": jnp.float32(grad_norm)})
+        logger.write_summary(extra={"skipped_steps": 1})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    written = [_strict_json(line) for line in lines]
+    assert [(r["loss/total"], r["optim/grad_norm"]) for r in written] == [
+        (0.5, 1.0), ("NaN", "Infinity"), (0.25, "-Infinity")]
+    read = read_metrics(tmp_path)
+    assert np.isnan(read[1]["loss/total"]) and read[1]["optim/grad_norm"] == float("inf")
+    assert read[2]["optim/grad_norm"] == -float("inf")
+    summary = _strict_json((tmp_path / "summary.json").read_text())
+    # min / max over the finite losses; first / last as logged
+    assert summary["metrics"]["loss/total"] == {"first": 0.5, "last": 0.25, "min": 0.25,
+                                                "max": 0.5}
+    assert summary["metrics"]["optim/grad_norm"] == {"first": 1.0, "last": "-Infinity"}
+    assert summary["skipped_steps"] == 1
+
+
 def test_progress_bar_shows_loss_margin_accuracy(tmp_path, capsys):
     metrics = {"loss/total": 0.693147, "rewards/margins": 0.0123456, "rewards/accuracy": 0.5}
     with MetricLogger(

@@ -94,7 +94,7 @@ def test_main_job_prints_the_before_after_table(tmp_path, capsys):
     assert (tmp_path / "run" / "results.json").exists()
     # The SFT base is cached: a second run reuses it instead of training again.
     cached = list((tmp_path / "data" / "sft_base").iterdir())
-    assert len(cached) == 1 and (cached[0] / "done").exists()
+    assert len(cached) == 1 and (cached[0] / "model" / "params").is_dir()
 
 
 def test_cached_reference_trains_exactly_like_the_reference_copy(tmp_path):
