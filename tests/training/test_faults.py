@@ -93,7 +93,7 @@ def test_a_killed_sft_base_cache_write_is_rebuilt_by_the_next_run(tmp_path, capl
     model_dir = entry / "model"
 
     # A run killed while writing the model: it was still under its temporary name, half written.
-    partial = entry / "model.partial-0badf00d"
+    partial = entry / "model.partial"
     model_dir.rename(partial)
     shutil.rmtree(partial / "params")
     rebuilt = _params(initial_model(config, tokenizer))
