@@ -16,11 +16,27 @@ that use the anchor live in ``rewards.adapt_modes``.
 Where the released code (github.com/yao-ustc/ADAPT) fixes what METHODS.md leaves open, it is
 followed: the z-score uses the unbiased std, Sobel and the spectral radius are as there, the box
 blurs pad by replication. Choices of ours are marked [our choice].
+
+Grid size [our choice, METHODS.md §4]: the sizes in patches of the refinement chain (the 3x3 and
+5x5 box blurs, the 2-patch frame halved) and of the boundary score (the 2-patch frame) are stated
+for LLaVA-1.5's 24x24 grid. On a grid of side ``G`` they are scaled by ``G / 24``
+(``scaled_size``): kernels to the nearest odd size, the frame to the nearest integer, each at
+least 1. At ``G = 24`` that is exactly 3, 5 and 2; on the tiny v1 model's 4x4 grid 1, 1, 1 and on
+v2's 8x8 grid 1, 1, 1 (a blur of size 1 is the identity); from ``G = 12`` the 5x5 blur is 3x3, from
+``G = 18`` the frame 2 patches. Every other constant of the chain is already relative to the grid
+and is kept: the 40 % quantile of ``threshold_percentile`` (a fraction of the patches), the
+spectral cut-off (a fraction of the largest radius), the concentration (entropy over
+``log N_p``). ``scale_to_grid=False`` applies the sizes as given on any grid (the chain before this
+choice; on a 4x4 grid its 2-patch frame covers the whole grid and ``boundary_score`` is always 1).
+With the scaled frame, ``boundary_score`` has a centre on every grid of side >= 3 (frame 1 below
+``G = 18``), so it discriminates on every grid >= 6x6 (a 1-patch frame around a 4x4 centre at 6).
+The decode-time HHI of ``rewards.adapt_modes`` takes its frame width from its caller.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -29,6 +45,8 @@ import numpy as np
 
 from mmpo_jax.rewards.catpo import minmax_normalize
 
+LLAVA_GRID = 24
+"""The grid side the sizes of METHODS.md §4 are stated for (LLaVA-1.5: 336 px / 14 px patches)."""
 LAYER_SCORE_WEIGHTS = (0.25, 0.30, 0.15, 0.20, 0.10)
 """Weights of boundary, spectral, smoothness, concentration, depth prior."""
 
@@ -47,6 +65,17 @@ def _minmax(x: jax.Array, trailing_axes: int = 1) -> jax.Array:
     """
     flat = x.reshape(*x.shape[: x.ndim - trailing_axes], -1)
     return minmax_normalize(flat, jnp.ones(flat.shape, bool)).reshape(x.shape)
+
+
+def scaled_size(size: int, grid: int, *, odd: bool) -> int:
+    """A size in patches stated for the 24x24 grid, on a grid of side ``grid``: ``size * grid / 24``
+    rounded to the nearest integer (``odd``: to the nearest odd integer), halves up, at least 1.
+
+    Equals ``size`` at ``grid = 24`` (for an odd ``size`` when ``odd``).
+    """
+    value = size * grid / LLAVA_GRID
+    nearest = 2 * math.floor((value - 1) / 2 + 0.5) + 1 if odd else math.floor(value + 0.5)
+    return max(1, int(nearest))
 
 
 def border_factor(grid: int, *, border: int = 2, factor: float = 0.5) -> np.ndarray:
@@ -104,17 +133,21 @@ def grid_side(num_image_tokens: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("border", "threshold", "strength"))
+@functools.partial(jax.jit, static_argnames=("border", "threshold", "strength", "scale_to_grid"))
 def boundary_score(
-    maps: jax.Array, *, border: int = 2, threshold: float = 0.6, strength: float = 2.0
+    maps: jax.Array, *, border: int = 2, threshold: float = 0.6, strength: float = 2.0,
+    scale_to_grid: bool = True,
 ) -> jax.Array:
     """Penalty for attention on the image frame: ``[..., G, G] -> [...]`` in [0, 1].
 
     ``r = mean(border frame) / mean(centre)``; score ``1 - min(1, strength (r - threshold))`` if
-    ``r > threshold`` else 1. A map whose frame covers the grid scores 1.
+    ``r > threshold`` else 1. A map whose frame covers the grid scores 1. ``border`` is in patches
+    of the 24x24 grid, scaled to ``G`` (module docstring) unless ``scale_to_grid=False``.
     """
     maps = jnp.asarray(maps, jnp.float32)
     grid = maps.shape[-1]
+    if scale_to_grid:
+        border = scaled_size(border, grid, odd=False)
     if 2 * border >= grid:
         return jnp.ones(maps.shape[:-2], jnp.float32)
     frame = border_factor(grid, border=border, factor=0.0) == 0.0
@@ -251,13 +284,16 @@ def visual_anchor(
     return jnp.einsum("...l,...lij->...ij", weights, layer_maps)
 
 
-@functools.partial(jax.jit, static_argnames=("border", "threshold_percentile"))
+@functools.partial(jax.jit, static_argnames=("border", "blur_sizes", "threshold_percentile",
+                                             "scale_to_grid"))
 def refined_mask(
     anchor: jax.Array,
     *,
     contrast: float = 10.0,
     border: int = 2,
+    blur_sizes: tuple[int, int] = (3, 5),
     threshold_percentile: float | None = None,
+    scale_to_grid: bool = True,
 ) -> jax.Array:
     """The refined anchor mask in [0, 1]: ``[..., G, G] -> [..., G, G]``.
 
@@ -266,17 +302,24 @@ def refined_mask(
     after the sigmoid, so what is left is the frame attenuation (low at the edges, 1 inside).
 
     Args:
+      border, blur_sizes: the frame width and the two blur kernels in patches of the 24x24 grid,
+        scaled to ``G`` (module docstring) unless ``scale_to_grid=False``.
       threshold_percentile: None (METHODS.md's chain) or a quantile in (0, 1) below which values are
         zeroed before a last min-max, as the released code's ``revise_mask`` does (0.4) for the
-        visually-enhanced image.
+        visually-enhanced image (a fraction of the patches: the same on every grid).
     """
     maps = _minmax(jnp.asarray(anchor, jnp.float32), 2)
+    grid = maps.shape[-1]
+    first_blur, second_blur = blur_sizes
+    if scale_to_grid:
+        border = scaled_size(border, grid, odd=False)
+        first_blur, second_blur = (scaled_size(k, grid, odd=True) for k in blur_sizes)
     count = maps.shape[-1] * maps.shape[-2]
     mean = jnp.mean(maps, axis=(-2, -1), keepdims=True)
     std = jnp.sqrt(jnp.sum((maps - mean) ** 2, axis=(-2, -1), keepdims=True) / max(count - 1, 1))
     z = jnp.where(std > 0, (maps - mean) / jnp.where(std > 0, std, 1.0), 0.0)
-    maps = _box_blur(jax.nn.sigmoid(contrast * z), 3)
-    maps = _box_blur(maps * border_factor(maps.shape[-1], border=border), 5)
+    maps = _box_blur(jax.nn.sigmoid(contrast * z), first_blur)
+    maps = _box_blur(maps * border_factor(grid, border=border), second_blur)
     maps = _minmax(maps, 2)
     if threshold_percentile is None:
         return maps
