@@ -323,13 +323,21 @@ def shape_mask(shape: str, bbox: Sequence[int], image_size: int) -> np.ndarray:
     return np.asarray(canvas, bool)
 
 
-def object_coverage(scene: Scene, image_size: int) -> np.ndarray:
-    """float32 `[image_size, image_size]`: 1 where some object is drawn, else 0 (the ground truth
-    of where the objects are, e.g. an oracle attention anchor after averaging over patches)."""
+def object_coverage(objects: Sequence[sw.ShapeObject], image_size: int) -> np.ndarray:
+    """float32 `[image_size, image_size]`: 1 where some object is drawn, else 0."""
     covered = np.zeros((image_size, image_size), bool)
-    for obj in scene.objects:
+    for obj in objects:
         covered |= shape_mask(obj.shape, obj.bbox, image_size)
     return covered.astype(np.float32)
+
+
+def patch_coverage(objects: Sequence[sw.ShapeObject], image_size: int, grid: int) -> np.ndarray:
+    """float32 `[grid, grid]`: the share of each patch that objects cover (row-major patches of
+    `image_size / grid` px), e.g. an oracle attention anchor."""
+    if image_size % grid:
+        raise ValueError(f"grid={grid} does not divide image_size={image_size}")
+    cell = image_size // grid
+    return object_coverage(objects, image_size).reshape(grid, cell, grid, cell).mean(axis=(1, 3))
 
 
 def fill_color(spec: WorldSpecV2, obj: SceneObject) -> tuple[int, int, int]:

@@ -27,9 +27,19 @@ def np_frame(grid, border=2):
     return frame
 
 
-def np_boundary(a, border=2):
-    frame = np_frame(a.shape[0], border)
-    r = a[frame].mean() / a[~frame].mean()
+def np_frame_share(grid, border=2):
+    """Share of each patch inside the outer border/24 of the image side, by counting the pixels of
+    a (24 G)-pixel image (each patch 24 x 24 pixels, the frame border * G pixels wide)."""
+    side, band = 24 * grid, border * grid
+    pixels = np.zeros((side, side), bool)
+    pixels[:band], pixels[-band:], pixels[:, :band], pixels[:, -band:] = True, True, True, True
+    return pixels.reshape(grid, 24, grid, 24).mean(axis=(1, 3))
+
+
+def np_boundary(a, share):
+    """The boundary score with each patch weighed into the frame and centre means by its share
+    (whole patches at 24x24: METHODS.md's plain means)."""
+    r = (a * share).sum() / share.sum() / ((a * (1 - share)).sum() / (1 - share).sum())
     return 1 - min(1.0, 2 * (r - 0.6)) if r > 0.6 else 1.0
 
 
@@ -76,8 +86,8 @@ def np_depth_prior(d):
     return min(1.0, max(0.0, 1 - 4 * (d - 0.645) ** 2))
 
 
-def np_anchor(history, border=2):
-    """history [L, K, N] -> anchor [G, G]; `border` is the boundary score's frame on this grid."""
+def np_anchor(history):
+    """history [L, K, N] -> anchor [G, G]."""
     num_layers = history.shape[0]
     g = int(round(math.sqrt(history.shape[-1])))
     maps = [history[l].mean(axis=0).reshape(g, g) for l in range(num_layers)]
@@ -85,7 +95,7 @@ def np_anchor(history, border=2):
     for l, a in enumerate(maps):
         d = l / (num_layers - 1)
         scores.append(
-            0.25 * np_boundary(a, border)
+            0.25 * np_boundary(a, np_frame_share(g))
             + 0.30 * np_spectral(a, d)
             + 0.15 * np_smoothness(a)
             + 0.20 * np_concentration(a)
@@ -96,14 +106,15 @@ def np_anchor(history, border=2):
     return sum(w[l] * maps[l] for l in range(num_layers))
 
 
-def np_refined(anchor, blurs=(3, 5), border=2):
-    """METHODS.md §4's chain with the sizes of the 24x24 grid (`blurs`, `border` on this grid)."""
+def np_refined(anchor, blurs=(3, 5), share=None):
+    """METHODS.md §4's chain: blurs of `blurs`, each patch times 1 - 0.5 x its frame share (default
+    the 2-patch frame of this grid)."""
     m = np_minmax(anchor)
     z = (m - m.mean()) / m.std(ddof=1) * 10
     m = 1 / (1 + np.exp(-z))
     m = np_correlate(m, np.full((blurs[0], blurs[0]), 1 / blurs[0] ** 2), "edge")
-    if 2 * border < m.shape[0]:
-        m = np.where(np_frame(m.shape[0], border), m * 0.5, m)
+    share = np_frame(m.shape[0]) if share is None else share
+    m = m * (1 - 0.5 * share)
     m = np_correlate(m, np.full((blurs[1], blurs[1]), 1 / blurs[1] ** 2), "edge")
     return np_minmax(m)
 
@@ -119,8 +130,8 @@ def random_history(seed, batch=None, layers=4, steps=3, grid=8):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid,border", [(24, 2), (8, 1)])  # the frame scales with G / 24
-def test_layer_scores_match_numpy_transcription(grid, border):
+@pytest.mark.parametrize("grid", [24, 8])  # the frame scales with G / 24
+def test_layer_scores_match_numpy_transcription(grid):
     maps = np.asarray(random_history(0, grid=grid).mean(axis=1).reshape(4, grid, grid), np.float64)
     depths = np.linspace(0, 1, 4)
     got = {
@@ -131,7 +142,7 @@ def test_layer_scores_match_numpy_transcription(grid, border):
         "depth": adapt.depth_prior(depths),
     }
     expected = {
-        "boundary": [np_boundary(a, border) for a in maps],
+        "boundary": [np_boundary(a, np_frame_share(grid)) for a in maps],
         "spectral": [np_spectral(a, d) for a, d in zip(maps, depths)],
         "smoothness": [np_smoothness(a) for a in maps],
         "concentration": [np_concentration(a) for a in maps],
@@ -151,9 +162,8 @@ def test_boundary_score_hand_cases():
     assert float(adapt.boundary_score(frame_only)) == 0.0  # r = inf, fully penalised
 
 
-# grid -> (blurs, frame) of METHODS.md's 3x3 / 5x5 / 2-patch chain scaled by G / 24 to odd
-# kernels and a frame of at least 1 (at 24 exactly METHODS.md's numbers).
-SCALED_SIZES = {24: ((3, 5), 2), 12: ((1, 3), 1), 8: ((1, 1), 1), 18: ((3, 3), 2), 48: ((7, 11), 4)}
+# grid -> the blurs of METHODS.md's 3x3 / 5x5 scaled by G / 24 to odd kernels of at least 1
+SCALED_BLURS = {24: (3, 5), 12: (1, 3), 8: (1, 1), 4: (1, 1), 18: (3, 3), 48: (7, 11)}
 
 
 @pytest.mark.parametrize("grid", [24, 8, 12])
@@ -161,17 +171,21 @@ def test_visual_anchor_and_refined_mask_match_numpy_transcription(grid):
     history = random_history(1, batch=2, grid=grid)
     anchor = adapt.visual_anchor(history)
     mask = adapt.refined_mask(anchor)
-    blurs, border = SCALED_SIZES[grid]
     for b in range(2):
-        expected_anchor = np_anchor(history[b].astype(np.float64), border)
+        expected_anchor = np_anchor(history[b].astype(np.float64))
         np.testing.assert_allclose(anchor[b], expected_anchor, rtol=1e-4, atol=1e-7)
-        np.testing.assert_allclose(mask[b], np_refined(expected_anchor, blurs, border), rtol=1e-4, atol=1e-5)
+        expected = np_refined(expected_anchor, SCALED_BLURS[grid], np_frame_share(grid))
+        np.testing.assert_allclose(mask[b], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_24x24_chain_is_methods_chain_and_smaller_grids_scale():
-    assert {g: ((adapt.scaled_size(3, g, odd=True), adapt.scaled_size(5, g, odd=True)),
-                adapt.scaled_size(2, g, odd=False)) for g in SCALED_SIZES} == SCALED_SIZES
-    assert [adapt.scaled_size(2, g, odd=False) for g in (1, 4, 6)] == [1, 1, 1]
+    assert {g: (adapt.scaled_kernel(3, g), adapt.scaled_kernel(5, g)) for g in SCALED_BLURS} == SCALED_BLURS
+    # the frame: whole patches where its band ends on patch edges, shares elsewhere
+    np.testing.assert_array_equal(adapt.frame_share(24), np_frame(24, 2))
+    np.testing.assert_array_equal(adapt.frame_share(12), np_frame(12, 1))
+    for grid in (4, 6, 8, 16):
+        np.testing.assert_allclose(adapt.frame_share(grid), np_frame_share(grid), atol=1e-6)
+    np.testing.assert_allclose(adapt.frame_share(8)[0, :2], [8 / 9, 2 / 3], rtol=1e-6)
     # On a random 24x24 anchor the default chain is the unscaled one (today's numbers), exactly.
     anchor = np.random.default_rng(7).random((3, 24, 24)).astype(np.float32)
     for percentile in (None, 0.4):
@@ -258,3 +272,24 @@ def test_jit_equals_eager_for_the_anchor_chain():
 def test_history_with_non_square_token_count_is_rejected():
     with pytest.raises(ValueError, match="square patch grid"):
         adapt.visual_anchor(np.ones((2, 1, 10), np.float32))
+
+
+def test_visually_enhanced_image_keeps_the_objects_of_an_oracle_anchor_on_the_v2_grid():
+    """I_VE from a perfect anchor (each patch's true object coverage, 8x8 grid of 128-px shapes
+    world v2 images): >= 95 % of objects keep a mean mask >= 0.5 over their box, >= 30 % of the
+    background is whitened. The unscaled chain (2-patch frame, 3x3 and 5x5 blurs on 8x8) does not."""
+    from mmpo_jax.data import interventions, shapes_world_v2, shapes_world_v2_splits
+
+    spec = shapes_world_v2.WorldSpecV2(preference_size=200)
+    scenes = [shapes_world_v2_splits.scene_and_image(spec, "preference", i)[1].objects for i in range(200)]
+    anchors = np.stack([shapes_world_v2.patch_coverage(s, 128, 8) for s in scenes])
+    kept = {}
+    for scale in (True, False):
+        grid_masks = adapt.refined_mask(anchors, threshold_percentile=0.4, scale_to_grid=scale)
+        masks = np.asarray(interventions.upsample_mask(grid_masks, (128, 128)))
+        boxes = [m[o.bbox[1]:o.bbox[3], o.bbox[0]:o.bbox[2]].mean() >= 0.5 for m, s in zip(masks, scenes) for o in s]
+        whitened = [(1 - m[shapes_world_v2.object_coverage(s, 128) == 0]).mean() for m, s in zip(masks, scenes)]
+        kept[scale] = float(np.mean(boxes))
+        if scale:
+            assert kept[scale] >= 0.95 and float(np.mean(whitened)) >= 0.3
+    assert kept[False] < 0.9
