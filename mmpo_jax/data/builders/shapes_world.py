@@ -117,7 +117,10 @@ class ShapesWorld(Builder):
         return {split: self._generate_examples(generate(world, split)) for split in splits}
 
     def _generate_examples(self, records: Iterator[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        image, png = None, b""
         for key, record in enumerate(records):
             stored = {name: record.get(name, "") for name in _TEXT_FIELDS}
-            stored["image"] = encode_png(record["image"])
+            if record["image"] is not image:  # a POPE image's questions share one array: encode once
+                image, png = record["image"], encode_png(record["image"])
+            stored["image"] = png
             yield key, stored
