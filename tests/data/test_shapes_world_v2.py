@@ -17,6 +17,7 @@ from mmpo_jax.data import shapes_world_v2_splits as s2
 from mmpo_jax.data.builders.shapes_world import ShapesWorld
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+from tests.data.fixtures import same_records
 
 SMALL = dict(sft_size=30, preference_size=30, validation_caption_size=10, validation_pope_images=6,
              test_caption_size=10, test_pope_images=6)
@@ -25,12 +26,6 @@ SMALL = dict(sft_size=30, preference_size=30, validation_caption_size=10, valida
 def _objects(record) -> list[w2.SceneObject]:
     return [w2.SceneObject(o["shape"], o["color"], tuple(o["bbox"]), alpha=o["alpha"], visible=o["visible"],
                            small=o["small"]) for o in json.loads(record["objects"])]
-
-
-def _same_records(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) if k == "image" else x[k] == y[k] for k in x)
-        for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +38,8 @@ def test_splits_are_deterministic_and_scenes_do_not_depend_on_the_rates():
     spec = w2.WorldSpecV2(**SMALL)
     for split in s2.SPLITS:
         first = list(s2.generate_split(spec, split))
-        assert _same_records(first, list(s2.generate_split(spec, split)))
-        assert not _same_records(first, list(s2.generate_split(w2.WorldSpecV2(**SMALL, seed=1), split)))
+        assert same_records(first, list(s2.generate_split(spec, split)))
+        assert not same_records(first, list(s2.generate_split(w2.WorldSpecV2(**SMALL, seed=1), split)))
     never = w2.WorldSpecV2(**SMALL, p=0.0, misname_rate=0.0, binding_swap_rate=0.0)
     always = w2.WorldSpecV2(**SMALL, p=1.0, misname_rate=1.0, binding_swap_rate=1.0)
     pairs = list(zip(s2.generate_split(never, "sft"), s2.generate_split(always, "sft")))
@@ -285,11 +280,11 @@ def test_every_generator_parameter_is_a_builder_option_recorded_in_the_metadata(
     assert source.metadata["world"] == json.loads(json.dumps(spec.metadata()))
     assert set(source.metadata["world"]) == fields | {"world"}
     assert source.metadata["world"]["world"] == "v2" and source.metadata["world"]["partners"] == [["circle", "star"]]
-    assert _same_records([source[i] for i in range(len(source))], list(s2.generate_split(spec, "sft")))
+    assert same_records([source[i] for i in range(len(source))], list(s2.generate_split(spec, "sft")))
     for split in s2.SPLITS:
         loaded = load_split("shapes_world", split, data_dir=tmp_path / "a", **options)
         items = [loaded[i] for i in range(len(loaded))]
-        assert _same_records(items, list(s2.generate_split(spec, split)))
+        assert same_records(items, list(s2.generate_split(spec, split)))
     tokenizer = load_tokenizer(source.tokenizer_path)
     assert set(tokenizer.get_vocab()) >= set(w2.vocabulary(spec))
     # config names: "v2" for the defaults; a list equal to a tuple default is no change
