@@ -28,7 +28,8 @@ CHAIR and POPE read every world exactly.
 [our choice] defaults, fixed before any model was trained on v2 and not tuned toward a method:
 128 px and normal sizes 18-36 px (objects span 1-3 of the 16-px cells of an 8x8 token grid, as
 v1's span 2-3.5 of its 16-px cells); small objects 10-14 px (below one cell); faint opacity
-0.3-0.5 (a contrast of ~60-140 grey levels against noise of std 6 before it, ~20-70 after);
+0.3-0.5 (60-120 grey levels from the background in the most different channel, against 195-235
+at full colour; background noise std 6);
 occluded objects keep 50-80 % visible; rates p = 0.35 (v1's), misname 0.2, binding swap 0.15,
 each object small / faint with 0.25 / 0.2, occlusion in 0.2 of scenes, questions 0.3 of SFT records.
 """

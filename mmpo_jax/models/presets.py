@@ -54,9 +54,9 @@ def tiny_v2(
     A conv stem of one more stride-2 conv (3x3 convs 16/32/64/128/128, four of stride 2) gives the
     8x8 grid to the vision layer (width 128) directly, without a token merge; then `tiny`'s 2-layer
     Llama of width 128 (~0.83M parameters). [our choice] Measured on 2 CPU cores against `tiny`
-    (one SFT step of 32, interleaved, `scripts/shapes_world_sft.py`'s report): the design with
-    `tiny`'s stride-8 stem, a 16x16 vision grid and a 2x2 merge costs 4.1x a `tiny` step, this one
-    1.55x (mostly the longer sequence: 64 image tokens instead of 16).
+    (one SFT step of 32, interleaved; `scripts/shapes_world_cost.py` for this one): the design
+    with `tiny`'s stride-8 stem, a 16x16 vision grid and a 2x2 merge costs 4.1x a `tiny` step,
+    this one 1.5x (mostly the longer sequence: 64 image tokens instead of 16).
     """
     return _tiny_llava(image_size=128, conv_channels=(16, 32, 64, 128, 128), token_merge=1,
                        vocab_size=vocab_size, image_token_id=image_token_id,
