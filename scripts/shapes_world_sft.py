@@ -17,7 +17,9 @@ CHAIR, POPE), plus:
 
 Prints one JSON object with the timings (and ``uptime``'s load) and the metrics. The image
 preprocessing comes from the world's metadata (``image_processing.for_shapes_world``): CLIP's
-constants on v2. ``--width`` scales both towers' widths (hidden and MLP) from the preset's.
+constants on v2. ``--width`` sets both towers' widths (hidden; MLP 4x in vision, 2x in text), ``--vision`` replaces
+fields of the vision config (another stem: ``--vision conv_channels=[16,32,64,128]
+--vision token_merge=2``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from mmpo_jax.training.config_loading import load_config
 from mmpo_jax.training.loop import train
 
 
-def _builder_options(items: list[str]) -> dict[str, Any]:
+def _options(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> {key: JSON value, or the string when it is not JSON}."""
     options = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -56,18 +59,22 @@ def _builder_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def model_config(preset: str, tokenizer: Any, width: int | None, runtime: Any) -> LlavaConfig:
-    """The preset's config with the tokenizer's ids and optionally both towers at ``width``."""
+def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[str, Any], runtime: Any
+                 ) -> LlavaConfig:
+    """The preset's config with the tokenizer's ids, optionally both towers at ``width`` and the
+    vision config's fields ``vision`` replaced (e.g. another conv stem)."""
     config = getattr(presets, preset)(vocab_size=len(tokenizer),
                                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                                       pad_token_id=tokenizer.pad_token_id,
                                       eos_token_id=tokenizer.eos_token_id)
+    fields = config.to_dict()
     if width is not None:
-        fields = config.to_dict()
         for tower, mlp in (("vision_config", 4), ("text_config", 2)):
             fields[tower].update(hidden_size=width, intermediate_size=mlp * width)
-        config = LlavaConfig.from_dict(fields)
-    return experiment.with_runtime(config, runtime)
+    fields["vision_config"].update(vision)
+    if "conv_channels" in vision:  # the stem's stride is the patch size
+        fields["vision_config"]["patch_size"] = 2 ** (len(vision["conv_channels"]) - 1)
+    return experiment.with_runtime(LlavaConfig.from_dict(fields), runtime)
 
 
 def seeing_metrics(model: Llava, tokenizer: Any, records: list[dict], image_config: Any,
@@ -103,16 +110,18 @@ def main() -> None:
                         help="shapes-world builder option (JSON value), e.g. world=v2; repeatable")
     parser.add_argument("--preset", default="tiny_v2")
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--vision", action="append", default=[], metavar="FIELD=VALUE",
+                        help="vision config field (JSON value), e.g. conv_channels=[16,32,64,128]; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-dir", default="~/mmpo_data")
     parser.add_argument("--name", default="sft_base")
     args = parser.parse_args()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
-    options = _builder_options(args.world or ["world=v2"])
+    options = _options(args.world or ["world=v2"])
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
     config = load_config(args.config, [f"data.data_dir={data_dir}", f"data.builder={options!r}", *args.set])
-    report: dict[str, Any] = {"world": options, "preset": args.preset, "width": args.width,
+    report: dict[str, Any] = {"world": options, "preset": args.preset, "width": args.width, "vision": args.vision,
                               "overrides": args.set, "load_before": os.getloadavg()}
 
     start = time.perf_counter()
@@ -120,7 +129,7 @@ def main() -> None:
     report["world_seconds"] = time.perf_counter() - start
     tokenizer = load_tokenizer(source.tokenizer_path)
     image_config = image_processing.for_shapes_world(source.metadata["world"])
-    llava_config = model_config(args.preset, tokenizer, args.width, config.model)
+    llava_config = model_config(args.preset, tokenizer, args.width, _options(args.vision), config.model)
     report["parameters"] = presets.count_parameters(llava_config)
 
     base_config = experiment.sft_base_config(config)
