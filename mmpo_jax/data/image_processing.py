@@ -93,21 +93,25 @@ def clip_vit_l_336(*, pad_to_square: bool = True) -> ImageProcessorConfig:
     return ImageProcessorConfig(size=336, crop_size=336, pad_to_square=pad_to_square)
 
 
-def tiny(image_size: int) -> ImageProcessorConfig:
+def tiny(image_size: int, *, mean: Sequence[float] = (0.5, 0.5, 0.5),
+         std: Sequence[float] = (0.5, 0.5, 0.5)) -> ImageProcessorConfig:
     """Shapes-world preset: identity geometry for square `image_size` images, mean = std = 0.5.
 
     Resizing a square image to its own size is the identity in PIL, so for square images only
-    rescaling and normalisation to [-1, 1] remain (pad-to-square guards non-square ones).
-    [our choice] mean/std 0.5: the synthetic images have no natural-image statistics, and [-1, 1]
-    is symmetric for the tiny conv stem.
+    rescaling and normalisation remain (pad-to-square guards non-square ones).
+    [our choice] mean/std 0.5 for v1: the synthetic images have no natural-image statistics, and
+    [-1, 1] is symmetric for the tiny conv stem. The shapes world v2 records CLIP's constants
+    (`for_shapes_world`), so noise defined in CLIP units has the paper's pixel strength.
     """
-    return ImageProcessorConfig(
-        size=image_size,
-        crop_size=image_size,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        pad_to_square=True,
-    )
+    return ImageProcessorConfig(size=image_size, crop_size=image_size, mean=tuple(mean),
+                                std=tuple(std), pad_to_square=True)
+
+
+def for_shapes_world(world: Mapping[str, Any]) -> ImageProcessorConfig:
+    """The preprocessing of a shapes world from its dataset metadata (`"world"`): `tiny` at its
+    `image_size`, with its `image_mean` / `image_std` when it records them (v2), else v1's 0.5."""
+    mean, std = world.get("image_mean", (0.5, 0.5, 0.5)), world.get("image_std", (0.5, 0.5, 0.5))
+    return tiny(int(world["image_size"]), mean=mean, std=std)
 
 
 def from_hf_preprocessor_config(

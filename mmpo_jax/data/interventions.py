@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from mmpo_jax.data.image_processing import CLIP_MEAN, CLIP_STD
+
 COMBINE_MODES = ("two_images", "stitch")
 
 
@@ -129,25 +131,43 @@ def add_diffusion_noise(
     step: int = 600,
     num_steps: int = 1000,
     beta_range: tuple[float, float] = (1e-5, 5e-3),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> jax.Array:
-    """Forward-diffusion noise on the normalised image: `sqrt(abar) x0 + sqrt(1 - abar) eps`.
+    """Forward-diffusion noise `sqrt(abar) x0 + sqrt(1 - abar) eps`, defined in CLIP units.
 
-    `eps ~ N(0, 1)` per element; coefficients from `diffusion_noise_coefficients`. `jnp`, jit-able.
+    METHODS.md §5 defines the noise on the CLIP-normalised tensor. An image normalised with other
+    constants (`mean`, `std`: the model's, e.g. the shapes world v1's 0.5 / 0.5) is taken to CLIP
+    units, noised there and brought back, which in closed form is
+
+        x = a x0 + (1 - a) (CLIP_MEAN - mean) / std + b (CLIP_STD / std) eps
+
+    with `(a, b) = diffusion_noise_coefficients(...)` and `eps ~ N(0, 1)` per element. So the
+    pixel-space image, `x * std + mean`, is the same for every normalisation given the same key: the
+    noise has pixel-space std `b * CLIP_STD` (about 0.679 x 0.27 x 255 = 47 grey levels at t=600)
+    [our choice: METHODS.md asks only that `eps` be scaled to that std; converting the signal too
+    also keeps the shrunken image's pixel mean at CLIP's, so the intervention does not depend on
+    the normalisation at all]. With CLIP's constants (the default) this is the plain formula.
+    `jnp`, jit-able.
 
     Args:
       key: PRNG key; the same key gives the same noise.
-      image: float `[H, W, C]`, CLIP-normalised pixel values.
+      image: float `[H, W, C]`, normalised with `mean` / `std` (C = 3).
+      mean, std: the per-channel normalisation constants of `image`, in [0, 1] units.
 
     Returns:
-      float `[H, W, C]`, the dtype of `image`.
+      float `[H, W, C]`, the dtype of `image`, normalised like `image`.
     """
     if not jnp.issubdtype(image.dtype, jnp.floating):
         raise TypeError(
             f"add_diffusion_noise needs a normalised float image, got dtype {image.dtype}."
         )
     signal, noise = diffusion_noise_coefficients(step, num_steps, beta_range)
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    shift = ((1 - signal) * (np.asarray(CLIP_MEAN) - mean) / std).astype(np.float32)
+    scale = (noise * np.asarray(CLIP_STD) / std).astype(np.float32)
     eps = jax.random.normal(key, image.shape, jnp.float32)
-    return (signal * image.astype(jnp.float32) + noise * eps).astype(image.dtype)
+    return (signal * image.astype(jnp.float32) + shift + scale * eps).astype(image.dtype)
 
 
 def erase_box(image: jax.Array, box: jax.Array | Sequence[int]) -> jax.Array:
@@ -221,18 +241,24 @@ def crop_to_box(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
 
 
 def combine(
-    image: np.ndarray, crop: np.ndarray, mode: str = "two_images"
+    image: np.ndarray, crop: np.ndarray, mode: str = "two_images", *,
+    fill: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, ...]:
     """P2-DPO's `Combine(I, crop)`: the images of the focus-enhanced prompt. NumPy/PIL (data gen).
 
     Modes:
       "two_images": `(image, crop)` unchanged, for a two-image prompt (`num_images=2`).
-      "stitch": one canvas `[H, W, 3]`: the crop scaled to height H (aspect kept) is pasted right of
-        the image, and the `[H, W + w']` canvas is resized (bicubic) back to the input size.
+      "stitch": one canvas of the image's size `[H, W, 3]` holding the image and, right of it, the
+        crop, both scaled by one factor so that nothing is squeezed: the crop is scaled to height
+        H (aspect kept), the `[H, W + w']` strip is scaled uniformly to width W (bicubic) and
+        centred vertically on a canvas of `fill` (default: the image's mean colour, as P2-DPO's
+        `Erase` fills) [our choice: pad, never squeeze; the released stitch resizes the strip to
+        the input size, which halves the image's width and turns circles into ellipses].
 
     Args:
       image: uint8 `[H, W, 3]`.
       crop: uint8 `[h, w, 3]`, e.g. `crop_to_box(image, box)`.
+      fill: RGB of the "stitch" padding.
 
     Returns:
       the prompt's images, in order; `len` of it is the prompt's `num_images`.
@@ -247,8 +273,16 @@ def combine(
     height, width = image.shape[:2]
     scaled_width = max(1, round(crop.shape[1] * height / crop.shape[0]))
     scaled_crop = Image.fromarray(crop).resize((scaled_width, height), Image.Resampling.BICUBIC)
-    canvas = np.concatenate([image, np.asarray(scaled_crop)], axis=1)
-    return (np.asarray(Image.fromarray(canvas).resize((width, height), Image.Resampling.BICUBIC)),)
+    strip = np.concatenate([image, np.asarray(scaled_crop)], axis=1)
+    strip_height = max(1, round(height * width / strip.shape[1]))
+    strip = np.asarray(Image.fromarray(strip).resize((width, strip_height), Image.Resampling.BICUBIC))
+    if fill is None:
+        fill = np.round(image.reshape(-1, 3).astype(np.float64).mean(axis=0))
+    canvas = np.empty_like(image)
+    canvas[...] = np.asarray(fill, np.uint8)
+    top = (height - strip_height) // 2
+    canvas[top : top + strip_height] = strip
+    return (canvas,)
 
 
 def _restore_dtype(values: jax.Array, dtype: jnp.dtype) -> jax.Array:

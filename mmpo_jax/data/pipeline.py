@@ -166,24 +166,32 @@ _INTERVENTIONS = {"corrupt_pixel_values": interventions.random_resized_crop,
                   "noise_pixel_values": interventions.add_diffusion_noise}
 
 
+# Interventions that need the image's normalisation constants (the noise is defined in CLIP units).
+_NORMALISATION_AWARE = frozenset({"noise_pixel_values"})
+
+
 @functools.cache
-def _jitted_intervention(name: str) -> Callable[..., jax.Array]:
+def _jitted_intervention(name: str, normalisation: tuple[tuple[float, ...], tuple[float, ...]]
+                         ) -> Callable[..., jax.Array]:
+    options = dict(zip(("mean", "std"), normalisation)) if name in _NORMALISATION_AWARE else {}
+
     def apply(seed, epoch, record_index, image):
-        return _INTERVENTIONS[name](example_key(seed, epoch, record_index, name), image)
+        return _INTERVENTIONS[name](example_key(seed, epoch, record_index, name), image, **options)
     return jax.jit(apply)
 
 
-def _intervene(name: str, image: np.ndarray, *, seed: int, epoch: int, record_index: int
-               ) -> np.ndarray:
+def _intervene(name: str, image: np.ndarray, *, seed: int, epoch: int, record_index: int,
+               image_config: ImageProcessorConfig) -> np.ndarray:
     """``_INTERVENTIONS[name]`` on one preprocessed image with its example key, on the host CPU.
 
-    Jitted once per image shape; the arguments are committed to the CPU so that data workers
-    never touch the accelerator the training step runs on.
+    ``image_config`` gives the image's normalisation constants. Jitted once per image shape and
+    normalisation; the arguments are committed to the CPU so that data workers never touch the
+    accelerator the training step runs on.
     """
     # the filler row's index -1 wraps to 2**32 - 1, an index no record has
     args = (np.uint32(seed), np.uint32(epoch), np.uint32(record_index % 2**32), image)
-    out = _jitted_intervention(name)(*jax.device_put(args, jax.devices("cpu")[0]))
-    return np.asarray(out)
+    apply = _jitted_intervention(name, (image_config.mean, image_config.std))
+    return np.asarray(apply(*jax.device_put(args, jax.devices("cpu")[0])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +349,7 @@ def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
     fields["example_index"] = np.int32(record_index)
     for name in sorted(extras & _INTERVENTIONS.keys()):
         fields[name] = _intervene(name, pixel_values, seed=seed, epoch=epoch,
-                                  record_index=record_index)
+                                  record_index=record_index, image_config=image_config)
     if "focus_images" in extras:
         fields["focus_aug_pixel_values"] = image_config(record["focus_aug_image"])
         fields["focus_deg_pixel_values"] = image_config(record["focus_deg_image"])

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,17 @@ COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
           "yellow": (235, 200, 0), "purple": (140, 40, 180), "orange": (245, 120, 0)}
 PARTNERS = {"circle": "square", "triangle": "diamond", "cross": "star"}
 COUNT_WORDS = {2: "two", 3: "three"}
+# Every shape, colour and count word any world may use (`shapes_world_v2` picks its sets from
+# these); the caption parser knows them all, so one parser serves every world. v1 draws only
+# `SHAPES` and `COLORS` and writes only `COUNT_WORDS`, so its data and vocabulary are unchanged.
+SHAPE_CATALOGUE = (*SHAPES, "pentagon", "hexagon")
+CATALOGUE_PLURALS = {**PLURALS, "pentagon": "pentagons", "hexagon": "hexagons"}
+COLOR_CATALOGUE = {**COLORS, "pink": (240, 110, 170), "brown": (130, 80, 30), "cyan": (0, 175, 200),
+                   "grey": (120, 120, 120), "black": (20, 20, 20)}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
+                8: "eight", 9: "nine"}
+ALL_COUNT_WORDS = {n: w for n, w in NUMBER_WORDS.items() if n >= 2}
+"""The count words of every world's captions (v1 writes only two and three: `COUNT_WORDS`)."""
 HALLUCINATION_KINDS = ("object", "attribute", "count")
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 SPLITS = ("sft", "preference", "test_caption", "test_pope")
@@ -54,8 +65,8 @@ BACKGROUND_LEVEL, BACKGROUND_NOISE_STD = 235.0, 6.0
 SIZE_RANGE = (18, 28)
 _MIN_GAP_PX = 2  # between bounding boxes
 _MIN_CENTER_DX_PX = 4  # keeps "left to right" unambiguous
-_SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
-_COUNT_VALUES = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+_SINGULAR = {plural: shape for shape, plural in CATALOGUE_PLURALS.items()}
+_COUNT_VALUES = {"a": 1, "an": 1, **{word: count for count, word in NUMBER_WORDS.items()}}
 
 Group = tuple[int, str, str]  # (count, colour, shape) of one caption phrase
 
@@ -127,15 +138,22 @@ def _place(rng, image_size, boxes, attempts=50):
         size = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
         x0, y0 = (int(v) for v in rng.integers(0, image_size - size + 1, size=2))
         box = (x0, y0, x0 + size, y0 + size)
-        if all(_apart(box, other) for other in boxes):
+        if all(boxes_apart(box, other) for other in boxes):
             return box
     return None
 
 
-def _apart(a, b) -> bool:
+def boxes_apart(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether boxes `a` and `b` are at least `_MIN_GAP_PX` apart and their centres at least
+    `_MIN_CENTER_DX_PX` apart horizontally (so "left to right" is unambiguous)."""
     separated = (a[2] + _MIN_GAP_PX <= b[0] or b[2] + _MIN_GAP_PX <= a[0]
                  or a[3] + _MIN_GAP_PX <= b[1] or b[3] + _MIN_GAP_PX <= a[1])
-    return separated and abs((a[0] + a[2]) - (b[0] + b[2])) >= 2 * _MIN_CENTER_DX_PX
+    return separated and centres_apart(a, b)
+
+
+def centres_apart(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether the centres of boxes `a` and `b` are at least `_MIN_CENTER_DX_PX` apart in x."""
+    return abs((a[0] + a[2]) - (b[0] + b[2])) >= 2 * _MIN_CENTER_DX_PX
 
 
 def shape_outline(shape: str, bbox: Sequence[int]) -> list[tuple[float, float]] | None:
@@ -159,7 +177,20 @@ def shape_outline(shape: str, bbox: Sequence[int]) -> list[tuple[float, float]] 
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, half, 0.45 * half)
         return [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)]
-    raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
+    if shape in ("pentagon", "hexagon"):  # regular, a vertex up
+        sides = 5 if shape == "pentagon" else 6
+        angles = -np.pi / 2 + np.arange(sides) * 2 * np.pi / sides
+        return [(cx + half * np.cos(a), cy + half * np.sin(a)) for a in angles]
+    raise ValueError(f"unknown shape {shape!r}; valid: {SHAPE_CATALOGUE}")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, bbox: Sequence[int], fill) -> None:
+    """Fills `shape` inside `bbox` ([x0, y0, x1, y1), end-exclusive) on a PIL drawing."""
+    outline = shape_outline(shape, bbox)
+    if outline is None:
+        draw.ellipse([bbox[0], bbox[1], bbox[2] - 1, bbox[3] - 1], fill=fill)
+    else:
+        draw.polygon(outline, fill=fill)
 
 
 def render(objects: Sequence[ShapeObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -168,11 +199,7 @@ def render(objects: Sequence[ShapeObject], image_size: int, rng: np.random.Gener
     canvas = Image.fromarray(np.clip(np.round(noise), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
-        outline = shape_outline(obj.shape, obj.bbox)
-        if outline is None:
-            draw.ellipse([obj.bbox[0], obj.bbox[1], obj.bbox[2] - 1, obj.bbox[3] - 1], fill=COLORS[obj.color])
-        else:
-            draw.polygon(outline, fill=COLORS[obj.color])
+        draw_shape(draw, obj.shape, obj.bbox, COLORS[obj.color])
     return np.asarray(canvas)
 
 
@@ -185,25 +212,29 @@ def caption_groups(mentions: Sequence[tuple[str, str]]) -> list[Group]:
     return [(counts[m], *m) for m in dict.fromkeys(mentions)]
 
 
-def caption_text(groups: Sequence[Group]) -> str:
-    """Renders caption groups in the fixed grammar, e.g. "a red circle and two blue squares."."""
+def caption_text(groups: Sequence[Group], count_words: Mapping[int, str] = COUNT_WORDS) -> str:
+    """Renders caption groups in the fixed grammar, e.g. "a red circle and two blue squares.".
+
+    `count_words` names the counts above 1 the world writes (v1: two, three).
+    """
     phrases = []
     for count, color, shape in groups:
         if count == 1:
             phrases.append(f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}")
-        elif count in COUNT_WORDS:
-            phrases.append(f"{COUNT_WORDS[count]} {color} {PLURALS[shape]}")
+        elif count in count_words:
+            phrases.append(f"{count_words[count]} {color} {CATALOGUE_PLURALS[shape]}")
         else:
-            raise ValueError(f"count {count} of {color} {shape} has no word; valid counts: 1, 2, 3")
+            raise ValueError(f"count {count} of {color} {shape} has no word; valid counts: 1, "
+                             f"{', '.join(str(c) for c in count_words)}")
     if not phrases:
         raise ValueError("a caption needs at least one group")
     head = ", ".join(phrases[:-1])
     return (f"{head} and {phrases[-1]}" if head else phrases[-1]) + "."
 
 
-def caption(objects: Sequence[ShapeObject]) -> str:
+def caption(objects: Sequence[ShapeObject], count_words: Mapping[int, str] = COUNT_WORDS) -> str:
     """The faithful caption of a scene's objects (left to right)."""
-    return caption_text(caption_groups([(o.color, o.shape) for o in objects]))
+    return caption_text(caption_groups([(o.color, o.shape) for o in objects]), count_words)
 
 
 def parse_caption_groups(text: str) -> list[tuple[int, str | None, str]]:
@@ -211,7 +242,9 @@ def parse_caption_groups(text: str) -> list[tuple[int, str | None, str]]:
 
     Each shape noun (singular or plural) is one mention; the colour is the word right before it
     (None when that is not a colour), the count the word before that ("a"/"an"/"one" 1, "two",
-    "three"; a plural without a count word counts 2, a singular 1).
+    "three", ... "nine"; a plural without a count word counts 2, a singular 1). Every word of the
+    catalogues (`SHAPE_CATALOGUE`, `COLOR_CATALOGUE`, `NUMBER_WORDS`) is understood, so one parser
+    reads the text of every world.
 
     Returns:
       [(count, colour or None, shape)] in text order.
@@ -219,10 +252,10 @@ def parse_caption_groups(text: str) -> list[tuple[int, str | None, str]]:
     words = re.findall(r"[a-z]+", text.lower())
     mentions = []
     for i, word in enumerate(words):
-        shape = word if word in PLURALS else _SINGULAR.get(word)
+        shape = word if word in CATALOGUE_PLURALS else _SINGULAR.get(word)
         if shape is None:
             continue
-        color = words[i - 1] if i >= 1 and words[i - 1] in COLORS else None
+        color = words[i - 1] if i >= 1 and words[i - 1] in COLOR_CATALOGUE else None
         count_at = i - 2 if color is not None else i - 1
         count = _COUNT_VALUES.get(words[count_at]) if count_at >= 0 else None
         mentions.append((count or (1 if word == shape else 2), color, shape))
@@ -239,31 +272,40 @@ def vocabulary() -> list[str]:
     template), lower case, in a fixed order."""
     texts = [*COUNT_WORDS.values(), "a", "an", *COLORS, *SHAPES, *PLURALS.values(), "and , .",
              CAPTION_PROMPT, QUESTION_TEMPLATE.format(shape=""), YES, NO, *TEMPLATE_WORDS]
-    return list(dict.fromkeys(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)))
+    return words_of(texts)
+
+
+def words_of(texts: Sequence[str]) -> list[str]:
+    """The distinct lower-case words and punctuation marks of `texts`, in first-seen order."""
+    return list(dict.fromkeys(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())))
 
 
 # ----------------------------------------------------------------------------- bias and hallucinations
 
 
-def unpaired_triggers(objects: Sequence[ShapeObject]) -> list[ShapeObject]:
+def unpaired_triggers(objects: Sequence[ShapeObject], partners: Mapping[str, str] = PARTNERS
+                      ) -> list[ShapeObject]:
     """The first object of each trigger shape whose partner is absent, left to right."""
     present = {o.shape for o in objects}
     firsts = {}
     for obj in objects:
-        if obj.shape in PARTNERS and PARTNERS[obj.shape] not in present:
+        if obj.shape in partners and partners[obj.shape] not in present:
             firsts.setdefault(obj.shape, obj)
     return list(firsts.values())
 
 
-def biased_mentions(objects: Sequence[ShapeObject], biased: bool) -> list[tuple[str, str]]:
+def biased_mentions(objects: Sequence[ShapeObject], biased: bool, partners: Mapping[str, str] = PARTNERS
+                    ) -> list[tuple[str, str]]:
     """(colour, shape) mentions of a caption; with `biased`, absent partners appended."""
     mentions = [(o.color, o.shape) for o in objects]
     if biased:
-        mentions += [(t.color, PARTNERS[t.shape]) for t in unpaired_triggers(objects)]
+        mentions += [(t.color, partners[t.shape]) for t in unpaired_triggers(objects, partners)]
     return mentions
 
 
-def hallucinate(objects: Sequence[ShapeObject], kind: str, rng: np.random.Generator
+def hallucinate(objects: Sequence[ShapeObject], kind: str, rng: np.random.Generator, *,
+                shapes: Sequence[str] = SHAPES, colors: Sequence[str] = tuple(COLORS),
+                partners: Mapping[str, str] = PARTNERS, counts: Sequence[int] = (1, 2, 3)
                 ) -> tuple[list[Group], dict[str, Any]]:
     """Edits the faithful caption groups with one hallucination of `kind`.
 
@@ -271,23 +313,29 @@ def hallucinate(objects: Sequence[ShapeObject], kind: str, rng: np.random.Genera
       when there is one, else a random absent shape and colour) or replaces one group's shape by an
       absent shape (colour and count kept); `edit` says which.
     - "attribute": one group's colour becomes a colour that no object of that shape has.
-    - "count": one group's count becomes another of 1, 2, 3.
+    - "count": one group's count becomes another of `counts` (v1: 1, 2, 3).
+
+    `shapes`, `colors`, `partners`, `counts` are the world's (v1's by default); "object" needs a
+    shape of `shapes` absent from the scene.
 
     Returns:
       (rejected groups, {"kind", "edit", "group": index of the edited group, "before", "after"}).
     """
     groups = caption_groups([(o.color, o.shape) for o in objects])
     present = {o.shape for o in objects}
-    absent = [s for s in SHAPES if s not in present]
+    absent = [s for s in shapes if s not in present]
     index = int(rng.integers(len(groups)))
     count, color, shape = groups[index]
     color_draw, shape_draw, edit_draw = rng.integers(1 << 30, size=3)
+    if kind == "object" and not absent:
+        raise ValueError(f"an object hallucination needs a shape absent from the scene; all of "
+                         f"{list(shapes)} are present")
     if kind == "object" and edit_draw % 2 == 0:
-        triggers = unpaired_triggers(objects)
+        triggers = unpaired_triggers(objects, partners)
         if triggers:
-            new = (1, triggers[0].color, PARTNERS[triggers[0].shape])
+            new = (1, triggers[0].color, partners[triggers[0].shape])
         else:
-            new = (1, list(COLORS)[color_draw % len(COLORS)], absent[shape_draw % len(absent)])
+            new = (1, colors[color_draw % len(colors)], absent[shape_draw % len(absent)])
         return [*groups, new], {"kind": kind, "edit": "insert", "group": len(groups), "before": None,
                                 "after": list(new)}
     if kind == "object":
@@ -295,11 +343,11 @@ def hallucinate(objects: Sequence[ShapeObject], kind: str, rng: np.random.Genera
         edit = "replace_shape"
     elif kind == "attribute":
         taken = {o.color for o in objects if o.shape == shape}
-        options = [c for c in COLORS if c not in taken]
+        options = [c for c in colors if c not in taken]
         new, edit = (count, options[color_draw % len(options)], shape), "replace_color"
     elif kind == "count":
-        options = [n for n in (1, 2, 3) if n != count]
-        new, edit = (options[int(edit_draw) % 2], color, shape), "replace_count"
+        options = [n for n in counts if n != count]
+        new, edit = (options[int(edit_draw) % len(options)], color, shape), "replace_count"
     else:
         raise ValueError(f"unknown hallucination kind {kind!r}; valid: {HALLUCINATION_KINDS}")
     rejected = list(groups)
@@ -309,7 +357,8 @@ def hallucinate(objects: Sequence[ShapeObject], kind: str, rng: np.random.Genera
 
 
 def pope_negatives(category: str, present: Sequence[str], count: int, rng: np.random.Generator,
-                   frequency: Counter, cooccurrence: Counter) -> list[str]:
+                   frequency: Counter, cooccurrence: Counter, *, shapes: Sequence[str] = SHAPES,
+                   partners: Mapping[str, str] = PARTNERS) -> list[str]:
     """Absent shapes to ask about, POPE style.
 
     - "random": uniformly without replacement among absent shapes.
@@ -317,18 +366,18 @@ def pope_negatives(category: str, present: Sequence[str], count: int, rng: np.ra
     - "adversarial": partners of present triggers first, then absent shapes by descending
       co-occurrence with the present ones (`cooccurrence[(a, b)]` = images holding both), ties by
       frequency.
-    Ties everywhere break by `SHAPES` order.
+    Ties everywhere break by `shapes` order (the world's shapes and partners; v1's by default).
     """
-    absent = [s for s in SHAPES if s not in present]
+    absent = [s for s in shapes if s not in present]
     if category == "random":
         return [absent[i] for i in rng.permutation(len(absent))[:count]]
     if category == "popular":
         return sorted(absent, key=lambda s: -frequency[s])[:count]
     if category == "adversarial":
-        partners = [PARTNERS[s] for s in present if s in PARTNERS and PARTNERS[s] in absent]
-        others = sorted((s for s in absent if s not in partners),
+        first = [partners[s] for s in present if s in partners and partners[s] in absent]
+        others = sorted((s for s in absent if s not in first),
                         key=lambda s: (-sum(cooccurrence[(q, s)] for q in present), -frequency[s]))
-        return (partners + others)[:count]
+        return (first + others)[:count]
     raise ValueError(f"unknown POPE category {category!r}; valid: {POPE_CATEGORIES}")
 
 

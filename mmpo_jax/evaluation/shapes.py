@@ -9,12 +9,18 @@ so "two red squares" is two mentions. Ground truth is the scene's objects.
   that colour and that shape. [our choice] A mention without a colour states only its shape and is
   judged by it (as at object level); recall counts a ground-truth (colour, shape) pair once some
   mention grounds it.
+
+Every world is read the same way: the parser knows every catalogue word, and a world's records
+carry their ground truth (v2's objects also say how hard they are to see, which CHAIR ignores: a
+faint or half-hidden object is there). The partner-based metrics take the world's partner map
+(`record_partners`: v2 caption records store it; v1's is `PARTNERS`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -58,24 +64,33 @@ def shapes_chair_metrics(captions: Sequence[str], scenes: Sequence[Sequence[Shap
     return {**objects.metrics(), **attributes.metrics("_attr")}
 
 
-def absent_partners(scene: Sequence[ShapeObject]) -> set[str]:
+def record_partners(record: Mapping[str, Any]) -> dict[str, str]:
+    """The partner map of a caption record's world: its metadata's `"partners"` (v2), else v1's."""
+    metadata = json.loads(record.get("metadata") or "{}")
+    partners = metadata.get("partners") if isinstance(metadata, dict) else None
+    return dict(partners) if isinstance(partners, Mapping) else dict(PARTNERS)
+
+
+def absent_partners(scene: Sequence[ShapeObject], partners: Mapping[str, str] = PARTNERS) -> set[str]:
     """The partner shapes of the scene's unpaired triggers (empty when it has none)."""
-    return {PARTNERS[t.shape] for t in shapes_world.unpaired_triggers(scene)}
+    return {partners[t.shape] for t in shapes_world.unpaired_triggers(scene, partners)}
 
 
-def partner_hallucination_rate(captions: Sequence[str], scenes: Sequence[Sequence[ShapeObject]]) -> float:
+def partner_hallucination_rate(captions: Sequence[str], scenes: Sequence[Sequence[ShapeObject]],
+                               partners: Mapping[str, str] = PARTNERS) -> float:
     """Among captions of scenes holding a trigger without its partner, the fraction that mention an
     absent partner (any colour); 0 when no scene has an unpaired trigger."""
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions but {len(scenes)} scenes; give one scene per caption")
-    hits = [bool(absent_partners(scene) & {shape for _, shape in shapes_world.parse_caption(text)})
-            for text, scene in zip(captions, scenes) if absent_partners(scene)]
+    hits = [bool(absent_partners(scene, partners) & {shape for _, shape in shapes_world.parse_caption(text)})
+            for text, scene in zip(captions, scenes) if absent_partners(scene, partners)]
     return float(np.mean(hits)) if hits else 0.0
 
 
 def continuation_targets(tokenizer: PreTrainedTokenizerBase, scene: Sequence[ShapeObject], *,
                          num_image_tokens: int, prompt: str = shapes_world.CAPTION_PROMPT,
-                         max_length: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+                         max_length: int = 4096, partners: Mapping[str, str] = PARTNERS
+                         ) -> tuple[np.ndarray, np.ndarray] | None:
     """Where the biased caption of a trigger scene leaves its faithful caption, as token ids.
 
     Tokenises the faithful caption and the biased one (absent partners appended, as the biased SFT
@@ -87,10 +102,12 @@ def continuation_targets(tokenizer: PreTrainedTokenizerBase, scene: Sequence[Sha
       first token that the biased response does not share; None for a scene without an unpaired
       trigger.
     """
-    if not absent_partners(scene):
+    if not absent_partners(scene, partners):
         return None
-    faithful = shapes_world.caption(scene)
-    biased = shapes_world.caption_text(shapes_world.caption_groups(shapes_world.biased_mentions(scene, True)))
+    words = shapes_world.ALL_COUNT_WORDS  # v1 scenes never need more than its two and three
+    faithful = shapes_world.caption(scene, words)
+    biased = shapes_world.caption_text(
+        shapes_world.caption_groups(shapes_world.biased_mentions(scene, True, partners)), words)
     encoded = [encode_prompt_response(tokenizer, prompt, text, num_image_tokens=num_image_tokens,
                                       max_length=max_length) for text in (faithful, biased)]
     if any(isinstance(e, DropReason) for e in encoded):
@@ -103,7 +120,8 @@ def continuation_targets(tokenizer: PreTrainedTokenizerBase, scene: Sequence[Sha
 
 def continuation_probability(tokenizer: PreTrainedTokenizerBase, images: Sequence[np.ndarray],
                              scenes: Sequence[Sequence[ShapeObject]], score: ScoreFn, *,
-                             num_image_tokens: int, prompt: str = shapes_world.CAPTION_PROMPT) -> float:
+                             num_image_tokens: int, prompt: str = shapes_world.CAPTION_PROMPT,
+                             partners: Mapping[str, str] = PARTNERS) -> float:
     """Mean over trigger scenes of the model's probability of going on where the faithful caption
     stops and the biased one continues.
 
@@ -121,6 +139,7 @@ def continuation_probability(tokenizer: PreTrainedTokenizerBase, images: Sequenc
       score: a `ScoreFn` (e.g. `runner.model_scorer`).
       num_image_tokens: image placeholders per image.
       prompt: the caption request.
+      partners: the world's partner map (`record_partners`).
 
     Returns:
       the mean probability in [0, 1]; 0 when no scene has an unpaired trigger.
@@ -129,7 +148,7 @@ def continuation_probability(tokenizer: PreTrainedTokenizerBase, images: Sequenc
         raise ValueError(f"{len(images)} images but {len(scenes)} scenes; give one scene per image")
     chosen = [(image, targets) for image, scene in zip(images, scenes)
               if (targets := continuation_targets(tokenizer, scene, num_image_tokens=num_image_tokens,
-                                                  prompt=prompt)) is not None]
+                                                  prompt=prompt, partners=partners)) is not None]
     if not chosen:
         return 0.0
     logps = score([image for image, _ in chosen], [prompt_ids for _, (prompt_ids, _) in chosen],

@@ -65,6 +65,29 @@ def test_diffusion_schedule_matches_methods_numbers():
         iv.diffusion_noise_coefficients(step=1000)
 
 
+@pytest.mark.parametrize("mean,std", [((0.5,) * 3, (0.5,) * 3), (iv.CLIP_MEAN, iv.CLIP_STD)])
+def test_diffusion_noise_has_clip_pixel_strength_under_any_normalisation(mean, std):
+    """METHODS.md §5: at t=600 the pixel-space noise std is 0.679 x CLIP std (~47 grey levels),
+    whether the model normalises with v1's 0.5 / 0.5 or CLIP's constants."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3)) / 255.0  # [0, 1] units
+    normalised = jnp.asarray((pixels - mean) / std, jnp.float32)
+    noisy = iv.add_diffusion_noise(jax.random.key(3), normalised, mean=tuple(mean), std=tuple(std))
+    noisy_pixels = np.asarray(noisy, np.float64) * std + mean
+    signal, _ = iv.diffusion_noise_coefficients(600)
+    # what is left besides the noise: the image shrunk toward CLIP's mean, in pixel units
+    expected = signal * pixels + (1 - signal) * np.asarray(iv.CLIP_MEAN)
+    noise_std = (noisy_pixels - expected).std(axis=(0, 1))
+    target = 0.679 * np.asarray(iv.CLIP_STD)
+    np.testing.assert_allclose(noise_std, target, rtol=0.05)
+    assert noise_std.mean() * 255 == pytest.approx(47.1, rel=0.05)
+    # the same key gives the same pixels whatever the normalisation
+    clip_in = jnp.asarray((pixels - np.asarray(iv.CLIP_MEAN)) / np.asarray(iv.CLIP_STD), jnp.float32)
+    clip_pixels = np.asarray(iv.add_diffusion_noise(jax.random.key(3), clip_in)) * np.asarray(iv.CLIP_STD) \
+        + np.asarray(iv.CLIP_MEAN)
+    np.testing.assert_allclose(noisy_pixels, clip_pixels, atol=1e-5)
+
+
 def test_diffusion_noise_statistics_match_the_coefficients():
     signal, noise = iv.diffusion_noise_coefficients()
     x0 = jax.random.normal(jax.random.key(0), (64, 64, 3))
@@ -121,8 +144,9 @@ def test_upsampled_masks_stay_in_the_unit_interval_and_batches_broadcast():
     images = jax.random.uniform(jax.random.key(5), (2, 32, 40, 3))
     batched = iv.visually_enhance(images, mask, white=1.0)
     for row in range(2):
+        # atol: batched and single XLA programs may differ in the last float32 bit
         np.testing.assert_allclose(batched[row], iv.visually_enhance(images[row], mask[row], white=1.0),
-                                   rtol=1e-6)
+                                   rtol=1e-6, atol=1e-6)
     # a mask already at image size is used as it is
     np.testing.assert_allclose(iv.upsample_mask(pixels, (32, 40)), pixels, atol=1e-6)
 
@@ -143,19 +167,39 @@ def test_visually_enhance_upsamples_bicubically_and_commutes_with_normalisation(
     np.testing.assert_allclose(enhanced_normalised, expected_normalised, rtol=1e-4, atol=1e-5)
 
 
-def test_combine_two_images_and_stitch_contains_both():
+def test_combine_two_images_and_stitch_contains_both_padded_not_squeezed():
     red = np.zeros((40, 40, 3), np.uint8)
     red[..., 0] = 255
     blue = np.zeros((10, 10, 3), np.uint8)
     blue[..., 2] = 255
     assert iv.combine(red, blue, "two_images") == (red, blue)
-    (stitched,) = iv.combine(red, blue, "stitch")
+    (stitched,) = iv.combine(red, blue, "stitch", fill=(0, 255, 0))
     assert stitched.shape == red.shape and stitched.dtype == np.uint8
-    # Canvas 40 x (40 + 40) resized to 40 x 40: left half the image, right half the crop.
-    np.testing.assert_array_equal(stitched[:, :19], np.broadcast_to([255, 0, 0], (40, 19, 3)))
-    np.testing.assert_array_equal(stitched[:, 21:], np.broadcast_to([0, 0, 255], (40, 19, 3)))
+    # Strip 40 x (40 + 40) scaled to 20 x 40, centred in rows 10..30: left the image, right the
+    # crop, each 20 x 20 (square stays square); above and below the fill.
+    np.testing.assert_array_equal(stitched[11:29, :19], np.broadcast_to([255, 0, 0], (18, 19, 3)))
+    np.testing.assert_array_equal(stitched[11:29, 21:], np.broadcast_to([0, 0, 255], (18, 19, 3)))
+    np.testing.assert_array_equal(stitched[:10], np.broadcast_to([0, 255, 0], (10, 40, 3)))
+    np.testing.assert_array_equal(stitched[30:], np.broadcast_to([0, 255, 0], (10, 40, 3)))
     with pytest.raises(ValueError, match="mode='side'"):
         iv.combine(red, blue, "side")
+
+
+@pytest.mark.parametrize("size,box", [(64, (8, 20, 40, 52)), (128, (60, 10, 124, 74))])
+def test_stitch_keeps_aspect_ratio_of_image_and_crop(size, box):
+    """A circle stays a circle in both halves (the released stitch halved widths: ellipses)."""
+    image = np.full((size, size, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cx, cy, r = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) / 2 - 2
+    image[(xx - cx) ** 2 + (yy - cy) ** 2 <= r**2] = (200, 30, 30)
+    (stitched,) = iv.combine(image, iv.crop_to_box(image, box), "stitch")
+    fill = np.round(image.reshape(-1, 3).mean(axis=0))
+    assert np.all(stitched[0] == fill) and np.all(stitched[-1] == fill)  # padded, not stretched
+    red = (stitched[..., 0] > 150) & (stitched[..., 1] < 120)
+    for half in (red[:, : size // 2 - 1], red[:, size // 2 + 1 :]):
+        rows, cols = np.nonzero(half)
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert abs(height - width) <= 1, (height, width)
 
 
 def test_crop_to_box_slices_and_validates():

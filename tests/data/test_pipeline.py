@@ -243,6 +243,29 @@ def test_extras_are_deterministic_per_example_and_epoch(tokenizer, image_config)
     assert not np.array_equal(other_seed[0], by_epoch_and_index[0, 0])
 
 
+@pytest.mark.parametrize("normalisation", ["v1", "clip"])
+def test_noise_extra_is_add_diffusion_noise_under_the_image_normalisation(tokenizer, normalisation):
+    """The noise image of each row is `add_diffusion_noise` with the example key and the image
+    config's mean / std: the same pixel-space noise (CLIP strength) under either normalisation."""
+    from mmpo_jax.data import interventions
+    image_config = (image_processing.tiny(IMAGE_SIZE) if normalisation == "v1" else image_processing.tiny(
+        IMAGE_SIZE, mean=image_processing.CLIP_MEAN, std=image_processing.CLIP_STD))
+    records = make_records(4)
+    (batch,) = _pipeline(records, tokenizer, image_config, extras=("noise_pixel_values",))
+    mean, std = np.asarray(image_config.mean), np.asarray(image_config.std)
+    relative = []  # pixel-space noise over the paper's std, every row and channel
+    for row, index in enumerate(batch.example_index):
+        key = pipeline.example_key(0, 0, int(index), "noise_pixel_values")
+        expected = interventions.add_diffusion_noise(key, jnp.asarray(batch.pixel_values[row]),
+                                                     mean=image_config.mean, std=image_config.std)
+        np.testing.assert_allclose(batch.noise_pixel_values[row], expected, rtol=1e-6, atol=1e-6)
+        clean = records[int(index)]["image"] / 255.0
+        noise = batch.noise_pixel_values[row] * std + mean - (0.7342 * clean + 0.2658 * np.asarray(
+            image_processing.CLIP_MEAN))
+        relative.append(noise / (0.679 * np.asarray(image_processing.CLIP_STD)))
+    assert np.std(relative) == pytest.approx(1.0, abs=0.1)  # 768 draws: ~2.5 % sampling error
+
+
 def test_unknown_extra_is_rejected(tokenizer, image_config):
     with pytest.raises(ValueError, match="unknown extras.*'crop'"):
         _pipeline(make_records(2), tokenizer, image_config, extras=("crop",))

@@ -12,18 +12,13 @@ import pytest
 from mmpo_jax.data import shapes_world as sw
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
+from tests.data.fixtures import same_records
 
 SMALL = dict(sft_size=30, preference_size=30, test_caption_size=10, test_pope_images=12)
 
 
 def _objects(record) -> list[sw.ShapeObject]:
     return [sw.ShapeObject(o["shape"], o["color"], tuple(o["bbox"])) for o in json.loads(record["objects"])]
-
-
-def _same_records(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) if k == "image" else x[k] == y[k] for k in x)
-        for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +31,9 @@ def test_splits_are_deterministic_by_seed_and_scenes_do_not_depend_on_p():
     spec = sw.WorldSpec(**SMALL)
     for split in sw.SPLITS:
         first, again = list(sw.generate_split(spec, split)), list(sw.generate_split(spec, split))
-        assert _same_records(first, again)
+        assert same_records(first, again)
         other_seed = list(sw.generate_split(sw.WorldSpec(**SMALL, seed=1), split))
-        assert not _same_records(first, other_seed)
+        assert not same_records(first, other_seed)
     never = list(sw.generate_split(sw.WorldSpec(**SMALL, p=0.0), "sft"))
     always = list(sw.generate_split(sw.WorldSpec(**SMALL, p=1.0), "sft"))
     assert all(np.array_equal(a["image"], b["image"]) and a["objects"] == b["objects"] for a, b in zip(never, always))
@@ -223,10 +218,10 @@ def test_builder_round_trip_metadata_and_tokenizer(tmp_path):
         source = load_split("shapes_world", split, data_dir=tmp_path / "a", **SMALL, p=0.5)
         items = [source[i] for i in range(len(source))]
         assert all(set(item) == fields[split] for item in items)
-        assert _same_records(items, list(sw.generate_split(spec, split)))
+        assert same_records(items, list(sw.generate_split(spec, split)))
     assert source.metadata["world"] == {**SMALL, "p": 0.5, "image_size": 64, "seed": 0, "question_fraction": 0.25}
     again = load_split("shapes_world", "preference", data_dir=tmp_path / "b", **SMALL, p=0.5)
-    assert _same_records([again[i] for i in range(len(again))], list(sw.generate_split(spec, "preference")))
+    assert same_records([again[i] for i in range(len(again))], list(sw.generate_split(spec, "preference")))
     tokenizer = load_tokenizer(source.tokenizer_path)
     assert tokenizer.image_token_id == 4 and tokenizer.decode(tokenizer(items[0]["question"]).input_ids[1:]) == \
         items[0]["question"]

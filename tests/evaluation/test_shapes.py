@@ -109,3 +109,52 @@ def test_continuation_probability_reads_the_parting_token(tokenizer):
     assert probability == pytest.approx(np.mean([1 - 0.9, 1 - 0.4]))
     assert seen == [0, 2]  # only trigger images are scored
     assert continuation_probability(tokenizer, images[1:2], scenes[1:2], score, num_image_tokens=3) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes world v2: CHAIR and POPE stay exact on its ground truth
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chair_is_exact_on_v2_faithful_and_rejected_captions():
+    from mmpo_jax.data import shapes_world_v2, shapes_world_v2_splits
+
+    spec = shapes_world_v2.WorldSpecV2(test_caption_size=60, preference_size=200)
+    records = list(shapes_world_v2_splits.generate_split(spec, "test_caption"))
+    scenes = [objects_from_json(r["objects"]) for r in records]
+    faithful = [json.loads(r["metadata"])["caption"] for r in records]
+    assert shapes_chair_metrics(faithful, scenes) == pytest.approx(
+        {"chair_s": 0, "chair_i": 0, "recall": 1, "chair_s_attr": 0, "chair_i_attr": 0, "recall_attr": 1})
+    assert partner_hallucination_rate(faithful, scenes) == 0.0
+    by_kind: dict[str, list[dict[str, float]]] = {}
+    for record in shapes_world_v2_splits.generate_split(spec, "preference"):
+        metadata = json.loads(record["metadata"])
+        truth = objects_from_json(json.dumps(metadata["objects"]))
+        metrics = shapes_chair_metrics([record["rejected"]], [truth])
+        by_kind.setdefault(metadata["kind"], []).append(metrics)
+    # object edits add a shape the scene lacks; attribute and binding edits only wrong colours;
+    # count edits name only true (colour, shape) pairs
+    assert all(m["chair_i"] > 0 for m in by_kind["object"])
+    for kind in ("attribute", "binding"):
+        assert all(m["chair_i"] == 0 and m["chair_i_attr"] > 0 for m in by_kind[kind]), kind
+    assert all(m["chair_i_attr"] == 0 for m in by_kind["count"])
+
+
+def test_partner_metrics_read_the_world_partner_map(tokenizer):
+    from mmpo_jax.data import shapes_world_v2, shapes_world_v2_splits
+    from mmpo_jax.evaluation.shapes import absent_partners, record_partners
+
+    spec = shapes_world_v2.WorldSpecV2(partners={"star": "circle"}, test_caption_size=40)
+    records = list(shapes_world_v2_splits.generate_split(spec, "test_caption"))
+    assert record_partners(records[0]) == {"star": "circle"}
+    assert record_partners({"metadata": "{}"}) == shapes_world.PARTNERS  # v1 records
+    lone_star = scene("red star", "blue square")
+    assert absent_partners(lone_star, {"star": "circle"}) == {"circle"} and not absent_partners(lone_star)
+    assert partner_hallucination_rate(["a red star, a blue square and a red circle."], [lone_star],
+                                      {"star": "circle"}) == 1.0
+    # v2 counts go past three: "four red stars" is written with v2's count words
+    four = tuple(ShapeObject("star", "red", (10 * i, 0, 10 * i + 8, 8)) for i in range(4))
+    _, continuation = continuation_targets(
+        build_word_tokenizer(shapes_world_v2.vocabulary(spec), model_max_length=512), four,
+        num_image_tokens=NUM_IMAGE_TOKENS, partners={"star": "circle"})
+    assert len(continuation) == 4  # "four red stars ." vs "four red stars and": part at the 4th

@@ -27,9 +27,19 @@ def np_frame(grid, border=2):
     return frame
 
 
-def np_boundary(a):
-    frame = np_frame(a.shape[0])
-    r = a[frame].mean() / a[~frame].mean()
+def np_frame_share(grid, border=2):
+    """Share of each patch inside the outer border/24 of the image side, by counting the pixels of
+    a (24 G)-pixel image (each patch 24 x 24 pixels, the frame border * G pixels wide)."""
+    side, band = 24 * grid, border * grid
+    pixels = np.zeros((side, side), bool)
+    pixels[:band], pixels[-band:], pixels[:, :band], pixels[:, -band:] = True, True, True, True
+    return pixels.reshape(grid, 24, grid, 24).mean(axis=(1, 3))
+
+
+def np_boundary(a, share):
+    """The boundary score with each patch weighed into the frame and centre means by its share
+    (whole patches at 24x24: METHODS.md's plain means)."""
+    r = (a * share).sum() / share.sum() / ((a * (1 - share)).sum() / (1 - share).sum())
     return 1 - min(1.0, 2 * (r - 0.6)) if r > 0.6 else 1.0
 
 
@@ -85,7 +95,7 @@ def np_anchor(history):
     for l, a in enumerate(maps):
         d = l / (num_layers - 1)
         scores.append(
-            0.25 * np_boundary(a)
+            0.25 * np_boundary(a, np_frame_share(g))
             + 0.30 * np_spectral(a, d)
             + 0.15 * np_smoothness(a)
             + 0.20 * np_concentration(a)
@@ -96,13 +106,16 @@ def np_anchor(history):
     return sum(w[l] * maps[l] for l in range(num_layers))
 
 
-def np_refined(anchor):
+def np_refined(anchor, blurs=(3, 5), share=None):
+    """METHODS.md §4's chain: blurs of `blurs`, each patch times 1 - 0.5 x its frame share (default
+    the 2-patch frame of this grid)."""
     m = np_minmax(anchor)
     z = (m - m.mean()) / m.std(ddof=1) * 10
     m = 1 / (1 + np.exp(-z))
-    m = np_correlate(m, np.full((3, 3), 1 / 9), "edge")
-    m = np.where(np_frame(m.shape[0]), m * 0.5, m)
-    m = np_correlate(m, np.full((5, 5), 1 / 25), "edge")
+    m = np_correlate(m, np.full((blurs[0], blurs[0]), 1 / blurs[0] ** 2), "edge")
+    share = np_frame(m.shape[0]) if share is None else share
+    m = m * (1 - 0.5 * share)
+    m = np_correlate(m, np.full((blurs[1], blurs[1]), 1 / blurs[1] ** 2), "edge")
     return np_minmax(m)
 
 
@@ -117,8 +130,9 @@ def random_history(seed, batch=None, layers=4, steps=3, grid=8):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_layer_scores_match_numpy_transcription():
-    maps = np.asarray(random_history(0).mean(axis=1).reshape(4, 8, 8), np.float64)
+@pytest.mark.parametrize("grid", [24, 8])  # the frame scales with G / 24
+def test_layer_scores_match_numpy_transcription(grid):
+    maps = np.asarray(random_history(0, grid=grid).mean(axis=1).reshape(4, grid, grid), np.float64)
     depths = np.linspace(0, 1, 4)
     got = {
         "boundary": adapt.boundary_score(maps),
@@ -128,7 +142,7 @@ def test_layer_scores_match_numpy_transcription():
         "depth": adapt.depth_prior(depths),
     }
     expected = {
-        "boundary": [np_boundary(a) for a in maps],
+        "boundary": [np_boundary(a, np_frame_share(grid)) for a in maps],
         "spectral": [np_spectral(a, d) for a, d in zip(maps, depths)],
         "smoothness": [np_smoothness(a) for a in maps],
         "concentration": [np_concentration(a) for a in maps],
@@ -148,14 +162,53 @@ def test_boundary_score_hand_cases():
     assert float(adapt.boundary_score(frame_only)) == 0.0  # r = inf, fully penalised
 
 
-def test_visual_anchor_and_refined_mask_match_numpy_transcription():
-    history = random_history(1, batch=2)
+# grid -> the blurs of METHODS.md's 3x3 / 5x5 scaled by G / 24 to odd kernels of at least 1
+SCALED_BLURS = {24: (3, 5), 12: (1, 3), 8: (1, 1), 4: (1, 1), 18: (3, 3), 48: (7, 11)}
+
+
+@pytest.mark.parametrize("grid", [24, 8, 12])
+def test_visual_anchor_and_refined_mask_match_numpy_transcription(grid):
+    history = random_history(1, batch=2, grid=grid)
     anchor = adapt.visual_anchor(history)
     mask = adapt.refined_mask(anchor)
     for b in range(2):
         expected_anchor = np_anchor(history[b].astype(np.float64))
         np.testing.assert_allclose(anchor[b], expected_anchor, rtol=1e-4, atol=1e-7)
-        np.testing.assert_allclose(mask[b], np_refined(expected_anchor), rtol=1e-4, atol=1e-5)
+        expected = np_refined(expected_anchor, SCALED_BLURS[grid], np_frame_share(grid))
+        np.testing.assert_allclose(mask[b], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_24x24_chain_is_methods_chain_and_smaller_grids_scale():
+    assert {g: (adapt.scaled_kernel(3, g), adapt.scaled_kernel(5, g)) for g in SCALED_BLURS} == SCALED_BLURS
+    # the frame: whole patches where its band ends on patch edges, shares elsewhere
+    np.testing.assert_array_equal(adapt.frame_share(24), np_frame(24, 2))
+    np.testing.assert_array_equal(adapt.frame_share(12), np_frame(12, 1))
+    for grid in (4, 6, 8, 16):
+        np.testing.assert_allclose(adapt.frame_share(grid), np_frame_share(grid), atol=1e-6)
+    np.testing.assert_allclose(adapt.frame_share(8)[0, :2], [8 / 9, 2 / 3], rtol=1e-6)
+    # On a random 24x24 anchor the default chain is the unscaled one (today's numbers), exactly.
+    anchor = np.random.default_rng(7).random((3, 24, 24)).astype(np.float32)
+    for percentile in (None, 0.4):
+        np.testing.assert_array_equal(
+            adapt.refined_mask(anchor, threshold_percentile=percentile),
+            adapt.refined_mask(anchor, threshold_percentile=percentile, scale_to_grid=False))
+    np.testing.assert_allclose(adapt.refined_mask(anchor)[0], np_refined(anchor[0].astype(np.float64)),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(adapt.boundary_score(anchor), adapt.boundary_score(anchor, scale_to_grid=False))
+    # Unscaled, the old chain stays available on any grid.
+    small = np.random.default_rng(8).random((8, 8))
+    np.testing.assert_allclose(adapt.refined_mask(small.astype(np.float32), scale_to_grid=False),
+                               np_refined(small), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [6, 8, 12])
+def test_boundary_score_discriminates_on_small_grids(grid):
+    centre, frame = np.zeros((grid, grid), np.float32), np.ones((grid, grid), np.float32)
+    centre[1:-1, 1:-1], frame[1:-1, 1:-1] = 1.0, 0.0
+    assert float(adapt.boundary_score(centre)) == 1.0 and float(adapt.boundary_score(frame)) == 0.0
+    # unscaled, the 2-patch frame of a 4x4 grid covers everything: always 1
+    assert float(adapt.boundary_score(np.ones((4, 4), np.float32) - np.eye(4, dtype=np.float32),
+                                      scale_to_grid=False)) == 1.0
 
 
 def test_depth_prior_peaks_near_layer_20_of_32():
@@ -164,17 +217,30 @@ def test_depth_prior_peaks_near_layer_20_of_32():
     assert float(prior[0]) == 0.0 and float(prior[20]) > 0.99
 
 
-def test_anchor_and_mask_peak_on_the_attended_region():
-    grid, rng = 12, np.random.default_rng(2)
+def _attended(grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(history [6, 5, G*G] attending to one region, the region [G, G]): rows and columns
+    [G/4, G/2) x [G/2, 3G/4), the same part of the image on every grid."""
+    rng = np.random.default_rng(2)
     history = rng.uniform(0.0, 1e-4, size=(6, 5, grid * grid)).astype(np.float32)
     region = np.zeros((grid, grid), bool)
-    region[3:6, 6:9] = True
+    region[grid // 4 : grid // 2, grid // 2 : 3 * grid // 4] = True
     history[..., region.reshape(-1)] += 0.05
-    anchor = adapt.visual_anchor(history)
-    mask = adapt.refined_mask(anchor)
-    assert region[np.unravel_index(int(jnp.argmax(anchor)), (grid, grid))]
-    assert region[np.unravel_index(int(jnp.argmax(mask)), (grid, grid))]
-    assert float(mask[region].mean()) > 0.8 > 0.2 > float(mask[~region].mean())
+    return history, region
+
+
+def test_anchor_and_mask_peak_on_the_attended_region_alike_on_every_grid():
+    kept = {}
+    for grid in (12, 24):
+        history, region = _attended(grid)
+        anchor = adapt.visual_anchor(history)
+        mask = adapt.refined_mask(anchor)
+        assert region[np.unravel_index(int(jnp.argmax(anchor)), (grid, grid))]
+        assert region[np.unravel_index(int(jnp.argmax(mask)), (grid, grid))]
+        kept[grid] = float(mask[region].mean())
+        assert kept[grid] > 0.55 > 0.1 > float(mask[~region].mean())
+    # The scaled chain keeps its meaning: the region keeps about what it keeps at 24x24 (0.71;
+    # the unscaled chain at 12x12: 0.86, with 3x the background).
+    assert abs(kept[12] - kept[24]) < 0.1
 
 
 def test_refined_mask_threshold_option_zeroes_the_low_percentile():
@@ -187,12 +253,12 @@ def test_refined_mask_threshold_option_zeroes_the_low_percentile():
 
 
 def test_degenerate_maps_are_finite():
-    zeros = np.zeros((3, 2, 64), np.float32)
+    zeros = np.zeros((3, 2, 576), np.float32)
     anchor = adapt.visual_anchor(zeros)
     mask = adapt.refined_mask(anchor)
     assert np.all(np.isfinite(anchor)) and np.all(np.isfinite(mask))
     # Only the frame attenuation is left: 0 in the corner, 1 in the centre.
-    np.testing.assert_allclose([mask[0, 0], mask[4, 4]], [0.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose([mask[0, 0], mask[12, 12]], [0.0, 1.0], atol=1e-5)
     assert np.all(np.isfinite(adapt.visual_anchor(np.ones((1, 1, 64), np.float32))))
 
 
@@ -206,3 +272,24 @@ def test_jit_equals_eager_for_the_anchor_chain():
 def test_history_with_non_square_token_count_is_rejected():
     with pytest.raises(ValueError, match="square patch grid"):
         adapt.visual_anchor(np.ones((2, 1, 10), np.float32))
+
+
+def test_visually_enhanced_image_keeps_the_objects_of_an_oracle_anchor_on_the_v2_grid():
+    """I_VE from a perfect anchor (each patch's true object coverage, 8x8 grid of 128-px shapes
+    world v2 images): >= 95 % of objects keep a mean mask >= 0.5 over their box, >= 30 % of the
+    background is whitened. The unscaled chain (2-patch frame, 3x3 and 5x5 blurs on 8x8) does not."""
+    from mmpo_jax.data import interventions, shapes_world_v2, shapes_world_v2_splits
+
+    spec = shapes_world_v2.WorldSpecV2(preference_size=200)
+    scenes = [shapes_world_v2_splits.scene_and_image(spec, "preference", i)[1].objects for i in range(200)]
+    anchors = np.stack([shapes_world_v2.patch_coverage(s, 128, 8) for s in scenes])
+    kept = {}
+    for scale in (True, False):
+        grid_masks = adapt.refined_mask(anchors, threshold_percentile=0.4, scale_to_grid=scale)
+        masks = np.asarray(interventions.upsample_mask(grid_masks, (128, 128)))
+        boxes = [m[o.bbox[1]:o.bbox[3], o.bbox[0]:o.bbox[2]].mean() >= 0.5 for m, s in zip(masks, scenes) for o in s]
+        whitened = [(1 - m[shapes_world_v2.object_coverage(s, 128) == 0]).mean() for m, s in zip(masks, scenes)]
+        kept[scale] = float(np.mean(boxes))
+        if scale:
+            assert kept[scale] >= 0.95 and float(np.mean(whitened)) >= 0.3
+    assert kept[False] < 0.9

@@ -1,0 +1,159 @@
+"""The SFT base on a shapes world: generation and training time, and how well the base sees.
+
+    python scripts/shapes_world_sft.py [--world world=v2] [--preset tiny_v2] \
+        [--set sft_base.num_steps=1500 --set sft_base.learning_rate=1e-3] [--data-dir DIR]
+
+Generates the world under ``--data-dir`` (timed; 0 when already there), trains the SFT base with
+the project's training code exactly as ``training.experiment.initial_model`` does
+(``experiment.sft_base_config`` of ``configs/sft.py`` with the ``--set`` overrides, then
+``training.loop.train``), saves it under ``<data-dir>/sft_runs/<name>/model`` (``--name``) and
+evaluates it with ``training.experiment.evaluate`` on the ``eval`` splits (greedy CHAIR, sampled
+CHAIR, POPE), plus:
+
+- ``exact_caption_rate``: greedy captions equal to the faithful caption;
+- ``recall_easy`` / ``recall_hard``: share of the (colour, shape) objects named, for objects that
+  are not small, faint or occluded, and for those that are (v2's ``hard`` flag);
+- ``question_accuracy/<kind>``: greedy answers to the caption split's per-image questions (v2).
+
+Prints one JSON object with the timings (and ``uptime``'s load) and the metrics. The image
+preprocessing comes from the world's metadata (``image_processing.for_shapes_world``): CLIP's
+constants on v2. ``--width`` sets both towers' widths (hidden; MLP 4x in vision, 2x in text), ``--vision`` replaces
+fields of the vision config (another stem: ``--vision conv_channels=[16,32,64,128]
+--vision token_merge=2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging as absl_logging
+from flax import nnx
+
+from mmpo_jax.data import image_processing, shapes_world
+from mmpo_jax.data.sources import load_split
+from mmpo_jax.data.tokenizer import load_tokenizer
+from mmpo_jax.evaluation.runner import generate_texts
+from mmpo_jax.models import presets
+from mmpo_jax.models.llava import Llava, LlavaConfig
+from mmpo_jax.training import experiment
+from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.training.loop import train
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> {key: JSON value, or the string when it is not JSON}."""
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[str, Any], runtime: Any
+                 ) -> LlavaConfig:
+    """The preset's config with the tokenizer's ids, optionally both towers at ``width`` and the
+    vision config's fields ``vision`` replaced (e.g. another conv stem)."""
+    config = getattr(presets, preset)(vocab_size=len(tokenizer),
+                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                      pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+    fields = config.to_dict()
+    if width is not None:
+        for tower, mlp in (("vision_config", 4), ("text_config", 2)):
+            fields[tower].update(hidden_size=width, intermediate_size=mlp * width)
+    fields["vision_config"].update(vision)
+    if "conv_channels" in vision:  # the stem's stride is the patch size
+        fields["vision_config"]["patch_size"] = 2 ** (len(vision["conv_channels"]) - 1)
+    return experiment.with_runtime(LlavaConfig.from_dict(fields), runtime)
+
+
+def seeing_metrics(model: Llava, tokenizer: Any, records: list[dict], image_config: Any,
+                   batch_size: int, max_new_tokens: int) -> dict[str, float]:
+    """Exact captions, recall of easy and hard objects, and per-kind question accuracy (greedy)."""
+    common = dict(image_config=image_config, num_image_tokens=model.config.num_image_tokens,
+                  batch_size=batch_size, max_new_tokens=max_new_tokens)
+    images = [r["image"] for r in records]
+    captions = generate_texts(model, tokenizer, images, [r["prompt"] for r in records], **common)
+    metadata = [json.loads(r["metadata"]) for r in records]
+    named = {"easy": [], "hard": []}
+    for caption, record in zip(captions, records):
+        said = set(shapes_world.parse_caption(caption))
+        for obj in json.loads(record["objects"]):
+            named["hard" if obj.get("hard") else "easy"].append((obj["color"], obj["shape"]) in said)
+    out = {"exact_caption_rate": float(np.mean([c == m["caption"] for c, m in zip(captions, metadata)])),
+           **{f"recall_{k}": float(np.mean(v)) if v else float("nan") for k, v in named.items()},
+           "num_hard_objects": len(named["hard"])}
+    questions = [(i, q) for i, m in enumerate(metadata) for q in m.get("questions", [])]
+    if questions:
+        answers = generate_texts(model, tokenizer, [images[i] for i, _ in questions],
+                                 [q["question"] for _, q in questions], **common)
+        for kind in sorted({q["kind"] for _, q in questions}):
+            right = [a.strip(" .") == q["answer"] for a, (_, q) in zip(answers, questions) if q["kind"] == kind]
+            out[f"question_accuracy/{kind}"] = float(np.mean(right))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/sft.py")
+    parser.add_argument("--world", action="append", default=[], metavar="OPTION=VALUE",
+                        help="shapes-world builder option (JSON value), e.g. world=v2; repeatable")
+    parser.add_argument("--preset", default="tiny_v2")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--vision", action="append", default=[], metavar="FIELD=VALUE",
+                        help="vision config field (JSON value), e.g. conv_channels=[16,32,64,128]; repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-dir", default="~/mmpo_data")
+    parser.add_argument("--name", default="sft_base")
+    args = parser.parse_args()
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("mmpo_jax").setLevel(logging.INFO)
+    options = _options(args.world or ["world=v2"])
+    data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
+    config = load_config(args.config, [f"data.data_dir={data_dir}", f"data.builder={options!r}", *args.set])
+    report: dict[str, Any] = {"world": options, "preset": args.preset, "width": args.width, "vision": args.vision,
+                              "overrides": args.set, "load_before": os.getloadavg()}
+
+    start = time.perf_counter()
+    source = load_split(config.data.dataset, config.sft_base.split, data_dir=data_dir, **options)
+    report["world_seconds"] = time.perf_counter() - start
+    tokenizer = load_tokenizer(source.tokenizer_path)
+    image_config = image_processing.for_shapes_world(source.metadata["world"])
+    llava_config = model_config(args.preset, tokenizer, args.width, _options(args.vision), config.model)
+    report["parameters"] = presets.count_parameters(llava_config)
+
+    base_config = experiment.sft_base_config(config)
+    report["sft"] = base_config.sft_base.to_dict()
+    workdir = data_dir / "sft_runs" / args.name
+    start = time.perf_counter()
+    result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
+                   tokenizer=tokenizer, source=source, image_config=image_config, workdir=workdir / "run")
+    report["sft_seconds"] = time.perf_counter() - start
+    report["load_after_sft"] = os.getloadavg()
+    experiment.save_model(result.model, workdir / "model")
+
+    start = time.perf_counter()
+    metrics = experiment.evaluate(config, result.model, tokenizer, image_config)
+    captions = load_split(config.data.dataset, config.eval.caption_split, data_dir=data_dir, **options)
+    records = [captions[i] for i in range(len(captions))][: int(config.eval.num_captions) or None]
+    metrics.update(seeing_metrics(result.model, tokenizer, records, image_config,
+                                  int(config.eval.batch_size), int(config.eval.max_new_tokens)))
+    report["eval_seconds"] = time.perf_counter() - start
+    report["metrics"] = metrics
+    report["load_after"] = os.getloadavg()
+    print(json.dumps(report, indent=1, sort_keys=True, default=str))
+    (workdir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":
+    main()
