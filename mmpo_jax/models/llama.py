@@ -259,12 +259,29 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 def _layer_runner(probe_form: str | None, remat: bool):
-    """``run(layer, x, inputs, kv, hooks)``; the static probe form is closed over so remat sees arrays only."""
+    """``run(layer, x, inputs, kv, hooks)``; the static probe form is closed over so remat sees arrays only.
+
+    Remat is ``jax.checkpoint`` of a pure function of the layer's state, not ``nnx.remat``: a decoder
+    layer changes none of its variables, and ``nnx.remat`` writes them back after the call, which
+    fails (``TraceContextError``) when the model was captured from an outer trace, as in the body of
+    ``generate``'s ``while_loop``.
+    """
 
     def run(layer: LlamaDecoderLayer, x, inputs, kv, hooks):
         return layer(x, inputs, kv, hooks, probe_form)
 
-    return nnx.remat(run) if remat else run
+    if not remat:
+        return run
+
+    def rematerialised(layer: LlamaDecoderLayer, x, inputs, kv, hooks):
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, x, inputs, kv, hooks):
+            return nnx.merge(graphdef, state)(x, inputs, kv, hooks, probe_form)
+
+        return jax.checkpoint(pure)(state, x, inputs, kv, hooks)
+
+    return rematerialised
 
 
 class LlamaModel(nnx.Module):

@@ -10,6 +10,8 @@ compared at 1e-4 relative.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mmpo_jax.generation import (
+    AdaptDecoding,
     BanTokens,
     LogitsProcessor,
     ProcessorChain,
@@ -29,6 +32,7 @@ from mmpo_jax.generation import (
 from mmpo_jax.models.attention import AttentionHooks
 from mmpo_jax.models.convert import load_hf_llava
 from mmpo_jax.models.llama import init_cache
+from mmpo_jax.models.llava import Llava
 from tests.generation.helpers import PAD, TRACES, CountTraces, left_padded_prompts
 from tests.models import hf_fixtures
 
@@ -290,3 +294,20 @@ def test_argument_errors_name_the_bad_value(setup):
         generate(model, input_ids, pixels, attention_mask=setup["mask"], top_p=0.0, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1; got 0"):
         generate(model, input_ids, pixels, attention_mask=setup["mask"], **{**kwargs, "max_new_tokens": 0})
+
+
+def test_generation_under_remat_equals_generation_without(setup):
+    """The LLaVA presets set `remat=True`; generate (greedy, and ADAPT's probed and hooked steps) must run
+    under it and give the plain model's tokens (remat changes the backward pass only)."""
+    model = setup["model"]
+    config = model.config
+    remat_config = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config, remat=True))
+    remat_model = Llava(remat_config, rngs=nnx.Rngs(1))
+    nnx.update(remat_model, nnx.state(model))
+    kwargs = dict(attention_mask=setup["mask"], max_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=PAD)
+    for controller in (None, AdaptDecoding("steer", anchor_steps=2, tau=2.0)):
+        plain = setup["greedy"] if controller is None else generate(
+            model, setup["input_ids"], setup["pixels"], controller=controller, **kwargs)
+        remat = generate(remat_model, setup["input_ids"], setup["pixels"], controller=controller, **kwargs)
+        np.testing.assert_array_equal(remat.new_tokens, plain.new_tokens)
+        np.testing.assert_allclose(remat.token_logps, plain.token_logps, rtol=1e-5, atol=1e-6)
