@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmpo_jax.models.attention import AttentionHooks, ProbeSpec, attend
-from mmpo_jax.models.layers import activation, partitioned_linear
+from mmpo_jax.models.attention import ATTENTION_IMPLS, AttentionHooks, ProbeSpec, attend, resolve_attention_impl
+from mmpo_jax.models.layers import activation, head_logits, partitioned_linear
 from mmpo_jax.models.partitioning import logical
 
 _EMBED_INIT_STD = 0.02  # transformers' initializer_range default for Llama
@@ -32,7 +32,8 @@ class LlamaConfig:
 
     ``head_dim=None`` becomes ``hidden_size // num_attention_heads``. ``dtype`` is the compute dtype,
     ``param_dtype`` the storage dtype (names accepted by ``jnp.dtype``). ``remat`` rematerialises
-    each decoder layer in the backward pass.
+    each decoder layer in the backward pass. ``attention_impl`` computes unprobed attention (one of
+    ``attention.ATTENTION_IMPLS``; ``"auto"`` picks per platform, see ``attention.py``).
     """
 
     vocab_size: int
@@ -52,8 +53,11 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "auto"
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -72,18 +76,21 @@ class LlamaConfig:
 
 
 Cache = dict
-"""``{"layers": [{"k": [B, S_max, K, D_h], "v": [B, S_max, K, D_h]}, ...], "end_index": int32 []}``:
-keys (after RoPE) and values of every layer; ``end_index`` is the first free slot."""
+"""``{"layers": [{"k": [B, K, S_max, D_h], "v": [B, K, S_max, D_h]}, ...], "end_index": int32 []}``:
+keys (after RoPE) and values of every layer; ``end_index`` is the first free slot. Heads before
+slots: the layout the attention dots read in place, so a decode step writes one slot per layer and
+copies nothing cache-sized."""
 
 
 class DecoderOutput(NamedTuple):
     """What ``LlamaModel`` returns.
 
     Attributes:
-      last_hidden_state: ``[B, T, D]`` after the final norm.
+      last_hidden_state: ``[B, T, D]`` after the final norm (``[B, P, D]`` at ``output_positions``).
       hidden_states: None, or a tuple of ``L + 1`` arrays ``[B, T, D]``: the input embeddings, the
         outputs of layers ``0 .. L-2``, and ``last_hidden_state`` (transformers' convention).
-      probes: decoder layer index -> probe array (see ``ProbeSpec``); empty without a probe.
+      probes: decoder layer index -> probe array (see ``ProbeSpec``; the query axis holds the
+        ``output_positions`` when given); empty without a probe.
       cache: the updated cache (``end_index`` advanced by ``T``), or None without one.
     """
 
@@ -101,11 +108,12 @@ class _LayerInputs(NamedTuple):
     allowed: jax.Array  # [B, T, S] bool
     end_index: jax.Array  # int32 [] first cache slot written by this call
     image_positions: jax.Array | None  # [B, N_img] int32
+    probe_queries: jax.Array | None  # [B, P] int32, the queries probes report (None: all)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: jnp.dtype | str = jnp.float32) -> Cache:
     """An empty KV cache of ``max_length`` slots per example (``end_index = 0``)."""
-    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
     return {"layers": layers, "end_index": jnp.zeros((), jnp.int32)}
 
@@ -190,6 +198,8 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.layer_index = layer_index
+        self.attention_impl = config.attention_impl
+        self.compute_dtype = config.dtype
         dim, bias = config.hidden_size, config.attention_bias
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = _linear(config, dim, q_dim, ("embed", "heads"), use_bias=bias, rngs=rngs)
@@ -215,8 +225,10 @@ class LlamaAttention(nnx.Module):
         key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         query, key = apply_rope(query, inputs.cos, inputs.sin), apply_rope(key, inputs.cos, inputs.sin)
+        # [B, K, T, D_h]: the cache's layout, which the attention dots read without a transpose.
+        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
         if kv is not None:
-            start = (0, inputs.end_index, 0, 0)
+            start = (0, 0, inputs.end_index, 0)
             kv = {
                 "k": jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), start),
                 "v": jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), start),
@@ -227,7 +239,10 @@ class LlamaAttention(nnx.Module):
             key,
             value,
             inputs.allowed,
+            impl=resolve_attention_impl(self.attention_impl, self.compute_dtype),
+            causal_self=kv is None,
             probe_form=probe_form,
+            probe_queries=inputs.probe_queries,
             image_positions=inputs.image_positions,
             hooks=hooks,
             layer_index=self.layer_index,
@@ -311,6 +326,7 @@ class LlamaModel(nnx.Module):
         image_positions: jax.Array | None = None,
         hooks: AttentionHooks | None = None,
         output_hidden_states: bool = False,
+        output_positions: jax.Array | None = None,
     ) -> DecoderOutput:
         """Run the decoder on ``inputs_embeds [B, T, D]``.
 
@@ -326,6 +342,9 @@ class LlamaModel(nnx.Module):
             cache is used); required by the ``"image"`` probe forms and by hooks.
           hooks: decode-time attention interventions for ``hooks.layers``.
           output_hidden_states: also return every layer's hidden states.
+          output_positions: ``[B, P]`` int32 indices into the ``T`` new tokens: return
+            ``last_hidden_state`` (hence logits) and the probes at these positions only (``"image_last"``
+            probes still report the last token). Positions may repeat (e.g. padding a bucket).
         """
         batch, length, _ = inputs_embeds.shape
         num_layers = self.config.num_hidden_layers
@@ -333,7 +352,7 @@ class LlamaModel(nnx.Module):
         hooks = hooks.resolve(num_layers) if hooks is not None else None
         if image_positions is None and (probe.needs_image_positions or hooks is not None):
             raise ValueError(f"image_positions [B, N_img] is required for probe {probe} and hooks {hooks}")
-        window = length if cache is None else cache["layers"][0]["k"].shape[1]
+        window = length if cache is None else cache["layers"][0]["k"].shape[2]
         if length > window:
             raise ValueError(f"{length} new tokens do not fit a cache of {window} slots")
         end_index = jnp.zeros((), jnp.int32) if cache is None else cache["end_index"]
@@ -350,7 +369,12 @@ class LlamaModel(nnx.Module):
         query_slots = end_index + jnp.arange(length, dtype=jnp.int32)
         causal = jnp.arange(window, dtype=jnp.int32)[None, :] <= query_slots[:, None]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
-        inputs = _LayerInputs(cos, sin, attention_mask[:, None, :] & causal[None], end_index, image_positions)
+        if output_positions is not None:
+            output_positions = jnp.asarray(output_positions, jnp.int32)
+            if output_positions.ndim != 2 or output_positions.shape[0] != batch:
+                raise ValueError(f"output_positions has shape {output_positions.shape}; expected [B, P] with B={batch}")
+        inputs = _LayerInputs(cos, sin, attention_mask[:, None, :] & causal[None], end_index, image_positions,
+                              output_positions)
 
         x = inputs_embeds.astype(jnp.dtype(self.config.dtype))
         hidden_states, probes, new_layers = [], {}, []
@@ -363,6 +387,8 @@ class LlamaModel(nnx.Module):
             new_layers.append(kv)
             if layer_probe is not None:
                 probes[index] = layer_probe
+        if output_positions is not None:
+            x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         x = self.norm(x)
         new_cache = None if cache is None else {"layers": new_layers, "end_index": end_index + length}
         hidden = tuple(hidden_states) + (x,) if output_hidden_states else None
@@ -382,18 +408,18 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, **kwargs) -> tuple[jax.Array, DecoderOutput]:
         """``input_ids [B, T]`` -> ``(logits [B, T, V] float32, DecoderOutput)``.
 
-        Keywords are those of ``LlamaModel.__call__``.
+        Keywords are those of ``LlamaModel.__call__``; with ``output_positions [B, P]`` the logits
+        are ``[B, P, V]``.
         """
         output = self.model(self.model.embed_tokens(input_ids), **kwargs)
         return self.logits(output.last_hidden_state), output
 
+    def lm_head_table(self) -> jax.Array:
+        """The LM head as ``[D, V]`` (the embedding table, transposed, when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., D]`` (after the final norm) -> float32 logits ``[..., V]``."""
-        if self.config.tie_word_embeddings:
-            table = self.model.embed_tokens.embedding[...].T
-        else:
-            table = self.lm_head.kernel[...]
-        dtype = jnp.dtype(self.config.dtype)
-        # float32 accumulation and output: log-softmax downstream needs the logits' low bits.
-        hidden, table = hidden.astype(dtype), table.astype(dtype)
-        return jnp.einsum("...d,dv->...v", hidden, table, preferred_element_type=jnp.float32)
+        return head_logits(hidden.astype(jnp.dtype(self.config.dtype)), self.lm_head_table())

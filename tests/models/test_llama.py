@@ -154,7 +154,7 @@ def test_cached_decoding_reproduces_the_full_forward():
         step_logits.append(logits)
         step_probes.append(output.probes[1])
     assert int(output.cache["end_index"]) == LENGTH
-    assert output.cache["layers"][0]["k"].shape == (BATCH, max_length, 2, 12)
+    assert output.cache["layers"][0]["k"].shape == (BATCH, 2, max_length, 12)
     assert_close(jnp.concatenate(step_logits, axis=1), full_logits[:, prefill:])
     assert_close(jnp.concatenate(step_probes, axis=1), full.probes[1][:, prefill:])
 
