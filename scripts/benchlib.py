@@ -95,3 +95,122 @@ def peak_rss_growth(setup: Callable[[], Callable[[], Any]], repeats: int = 1) ->
     growth = queue.get()
     process.join()
     return growth / 1024
+
+
+# --- the issue's "small but realistic" random LLaVA, built locally ------------------------------
+
+SMALL_LLAVA = dict(
+    vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                image_size=336, patch_size=14, projection_dim=256),
+    text=dict(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    image_token_id=32000,
+    pad_token_id=32001,
+)
+"""CLIP vision 336 px / patch 14 (576 image tokens), 2 layers of width 256; a Llama decoder of 8 layers of
+width 512 (8 heads of 64, MLP 1376); LLaVA-1.5's vocabulary of 32,064 with the placeholder at 32,000."""
+
+
+def save_small_llava(directory, *, seed: int = 0, attn_implementation: str = "sdpa"):
+    """Builds the random `SMALL_LLAVA` as transformers' `LlavaForConditionalGeneration` (its own initialisers,
+    `torch.manual_seed(seed)`), saves it with `save_pretrained` to `directory` and returns it (eval mode).
+
+    Nothing is downloaded; `mmpo_jax.models.convert.load_hf_llava(directory)` loads the same weights into ours.
+    """
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**SMALL_LLAVA["vision"]).to_dict(),
+        text_config=LlamaConfig(**SMALL_LLAVA["text"], pad_token_id=SMALL_LLAVA["pad_token_id"]).to_dict(),
+        image_token_index=SMALL_LLAVA["image_token_id"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=SMALL_LLAVA["pad_token_id"],
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = None  # decode exactly max_new_tokens on both sides
+    model.generation_config.pad_token_id = SMALL_LLAVA["pad_token_id"]
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def load_small_llava(directory, attn_implementation: str = "sdpa"):
+    """The transformers model saved by `save_small_llava`, in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation=attn_implementation)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def image_prompts(batch: int, prompt_lengths: list[int], seed: int = 0, response_lengths: list[int] | None = None):
+    """Left-padded rows `[BOS, text..., 576 placeholders, text..., response...]`: `(input_ids [B, T], mask [B, T],
+    response_mask [B, T], pixels [B, 336, 336, 3])` as numpy (pixels channels-last; transpose for torch).
+
+    `prompt_lengths[b]` counts the prompt's tokens with its placeholders; `response_lengths` (default none)
+    appends that many random response tokens. Random ids avoid the placeholder, pad and id 0.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = SMALL_LLAVA["image_token_id"]
+    num_image = (SMALL_LLAVA["vision"]["image_size"] // SMALL_LLAVA["vision"]["patch_size"]) ** 2
+    response_lengths = response_lengths or [0] * batch
+    rows, responses = [], []
+    for prompt_length, response_length in zip(prompt_lengths, response_lengths):
+        text = prompt_length - num_image - 1
+        before = text // 3
+        words = rng.integers(3, image, size=text + response_length)
+        rows.append([1, *words[:before], *[image] * num_image, *words[before:]])
+        responses.append(response_length)
+    length = max(len(row) for row in rows)
+    input_ids = np.full((batch, length), SMALL_LLAVA["pad_token_id"], np.int64)
+    mask = np.zeros((batch, length), bool)
+    response_mask = np.zeros((batch, length), bool)
+    for b, (row, response) in enumerate(zip(rows, responses)):
+        input_ids[b, length - len(row):] = row
+        mask[b, length - len(row):] = True
+        if response:
+            response_mask[b, length - response:] = True
+    size = SMALL_LLAVA["vision"]["image_size"]
+    pixels = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    return input_ids, mask, response_mask, pixels
+
+
+# --- the PyTorch side of the Cat-PO comparisons ------------------------------------------------
+
+
+def torch_catpo_token_weights(attention, token_embeddings, visual_tokens, mask, special, is_chosen, *,
+                              alpha: float = 0.5, lambda_ref: float = 0.5, eps: float = 1e-8):
+    """Cat-PO token weights (METHODS.md §3, min-max normalised) written directly in PyTorch eager.
+
+    attention [B, T, N] (band- and head-mean text->image attention), token_embeddings [B, T, D],
+    visual_tokens [B, N, D], mask / special [B, T] bool, is_chosen [B] bool -> [B, T] float32.
+    """
+    import math
+
+    import torch
+
+    def minmax(signal, valid):
+        low = torch.where(valid, signal, torch.inf).amin(-1, keepdim=True)
+        high = torch.where(valid, signal, -torch.inf).amax(-1, keepdim=True)
+        constant = ~((high - low) > eps)
+        scaled = (signal - torch.where(constant, 0.0, low)) / torch.where(constant, 1.0, high - low)
+        return torch.where(valid, torch.where(constant, 0.5, scaled), 0.0)
+
+    s_global = attention.sum(-1)
+    p = attention / (attention.sum(-1, keepdim=True) + eps)
+    s_local = 1 - (-(p * torch.log(p + eps)).sum(-1)) / math.log(attention.shape[-1])
+    v_c = torch.einsum("btn,bnd->btd", p, visual_tokens)
+    cos = (token_embeddings * v_c).sum(-1) / torch.clamp(token_embeddings.norm(dim=-1) * v_c.norm(dim=-1), min=eps)
+    s_semantic = (1 + cos) / 2
+    scored = mask & ~special
+    s_global, s_local, s_semantic = (minmax(x, scored) for x in (s_global, s_local, s_semantic))
+    fused = alpha * (0.5 * s_global + 0.5 * s_local) + (1 - alpha) * s_semantic
+    relevance = torch.tanh(fused)
+    weights = lambda_ref + torch.where(is_chosen[:, None], relevance, 1 - relevance)
+    return torch.where(mask, torch.where(special, 1.0, weights), 0.0)

@@ -311,6 +311,7 @@ def _generate(
     prefill = model(
         input_ids, pixel_values=pixel_values, visual_tokens=visual_tokens, attention_mask=window_mask,
         cache=cache, image_positions=image_positions, hooks=hooks, probe=probe, output_positions=last_position,
+        prefill=True,
     )
     first_rows = None if image_positions is None else image_positions[:batch]
     processor_state = processor.init_state(

@@ -105,7 +105,7 @@ class _LayerInputs(NamedTuple):
 
     cos: jax.Array  # [B, T, D_h] float32
     sin: jax.Array  # [B, T, D_h] float32
-    allowed: jax.Array  # [B, T, S] bool
+    allowed: jax.Array  # [B, T, S] bool; [B, T, T] in a prefill: attend the new tokens' own keys
     end_index: jax.Array  # int32 [] first cache slot written by this call
     image_positions: jax.Array | None  # [B, N_img] int32
     probe_queries: jax.Array | None  # [B, P] int32, the queries probes report (None: all)
@@ -233,14 +233,15 @@ class LlamaAttention(nnx.Module):
                 "k": jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), start),
                 "v": jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), start),
             }
-            key, value = kv["k"].astype(query.dtype), kv["v"].astype(query.dtype)
+            if inputs.allowed.shape[-1] != length:  # a prefill reads its own keys, not the empty cache's
+                key, value = kv["k"].astype(query.dtype), kv["v"].astype(query.dtype)
         output, probe = attend(
             query,
             key,
             value,
             inputs.allowed,
             impl=resolve_attention_impl(self.attention_impl, self.compute_dtype),
-            causal_self=kv is None,
+            causal_self=kv is None or inputs.allowed.shape[-1] == length,
             probe_form=probe_form,
             probe_queries=inputs.probe_queries,
             image_positions=inputs.image_positions,
@@ -327,6 +328,7 @@ class LlamaModel(nnx.Module):
         hooks: AttentionHooks | None = None,
         output_hidden_states: bool = False,
         output_positions: jax.Array | None = None,
+        prefill: bool = False,
     ) -> DecoderOutput:
         """Run the decoder on ``inputs_embeds [B, T, D]``.
 
@@ -345,6 +347,9 @@ class LlamaModel(nnx.Module):
           output_positions: ``[B, P]`` int32 indices into the ``T`` new tokens: return
             ``last_hidden_state`` (hence logits) and the probes at these positions only (``"image_last"``
             probes still report the last token). Positions may repeat (e.g. padding a bucket).
+          prefill: static; the ``cache`` is empty (``end_index`` 0, as from ``init_cache``): attention
+            reads the new tokens' own keys (causal self-attention, by the configured implementation)
+            instead of the whole cache window, and writes them to slots ``[0, T)``.
         """
         batch, length, _ = inputs_embeds.shape
         num_layers = self.config.num_hidden_layers
@@ -366,8 +371,12 @@ class LlamaModel(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = positions_from_mask(attention_mask, end_index, length)
+        if prefill and cache is None:
+            raise ValueError("prefill=True fills a cache; pass the empty cache (init_cache) to fill")
         query_slots = end_index + jnp.arange(length, dtype=jnp.int32)
         causal = jnp.arange(window, dtype=jnp.int32)[None, :] <= query_slots[:, None]
+        if prefill:  # the slots after the new tokens are empty: only the first T keys exist
+            causal, attention_mask = causal[:, :length], attention_mask[:, :length]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         if output_positions is not None:
             output_positions = jnp.asarray(output_positions, jnp.int32)

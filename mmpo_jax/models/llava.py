@@ -274,6 +274,7 @@ class Llava(nnx.Module):
         output_hidden_states: bool = False,
         output_positions: Array | None = None,
         return_logits: bool = True,
+        prefill: bool = False,
     ) -> LlavaOutput:
         """Forward pass: input_ids [B, T] int -> LlavaOutput.
 
@@ -290,7 +291,8 @@ class Llava(nnx.Module):
         positions, padded to a bucket by repeating one; or the last prompt token of a decode
         prefill). return_logits=False skips the LM head (logits None): a caller that computes
         log-probabilities from `last_hidden_state` and `language_model.lm_head_table()` chunk by
-        chunk (`objectives.logprobs.hidden_token_logprobs`) never holds [B, P, V].
+        chunk (`objectives.logprobs.hidden_token_logprobs`) never holds [B, P, V]. prefill=True: the
+        cache is empty and attention reads the new tokens' own keys (see `LlamaModel`).
         """
         if pixel_values is not None and visual_tokens is not None:
             raise ValueError("pass at most one of pixel_values and visual_tokens, got both")
@@ -316,6 +318,7 @@ class Llava(nnx.Module):
             hooks=hooks,
             output_hidden_states=output_hidden_states,
             output_positions=output_positions,
+            prefill=prefill,
         )
         return LlavaOutput(
             logits=self.language_model.logits(output.last_hidden_state) if return_logits else None,

@@ -152,6 +152,34 @@ def token_kl(
     return _map_sequence_chunks(chunk, (policy_logits, ref_logits), valid, chunk_size)
 
 
+def token_logprobs_and_kl(
+    policy_logits: jax.Array,
+    ref_logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``token_logprobs`` of both logits and ``token_kl`` between them in one pass over each chunk.
+
+    What Cat-PO's scoring reads; one log-softmax per chunk and model instead of the two that
+    separate ``token_logprobs`` and ``token_kl`` calls compute (XLA does not merge work across
+    their chunk loops). Shapes as in ``token_kl`` plus ``labels [B, T]``.
+
+    Returns:
+      ``(policy_logps, ref_logps, kl)``, each ``[B, T]`` float32, 0 where masked.
+    """
+    if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape or labels.shape != mask.shape:
+        raise ValueError(
+            f"policy_logits {policy_logits.shape} and ref_logits {ref_logits.shape} must both be [B, T, V] "
+            f"matching labels {labels.shape} and mask {mask.shape} [B, T]"
+        )
+    valid = jnp.asarray(mask) > 0
+    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+    return _map_sequence_chunks(_logprobs_and_kl, (policy_logits, jax.lax.stop_gradient(ref_logits), safe_labels),
+                                valid, chunk_size)
+
+
 def _kl_of_log_probs(policy_logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """``KL(p || q)`` over the last axis from float32 log-probabilities ``[..., V] -> [...]`` (see ``token_kl``)."""
     policy_p, ref_p = jnp.exp(policy_logp), jnp.exp(ref_logp)
@@ -304,12 +332,18 @@ def hidden_token_logprobs_and_kl(
     ref_hidden, ref_lm_head = jax.lax.stop_gradient(ref_hidden), jax.lax.stop_gradient(ref_lm_head)
 
     def chunk(policy_c, ref_c, labels_c, valid_c):
-        policy_logp = _safe_log_softmax(head_logits(policy_c, policy_lm_head), valid_c)
-        ref_logp = _safe_log_softmax(head_logits(ref_c, ref_lm_head), valid_c)
-        kl = jnp.where(valid_c, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
-        return (_label_logprobs(policy_logp, labels_c, valid_c), _label_logprobs(ref_logp, labels_c, valid_c), kl)
+        return _logprobs_and_kl(head_logits(policy_c, policy_lm_head), head_logits(ref_c, ref_lm_head), labels_c,
+                                valid_c)
 
     return _map_sequence_chunks(chunk, (policy_hidden, ref_hidden, safe_labels), valid, chunk_size)
+
+
+def _logprobs_and_kl(policy_logits, ref_logits, labels, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One chunk's ``(policy_logps, ref_logps, kl)`` ``[B, c]`` from its ``[B, c, V]`` logits."""
+    policy_logp = _safe_log_softmax(policy_logits, valid)
+    ref_logp = _safe_log_softmax(ref_logits, valid)
+    kl = jnp.where(valid, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
+    return _label_logprobs(policy_logp, labels, valid), _label_logprobs(ref_logp, labels, valid), kl
 
 
 def _check_hidden(hidden: jax.Array, lm_head: jax.Array, mask: jax.Array, labels: jax.Array | None = None) -> None:

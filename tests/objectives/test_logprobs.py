@@ -13,6 +13,7 @@ from mmpo_jax.objectives.logprobs import (
     sequence_logps,
     token_kl,
     token_logprobs,
+    token_logprobs_and_kl,
 )
 
 
@@ -330,3 +331,29 @@ def test_hidden_path_shape_errors():
         hidden_token_logprobs(jnp.asarray(hidden), jnp.zeros((7, 23)), jnp.asarray(labels), jnp.asarray(mask))
     with pytest.raises(ValueError, match=r"must share \[B, P\]"):
         hidden_token_logprobs(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(labels)[:, :3], jnp.asarray(mask))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_logprobs_and_kl_in_one_pass_equal_the_separate_functions(chunk_size):
+    logits, labels, mask = _case(11)
+    ref = logits + np.random.default_rng(12).normal(0.0, 0.5, size=logits.shape).astype(np.float32)
+    args = (jnp.asarray(labels), jnp.asarray(mask))
+
+    def combined(p, r):
+        logps, ref_logps, kl = token_logprobs_and_kl(p, r, *args, chunk_size=chunk_size)
+        return jnp.sum(logps - ref_logps + 0.5 * kl), (logps, ref_logps, kl)
+
+    def separate(p, r):
+        logps = token_logprobs(p, *args, chunk_size=chunk_size)
+        ref_logps = token_logprobs(jax.lax.stop_gradient(r), *args, chunk_size=chunk_size)
+        kl = token_kl(p, r, args[1], chunk_size=chunk_size)
+        return jnp.sum(logps - ref_logps + 0.5 * kl), (logps, ref_logps, kl)
+
+    (_, got), grads = jax.value_and_grad(combined, argnums=(0, 1), has_aux=True)(jnp.asarray(logits), jnp.asarray(ref))
+    (_, want), expected = jax.value_and_grad(separate, argnums=(0, 1), has_aux=True)(jnp.asarray(logits),
+                                                                                     jnp.asarray(ref))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grads[0], expected[0], rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(grads[1]))
+    np.testing.assert_allclose(got[1], numpy_token_logprobs(ref, labels, mask), rtol=1e-5, atol=1e-5)
