@@ -214,17 +214,27 @@ class LlamaAttention(nnx.Module):
         kv: dict | None,
         hooks: AttentionHooks | None,
         probe_form: str | None,
+        query_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, dict | None]:
-        """``x [B, T, D]`` -> ``(output [B, T, D], probe or None, updated kv or None)``.
+        """``x [B, T, D]`` -> ``(output [B, T', D], probe or None, updated kv or None)``.
 
         With ``kv`` (this layer's cache entry) the new keys/values are written at
-        ``inputs.end_index`` and attention runs over the whole cache window.
+        ``inputs.end_index`` and attention runs over the whole cache window. ``query_rows [B, P]``:
+        keys and values of every token, queries (and so the output, ``T' = P``, and the probe) at
+        these rows only.
         """
         batch, length, _ = x.shape
-        query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        query, key = apply_rope(query, inputs.cos, inputs.sin), apply_rope(key, inputs.cos, inputs.sin)
+        key = apply_rope(key, inputs.cos, inputs.sin)
+        allowed, probe_queries, causal_self = inputs.allowed, inputs.probe_queries, True
+        cos, sin = inputs.cos, inputs.sin
+        if query_rows is not None:
+            rows = query_rows[..., None]
+            x, cos, sin, allowed = (jnp.take_along_axis(a, rows, axis=1) for a in (x, cos, sin, allowed))
+            probe_queries, causal_self = None, False  # every remaining query is reported
+        query = self.q_proj(x).reshape(batch, x.shape[1], self.num_heads, self.head_dim)
+        query = apply_rope(query, cos, sin)
         # [B, K, T, D_h]: the cache's layout, which the attention dots read without a transpose.
         key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
         if kv is not None:
@@ -239,16 +249,16 @@ class LlamaAttention(nnx.Module):
             query,
             key,
             value,
-            inputs.allowed,
+            allowed,
             impl=resolve_attention_impl(self.attention_impl, self.compute_dtype),
-            causal_self=kv is None or inputs.allowed.shape[-1] == length,
+            causal_self=causal_self and (kv is None or inputs.allowed.shape[-1] == length),
             probe_form=probe_form,
-            probe_queries=inputs.probe_queries,
+            probe_queries=probe_queries,
             image_positions=inputs.image_positions,
             hooks=hooks,
             layer_index=self.layer_index,
         )
-        return self.o_proj(output.reshape(batch, length, self.num_heads * self.head_dim)), probe, kv
+        return self.o_proj(output.reshape(batch, x.shape[1], self.num_heads * self.head_dim)), probe, kv
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -267,15 +277,20 @@ class LlamaDecoderLayer(nnx.Module):
         kv: dict | None,
         hooks: AttentionHooks | None,
         probe_form: str | None,
+        query_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, dict | None]:
-        """``x [B, T, D]`` -> ``(x [B, T, D], probe or None, updated kv or None)``."""
-        attended, probe, kv = self.self_attn(self.input_layernorm(x), inputs, kv, hooks, probe_form)
+        """``x [B, T, D]`` -> ``(x [B, T', D], probe or None, updated kv or None)``; ``T' = P`` with
+        ``query_rows [B, P]`` (the block's output at those rows only; keys and values of every row)."""
+        attended, probe, kv = self.self_attn(self.input_layernorm(x), inputs, kv, hooks, probe_form, query_rows)
+        if query_rows is not None:
+            x = jnp.take_along_axis(x, query_rows[..., None], axis=1)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), probe, kv
 
 
 def _layer_runner(probe_form: str | None, remat: bool):
-    """``run(layer, x, inputs, kv, hooks)``; the static probe form is closed over so remat sees arrays only.
+    """``run(layer, x, inputs, kv, hooks, query_rows)``; the static probe form is closed over so remat sees
+    arrays only.
 
     Remat is ``jax.checkpoint`` of a pure function of the layer's state, not ``nnx.remat``: a decoder
     layer changes none of its variables, and ``nnx.remat`` writes them back after the call, which
@@ -283,19 +298,19 @@ def _layer_runner(probe_form: str | None, remat: bool):
     ``generate``'s ``while_loop``.
     """
 
-    def run(layer: LlamaDecoderLayer, x, inputs, kv, hooks):
-        return layer(x, inputs, kv, hooks, probe_form)
+    def run(layer: LlamaDecoderLayer, x, inputs, kv, hooks, query_rows):
+        return layer(x, inputs, kv, hooks, probe_form, query_rows)
 
     if not remat:
         return run
 
-    def rematerialised(layer: LlamaDecoderLayer, x, inputs, kv, hooks):
+    def rematerialised(layer: LlamaDecoderLayer, x, inputs, kv, hooks, query_rows):
         graphdef, state = nnx.split(layer)
 
-        def pure(state, x, inputs, kv, hooks):
-            return nnx.merge(graphdef, state)(x, inputs, kv, hooks, probe_form)
+        def pure(state, x, inputs, kv, hooks, query_rows):
+            return nnx.merge(graphdef, state)(x, inputs, kv, hooks, probe_form, query_rows)
 
-        return jax.checkpoint(pure)(state, x, inputs, kv, hooks)
+        return jax.checkpoint(pure)(state, x, inputs, kv, hooks, query_rows)
 
     return rematerialised
 
@@ -389,14 +404,21 @@ class LlamaModel(nnx.Module):
         hidden_states, probes, new_layers = [], {}, []
         for index, layer in enumerate(self.layers):
             hidden_states.append(x)
-            run = _layer_runner(probe.form if index in probe.layers else None, self.config.remat)
+            form = probe.form if index in probe.layers else None
+            run = _layer_runner(form, self.config.remat)
             kv = None if cache is None else cache["layers"][index]
             layer_hooks = hooks if hooks is not None and index in hooks.layers else None
-            x, layer_probe, kv = run(layer, x, inputs, kv, layer_hooks)
+            # Only the kept positions of the last layer's output are read: its queries, attention
+            # output and MLP run there (keys and values, which the cache keeps, for every token).
+            # Not under hooks or an "image_last" probe, which are defined on every query.
+            query_rows = None
+            if index == num_layers - 1 and layer_hooks is None and form != "image_last":
+                query_rows = output_positions
+            x, layer_probe, kv = run(layer, x, inputs, kv, layer_hooks, query_rows)
             new_layers.append(kv)
             if layer_probe is not None:
                 probes[index] = layer_probe
-        if output_positions is not None:
+        if output_positions is not None and query_rows is None:
             x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         x = self.norm(x)
         new_cache = None if cache is None else {"layers": new_layers, "end_index": end_index + length}
