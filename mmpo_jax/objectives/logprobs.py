@@ -97,13 +97,24 @@ def token_logprobs(
             f"logits {logits.shape} must be [B, T, V] with labels {labels.shape} and "
             f"mask {mask.shape} both [B, T]"
         )
+    return _chunked_label_logprobs(logits, lambda x: x, labels, mask, chunk_size)
+
+
+def _chunked_label_logprobs(source: jax.Array, to_logits: Callable[[jax.Array], jax.Array], labels: jax.Array,
+                            mask: jax.Array, chunk_size: int | None) -> jax.Array:
+    """Label log-probs ``[B, T]`` of ``to_logits(source chunk [B, c, ...]) -> [B, c, V]``, chunk by chunk."""
+    valid, safe_labels = _valid_and_safe_labels(labels, mask)
+
+    def chunk(source_c: jax.Array, labels_c: jax.Array, valid_c: jax.Array) -> jax.Array:
+        return _label_logprobs(_safe_log_softmax(to_logits(source_c), valid_c), labels_c, valid_c)
+
+    return _map_sequence_chunks(chunk, (source, safe_labels), valid, chunk_size)
+
+
+def _valid_and_safe_labels(labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(valid [B, T] bool, labels [B, T] int32 with 0 where not valid)``: any id may sit at masked positions."""
     valid = jnp.asarray(mask) > 0
-    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
-
-    def chunk(logits_c: jax.Array, labels_c: jax.Array, valid_c: jax.Array) -> jax.Array:
-        return _label_logprobs(_safe_log_softmax(logits_c, valid_c), labels_c, valid_c)
-
-    return _map_sequence_chunks(chunk, (logits, safe_labels), valid, chunk_size)
+    return valid, jnp.where(valid, labels, 0).astype(jnp.int32)
 
 
 def token_kl(
@@ -174,10 +185,22 @@ def token_logprobs_and_kl(
             f"policy_logits {policy_logits.shape} and ref_logits {ref_logits.shape} must both be [B, T, V] "
             f"matching labels {labels.shape} and mask {mask.shape} [B, T]"
         )
-    valid = jnp.asarray(mask) > 0
-    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
-    return _map_sequence_chunks(_logprobs_and_kl, (policy_logits, jax.lax.stop_gradient(ref_logits), safe_labels),
-                                valid, chunk_size)
+    return _chunked_logprobs_and_kl(policy_logits, ref_logits, lambda x: x, lambda x: x, labels, mask, chunk_size)
+
+
+def _chunked_logprobs_and_kl(policy_source, ref_source, to_policy_logits, to_ref_logits, labels, mask,
+                             chunk_size) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(policy_logps, ref_logps, kl)`` ``[B, T]`` of logits made from each chunk of the sources; the
+    reference under ``stop_gradient``."""
+    valid, safe_labels = _valid_and_safe_labels(labels, mask)
+
+    def chunk(policy_c, ref_c, labels_c, valid_c):
+        policy_logp = _safe_log_softmax(to_policy_logits(policy_c), valid_c)
+        ref_logp = _safe_log_softmax(jax.lax.stop_gradient(to_ref_logits(ref_c)), valid_c)
+        kl = jnp.where(valid_c, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
+        return _label_logprobs(policy_logp, labels_c, valid_c), _label_logprobs(ref_logp, labels_c, valid_c), kl
+
+    return _map_sequence_chunks(chunk, (policy_source, ref_source, safe_labels), valid, chunk_size)
 
 
 def _kl_of_log_probs(policy_logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
@@ -293,14 +316,7 @@ def hidden_token_logprobs(
       ``[B, P]`` float32, 0 where masked.
     """
     _check_hidden(hidden, lm_head, mask, labels=labels)
-    valid = jnp.asarray(mask) > 0
-    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
-
-    def chunk(hidden_c: jax.Array, labels_c: jax.Array, valid_c: jax.Array) -> jax.Array:
-        logits = head_logits(hidden_c, lm_head)
-        return _label_logprobs(_safe_log_softmax(logits, valid_c), labels_c, valid_c)
-
-    return _map_sequence_chunks(chunk, (hidden, safe_labels), valid, chunk_size)
+    return _chunked_label_logprobs(hidden, lambda h: head_logits(h, lm_head), labels, mask, chunk_size)
 
 
 def hidden_token_logprobs_and_kl(
@@ -327,23 +343,8 @@ def hidden_token_logprobs_and_kl(
     """
     _check_hidden(policy_hidden, policy_lm_head, mask, labels=labels)
     _check_hidden(ref_hidden, ref_lm_head, mask)
-    valid = jnp.asarray(mask) > 0
-    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
-    ref_hidden, ref_lm_head = jax.lax.stop_gradient(ref_hidden), jax.lax.stop_gradient(ref_lm_head)
-
-    def chunk(policy_c, ref_c, labels_c, valid_c):
-        return _logprobs_and_kl(head_logits(policy_c, policy_lm_head), head_logits(ref_c, ref_lm_head), labels_c,
-                                valid_c)
-
-    return _map_sequence_chunks(chunk, (policy_hidden, ref_hidden, safe_labels), valid, chunk_size)
-
-
-def _logprobs_and_kl(policy_logits, ref_logits, labels, valid) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One chunk's ``(policy_logps, ref_logps, kl)`` ``[B, c]`` from its ``[B, c, V]`` logits."""
-    policy_logp = _safe_log_softmax(policy_logits, valid)
-    ref_logp = _safe_log_softmax(ref_logits, valid)
-    kl = jnp.where(valid, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
-    return _label_logprobs(policy_logp, labels, valid), _label_logprobs(ref_logp, labels, valid), kl
+    return _chunked_logprobs_and_kl(policy_hidden, ref_hidden, lambda h: head_logits(h, policy_lm_head),
+                                    lambda h: head_logits(h, ref_lm_head), labels, mask, chunk_size)
 
 
 def _check_hidden(hidden: jax.Array, lm_head: jax.Array, mask: jax.Array, labels: jax.Array | None = None) -> None:
