@@ -14,6 +14,17 @@ once up front by the backend; GPU and TPU keep them in bfloat16.)
 
 Masked positions are exactly 0 and never NaN, whatever the logits or labels hold there (labels
 may be -100 or any out-of-range id at masked positions).
+
+Logits only where a loss reads them: ``hidden_token_logprobs`` and ``hidden_token_logprobs_and_kl``
+take final hidden states gathered at the scored positions (``Llava(..., output_positions=positions,
+return_logits=False).last_hidden_state``) and the ``[D, V]`` LM head, and apply the head inside each
+chunk, so the ``[B, P, V]`` logits never exist whole, in the forward or the backward pass.
+``response_positions`` (with a static bucket from ``position_bucket``), ``gather_positions`` and
+``scatter_positions`` build and undo the gathering; padding slots are masked out and change nothing.
+[our choice] Chunks run over positions, not over the vocabulary: a chunk holds ``B x c x V`` floats,
+which ``chunk_size`` sets down to one position (``B x V``: 1 MB at B 8, V 32k); splitting the
+vocabulary would matter only where one position's ``B x V`` logits do not fit, which no preset nears,
+and would cost a second pass over the LM head for the KL's normalisers.
 """
 
 from __future__ import annotations
