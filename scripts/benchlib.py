@@ -29,20 +29,29 @@ def load() -> str:
     return f"load {one:.1f}/{five:.1f}/{fifteen:.1f} on {os.cpu_count()} cores"
 
 
+CPU_TIMES: dict[str, list[float]] = {}
+"""Process CPU seconds (all threads) of the calls of the last ``interleaved`` run, by contender."""
+
+
 def interleaved(contenders: dict[str, Callable[[], Any]], repeats: int,
                 sync: Callable[[Any], Any] = lambda out: out) -> tuple[dict[str, list[float]], list[float]]:
-    """Seconds of ``repeats`` round-robin calls of each contender, and the 1-minute load per round.
+    """Wall seconds of ``repeats`` round-robin calls of each contender, and the 1-minute load per round.
 
     Each call's result goes through ``sync`` (e.g. ``jax.block_until_ready``) inside the timing.
-    The caller warms every contender up (compiles) before.
+    The caller warms every contender up (compiles) before. The calls' process CPU seconds go to
+    ``CPU_TIMES`` (``report`` prints them: on an oversubscribed machine they vary less than wall time,
+    though a spinning thread pool, as torch's OpenMP one, counts its spinning).
     """
     times = {name: [] for name in contenders}
+    CPU_TIMES.clear()
+    CPU_TIMES.update({name: [] for name in contenders})
     loads = []
     for _ in range(repeats):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             sync(fn())
             times[name].append(time.perf_counter() - start)
+            CPU_TIMES[name].append(time.process_time() - cpu)
         loads.append(os.getloadavg()[0])
     return times, loads
 
@@ -55,8 +64,9 @@ def report(times: dict[str, list[float]], loads: list[float], baseline: str, *, 
     for name, values in times.items():
         rate = f"  {work / medians[name]:10.1f} {work_unit}/s" if work else ""
         ratio = medians[baseline] / medians[name]
+        cpu = f"  cpu {statistics.median(CPU_TIMES[name]):8.3f} s" if CPU_TIMES.get(name) else ""
         print(f"  {name:28s} median {medians[name]:8.3f} {unit} (min {min(values):.3f}, max {max(values):.3f})"
-              f"{rate}  {baseline}/this = {ratio:5.2f}x")
+              f"{rate}  {baseline}/this = {ratio:5.2f}x{cpu}")
     print(f"  1-min load over the rounds: {min(loads):.1f}..{max(loads):.1f}; now {load()}")
     return medians
 
