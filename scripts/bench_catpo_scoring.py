@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory runs")
+    benchlib.add_thread_option(parser)
     return parser.parse_args()
 
 
@@ -138,6 +139,7 @@ def transformers_score(torch_model, data: dict[str, np.ndarray]):
 def make_side(directory: str, side: str, args: argparse.Namespace):
     """The zero-argument scoring call of `side` ("ours" or "transformers"), warmed up; returns numpy
     `(logps [B, T], weights [B, T])`."""
+    benchlib.use_threads(args)
     data = batch(args)
     if side == "ours":
         from mmpo_jax.models.convert import load_hf_llava
@@ -161,6 +163,7 @@ def make_side(directory: str, side: str, args: argparse.Namespace):
 
 def main() -> None:
     args = parse_args()
+    benchlib.use_threads(args)
     with tempfile.TemporaryDirectory() as directory:
         benchlib.save_small_llava(directory, seed=args.seed, attn_implementation="eager")
         if not args.no_memory:

@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory runs")
+    benchlib.add_thread_option(parser)
     return parser.parse_args()
 
 
@@ -47,6 +48,7 @@ def inputs(args: argparse.Namespace):
 
 def make_side(directory: str, side: str, args: argparse.Namespace):
     """The zero-argument greedy decode of `side` ("ours" or "transformers"), warmed up (compiled)."""
+    benchlib.use_threads(args)
     input_ids, mask, pixels = inputs(args)
     pad = benchlib.SMALL_LLAVA["pad_token_id"]
     if side == "ours":
@@ -79,6 +81,7 @@ def make_side(directory: str, side: str, args: argparse.Namespace):
 
 def main() -> None:
     args = parse_args()
+    benchlib.use_threads(args)
     with tempfile.TemporaryDirectory() as directory:
         benchlib.save_small_llava(directory, seed=args.seed)
         sides = {side: make_side(directory, side, args) for side in ("ours", "transformers")}

@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=4096, help="LLM embedding dimension")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory runs")
+    benchlib.add_thread_option(parser)
     parser.add_argument("--chunk-size", type=int, default=128, help="log-softmax chunk (positions)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lambda-kl", type=float, default=0.03)
@@ -168,6 +169,7 @@ def torch_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, torch.Te
 
 def make_side(side: str, args: argparse.Namespace) -> Callable[[], dict]:
     """The zero-argument call of ``side`` ("jax" or "torch") on fresh inputs, warmed up (compiled)."""
+    benchlib.use_threads(args)
     inputs = make_inputs(args)
     if side == "jax":
         arrays, run = [jnp.asarray(inputs[k]) for k in inputs], jax_pipeline(args)
@@ -182,6 +184,7 @@ def make_side(side: str, args: argparse.Namespace) -> Callable[[], dict]:
 
 def main() -> None:
     args = parse_args()
+    benchlib.use_threads(args)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     print(

@@ -23,6 +23,31 @@ from collections.abc import Callable
 from typing import Any
 
 
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def add_thread_option(parser) -> None:
+    """``--single-thread``: both sides on one thread (see ``use_threads``)."""
+    parser.add_argument(
+        "--single-thread", action="store_true",
+        help="run XLA and torch on one thread each: on an oversubscribed machine torch's spinning OpenMP "
+             "pool stalls and the default (all cores) ratio mostly measures that",
+    )
+
+
+def use_threads(args) -> None:
+    """Applies ``--single-thread`` (call before JAX first runs anything; spawned children inherit the XLA
+    flags, and each side's setup calls this again for torch)."""
+    if not getattr(args, "single_thread", False):
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if SINGLE_THREAD_XLA_FLAGS not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def load() -> str:
     """The 1/5/15-minute load averages and the core count, e.g. ``"load 2.1/1.9/1.5 on 2 cores"``."""
     one, five, fifteen = os.getloadavg()

@@ -6,21 +6,23 @@ The output of a layer that is neither probed nor hooked comes from one of ``ATTE
 * ``"einsum"`` — logits, float32 softmax and ``probs @ V`` written out over keys/values in the KV
   cache's ``[B, K, S, D]`` layout, which XLA's dots read in place (no cache-sized transposes);
 * ``"chunked"`` — the einsum form over blocks of ``ATTENTION_CHUNK`` queries, block ``[a, e)``
-  reading keys ``[0, e)`` only when the call is causal self-attention (no cache): about half the
+  reading keys ``[0, e)`` only when the call is causal self-attention (no cache, or a prefill that
+  reads its own keys): about half the
   logits and softmax of a long sequence are skipped and each block's logits stay small;
 * ``"xla"`` / ``"cudnn"`` — ``jax.nn.dot_product_attention`` with that implementation (cuDNN's
   flash attention on GPU, bfloat16 / float16 only).
 
-With a KV cache, ``"chunked"`` is the einsum form (a decode step has one query); ``"xla"`` and
-``"cudnn"`` swap the cache's axes to their ``[B, S, K, D]`` layout, so ``"auto"`` never picks them
-where a cache is read per decode step on CPU.
+Reading a KV cache (decode steps), ``"chunked"`` is the einsum form (a step has one query);
+``"xla"`` and ``"cudnn"`` would swap the cache's axes to their ``[B, S, K, D]`` layout (a cache-sized
+copy per step), so ``"auto"`` never picks them on CPU, where decoding is benchmarked.
 
 [our choice] ``"auto"`` on CPU is ``"chunked"``: measured by ``scripts/bench_attention.py`` at
-B 4, T 700, 8 heads of 64 (d 512), left-padded, on a shared 2-core CPU, it was the fastest in the
-forward and in forward + backward; ``jax.nn.dot_product_attention``'s XLA form was the slowest of
-the four (it builds a ``[B, T, S]`` mask broadcast and transposes its operands). On GPU the cuDNN
-kernel where the dtype allows it (flash attention, no ``[B, H, T, S]`` in memory), XLA otherwise
-and on TPU. Not measured on an accelerator here (none was available).
+B 4, T 700, 8 heads of 64 (d 512), causal and left-padded, float32, on a shared 2-core CPU, it took
+0.30 s forward and 0.64 s forward + backward (wall, load ~11) against 0.38 / 1.08 s for
+``jax.nn.dot_product_attention``'s XLA form and 0.56 / 1.00 s for the unchunked einsum form; in
+process CPU time 0.14 / 0.32 s against 0.20 / 0.52 s for XLA's. On GPU the cuDNN kernel where the
+dtype allows it (flash attention, no ``[B, H, T, S]`` in memory), XLA otherwise and on TPU. Not
+measured on an accelerator here (none was available).
 
 A probed or hooked layer uses the explicit path: a hooked one (decode-time interventions) computes
 every query's ``[B, H, T, S]`` probabilities, edits them and multiplies them by ``V``; a probed one
