@@ -12,9 +12,10 @@ The output of a layer that is neither probed nor hooked comes from one of ``ATTE
 * ``"xla"`` / ``"cudnn"`` — ``jax.nn.dot_product_attention`` with that implementation (cuDNN's
   flash attention on GPU, bfloat16 / float16 only).
 
-Reading a KV cache (decode steps), ``"chunked"`` is the einsum form (a step has one query);
-``"xla"`` and ``"cudnn"`` would swap the cache's axes to their ``[B, S, K, D]`` layout (a cache-sized
-copy per step), so ``"auto"`` never picks them on CPU, where decoding is benchmarked.
+Every implementation computes only causal self-attention (a forward without cache, or a prefill
+reading its own keys) its own way; reading a KV cache (decode steps) or a few selected queries, all
+use the einsum form: ``jax.nn.dot_product_attention`` would swap the cache's axes to its
+``[B, S, K, D]`` layout, a cache-sized copy per decode step.
 
 [our choice] ``"auto"`` on CPU is ``"chunked"``: measured by ``scripts/bench_attention.py`` at
 B 4, T 700, 8 heads of 64 (d 512), causal and left-padded, float32, on a shared 2-core CPU, it took
@@ -180,8 +181,8 @@ def attend(
       impl: a resolved name from ``ATTENTION_IMPLS`` (not ``"auto"``) for the output of an unhooked
         call; a hooked call always uses the explicit form.
       causal_self: static; True when ``S == T``, key ``s`` is query ``s``'s own token and ``allowed``
-        includes causality (a forward without cache). Lets ``"chunked"`` skip the keys after each
-        query block; without it ``"chunked"`` is ``"einsum"``.
+        includes causality (a forward without cache, or a prefill). Only such calls use ``impl``
+        (``"chunked"`` then skips the keys after each query block); others use the einsum form.
       probe_form: None (no probe) or one of ``PROBE_FORMS``.
       probe_queries: ``[B, Q]`` int32 query indices the probe reports (forms ``"image"``,
         ``"image_heads"``, ``"full"``); None reports every query. Ignored by ``"image_last"``, which
@@ -245,9 +246,11 @@ def _weighted_values(probs: jax.Array, value: jax.Array, query_shape) -> jax.Arr
 
 def _fast_attention(query, key, value, allowed, impl: str, causal_self: bool) -> jax.Array:
     """The output of unprobed, unhooked attention by ``impl``: ``[B, T, H, D]``."""
-    if impl in ("xla", "cudnn"):
-        # jax.nn.dot_product_attention takes [B, S, K, D]; without a cache these swaps cancel the
-        # caller's, with one they would copy the cache, which only the einsum form reads in place.
+    if impl not in ATTENTION_IMPLS[1:]:
+        raise ValueError(f"attention impl {impl!r} is not a resolved one of {ATTENTION_IMPLS[1:]}")
+    if impl in ("xla", "cudnn") and causal_self:
+        # jax.nn.dot_product_attention takes [B, S, K, D]: these swaps cancel the caller's. Reading a
+        # cache they would copy it, which the einsum form below reads in place.
         return jax.nn.dot_product_attention(
             query, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2), mask=allowed[:, None],
             implementation=impl,
@@ -261,8 +264,6 @@ def _fast_attention(query, key, value, allowed, impl: str, causal_self: bool) ->
             blocks.append(_einsum_attention(
                 query[:, begin:end], key[:, :, :end], value[:, :, :end], allowed[:, begin:end, :end]))
         return jnp.concatenate(blocks, axis=1)
-    if impl not in ("einsum", "chunked"):
-        raise ValueError(f"attention impl {impl!r} is not a resolved one of {ATTENTION_IMPLS[1:]}")
     return _einsum_attention(query, key, value, allowed)
 
 

@@ -52,11 +52,10 @@ def assert_close(actual, expected, rtol=1e-5):
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
 
 
-@pytest.mark.parametrize("impl", ["einsum", "chunked", "xla"])
-def test_explicit_path_and_every_implementation_match_textbook(qkv_mask, impl):
+def test_explicit_path_and_the_einsum_form_match_textbook(qkv_mask):
     query, key, value, allowed = qkv_mask
     expected_out, expected_probs = numpy_attention(query, key, value, allowed)
-    fast, no_probe = attend(query, key, value, allowed, impl=impl)
+    fast, no_probe = attend(query, key, value, allowed, impl="einsum")
     explicit, full = attend(query, key, value, allowed, probe_form="full")
     assert no_probe is None
     assert_close(full, expected_probs)
@@ -181,13 +180,15 @@ def causal_left_padded(length: int, starts, seed: int = 0):
     return query, key, value, allowed, valid
 
 
-@pytest.mark.parametrize("chunk", [4, 5, 30])
-def test_chunked_causal_blocks_match_textbook_on_real_tokens(qkv_mask, monkeypatch, chunk):
-    """Blocks of ``chunk`` queries reading keys up to their block's end (uneven last block included)."""
+@pytest.mark.parametrize(("impl", "chunk"), [("chunked", 4), ("chunked", 5), ("chunked", 30), ("einsum", 4),
+                                           ("xla", 4)])
+def test_every_implementation_matches_textbook_on_causal_self_attention(monkeypatch, impl, chunk):
+    """Causal self-attention of left-padded rows; ``"chunked"`` in blocks of ``chunk`` queries reading keys up to
+    their block's end (uneven last block included). Compared on the real tokens' queries."""
     monkeypatch.setattr(attention, "ATTENTION_CHUNK", chunk)
     query, key, value, allowed, valid = causal_left_padded(13, starts=[0, 3, 7])
     expected, _ = numpy_attention(query, key, value, allowed)
-    output = jax.jit(lambda q, k, v, m: attend(q, k, v, m, impl="chunked", causal_self=True)[0])(
+    output = jax.jit(lambda q, k, v, m: attend(q, k, v, m, impl=impl, causal_self=True)[0])(
         query, key, value, allowed)
     assert_close(np.asarray(output)[valid], expected[valid])
 
