@@ -15,7 +15,7 @@ Reference settings ([our choice]): the seed gives no training hyper-parameters; 
 
 import pathlib
 
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

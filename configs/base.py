@@ -1,6 +1,6 @@
 """Section helpers of the training configs: one per section, each a ``ConfigDict`` of the schema.
 
-Every helper starts from the schema's defaults (``mmpo_jax.training.config_loading.SCHEMA``, the
+Every helper starts from the schema's defaults (``mmpo_jax.config.schema.SCHEMA``, the
 contract the trainer reads) and takes keyword overrides; an unknown keyword raises. ``experiment``
 assembles the sections into one locked config. Config files load this file by path::
 
@@ -15,7 +15,6 @@ free-form mapping (``data.builder``, ``method.terms``, ``reference_settings``) i
 from __future__ import annotations
 
 import copy
-import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -23,19 +22,12 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from mmpo_jax.config.loading import config_module
+from mmpo_jax.config.schema import OPEN_MAPPINGS, OPTIONAL_SECTIONS, SCHEMA, Required, method_defaults
 from mmpo_jax.objectives import registry
-from mmpo_jax.training.config_loading import (
-    OPEN_MAPPINGS,
-    OPTIONAL_SECTIONS,
-    SCHEMA,
-    Required,
-    config_module,
-    method_defaults,
-)
 
 SECTIONS = ("model", "data", "optimizer", "train", "mesh", "reference", "checkpoint", "eval",
-            "sft_base", "rollout")
-RLHF_V_PAIRS = 5733  # RLHF-V-Dataset.parquet: epochs -> steps for the LLaVA presets
+            "sft_base", "rollout", "pairs")
 
 
 def _config_dict(spec: Any) -> Any:
@@ -78,7 +70,8 @@ def model(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def data(**overrides: Any) -> ml_collections.ConfigDict:
-    """``data``: dataset, split, directories, tokenizer, template, global batch, buckets."""
+    """``data``: dataset, split, directories, tokenizer, template, global batch, buckets, epochs,
+    over-long responses (``too_long``), the last partial batch (``drop_remainder``), image size."""
     return section("data", **overrides)
 
 
@@ -88,7 +81,7 @@ def optimizer(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def train(**overrides: Any) -> ml_collections.ConfigDict:
-    """``train``: optimizer steps (required), logging."""
+    """``train``: optimizer steps (required; 0 = ``data.num_epochs`` over the split), logging."""
     return section("train", **overrides)
 
 
@@ -122,6 +115,12 @@ def rollout(**overrides: Any) -> ml_collections.ConfigDict:
     return section("rollout", **overrides)
 
 
+def pairs(**overrides: Any) -> ml_collections.ConfigDict:
+    """``pairs`` (P2-DPO): how its focus and robustness pairs are generated from the initial model
+    (``mmpo_jax.pipelines.p2dpo.PairSettings``)."""
+    return section("pairs", **overrides)
+
+
 def method(name: str, **options: Any) -> ml_collections.ConfigDict:
     """The ``method`` block: ``name``, ``beta``, ``terms`` ({term: float}), ``token_weights``
     ("catpo" | "tpo" | "none") and the options its terms read, at their METHODS.md defaults.
@@ -141,14 +140,15 @@ def experiment(name: str, method: ml_collections.ConfigDict, **sections: Any
       name: the run name (``workdir`` defaults to ``runs/<name>``).
       method: the ``method`` block (`method`).
       **sections: ``seed`` / ``workdir`` / ``mesh_rules`` values, section overrides (mappings,
-        e.g. ``optimizer=dict(learning_rate=1e-5)``), ``rollout`` (the section is added) and
-        ``reference_settings`` (a free-form mapping, documentation).
+        e.g. ``optimizer=dict(learning_rate=1e-5)``), ``rollout`` and ``pairs`` (the optional
+        section is added) and ``reference_settings`` (a free-form mapping, documentation).
     """
     config = _config_dict(SCHEMA)
     config.name = name
     config.method = method
-    if "rollout" in sections:
-        config.rollout = rollout()
+    for optional in ("rollout", "pairs"):
+        if optional in sections:
+            config[optional] = section(optional)
     if "reference_settings" in sections:
         config.reference_settings = ml_collections.ConfigDict()
     override(config, sections)
@@ -176,8 +176,8 @@ _SETTING_FIELDS = {
 
 def method_file_config(method_name: str) -> ml_collections.ConfigDict:
     """``configs/<method_name>.py``'s ``get_config()`` (the tiny shapes-world run)."""
-    if method_name not in registry.METHODS:
-        raise ValueError(f"unknown method {method_name!r}; valid: {sorted(registry.METHODS)}")
+    if method_name not in registry.methods():
+        raise ValueError(f"unknown method {method_name!r}; valid: {sorted(registry.methods())}")
     return config_module(pathlib.Path(__file__).with_name(f"{method_name}.py")).get_config()
 
 
@@ -186,28 +186,36 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
     """LLaVA-1.5-7B on RLHF-V with the method block and reference settings of ``method_config``.
 
     bf16 compute over f32 parameters, remat, LoRA on every decoder linear layer (rank/alpha from
-    the paper's settings, else the schema's), ``reference.mode="lora_base"`` (the policy with its
-    adapters off: the initial policy, without a second 7B copy). Steps = the paper's epochs over
-    the 5,733 RLHF-V pairs (1 epoch where none is recorded). ``sections`` (platform: mesh,
-    accumulation) override last.
+    the paper's settings, else the schema's) with the projector and vision tower frozen,
+    ``reference.mode="lora_base"`` (the policy with its adapters off: the initial policy, without
+    a second 7B copy). Length: the paper's epochs (``data.num_epochs``; 1 where none is
+    recorded) over the prepared training split, whatever its size (``train.num_steps=0``: the
+    steps are resolved when the run starts and logged); each epoch's last partial batch is padded
+    (``data.drop_remainder=False``). ``sections`` (platform: mesh, accumulation) override last.
 
-    Set before running (placeholders): ``data.manual_dir`` (the RLHF-V parquet folder, needed
-    until the dataset is prepared), ``model.checkpoint`` (``python -m mmpo_jax.convert import
-    <hf_dir> <orbax_dir>``) and ``data.tokenizer`` (the transformers checkpoint folder).
+    Set before running (placeholders, all checked before anything is loaded):
+    ``--config.model.checkpoint`` (``python -m mmpo_jax.convert import <hf_dir> <orbax_dir>``),
+    ``--config.data.tokenizer`` (the transformers checkpoint folder), ``--config.data.manual_dir``
+    (the RLHF-V parquet folder, needed until the dataset is prepared; for P2-DPO the folder its
+    pairs are generated into) and, for P2-DPO, ``--config.pairs.source_manual_dir`` (the RLHF-V
+    parquet folder its prompts come from).
     """
     settings = method_config.get("reference_settings", ml_collections.ConfigDict())
     config = experiment(
         f"llava_1_5_7b_{method_config.name}",
         copy.deepcopy(method_config.method),
+        # LoRA on the decoder only, projector frozen: the reference is the same model with its
+        # adapters off (lora_base), which a trained projector would move.
         model=dict(preset="llava_1_5_7b", init="checkpoint",
                    checkpoint="~/models/llava-1.5-7b-orbax", dtype="bfloat16",
-                   param_dtype="float32", remat=True, lora=dict(enabled=True)),
+                   param_dtype="float32", remat=True, train_projector=False,
+                   lora=dict(enabled=True)),
         # P2-DPO trains on its generated pairs (p2dpo_pairs); the others on RLHF-V.
         data=dict(dataset="p2dpo_pairs" if method_config.data.dataset == "p2dpo_pairs"
                   else "rlhf_v", split="train",
                   manual_dir="", tokenizer="~/models/llava-1.5-7b-hf", buckets=(1024, 2048)),
         optimizer=dict(learning_rate=method_config.optimizer.learning_rate),
-        train=dict(num_steps=1, log_every=1),
+        train=dict(num_steps=0, log_every=1),  # 0: data.num_epochs over the split
         reference=dict(mode="lora_base"),
         checkpoint=dict(save_every=200, keep=2),
         # The shapes-world evaluation has no RLHF-V counterpart; real benchmarks run separately.
@@ -215,6 +223,10 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
         reference_settings=settings,
         **({"rollout": dict(vocabulary="coco", max_new_tokens=128)}
            if "rollout" in method_config else {}),
+        # P2-DPO generates its pairs from the LLaVA base on RLHF-V's prompts, at the paper's
+        # settings (PairSettings' defaults).
+        **({"pairs": dict(source_dataset="rlhf_v", source_split="train", question_fraction=0.0)}
+           if "pairs" in method_config else {}),
     )
     for key, value in settings.items():
         if key in _SETTING_FIELDS:
@@ -223,7 +235,6 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
             for parent in parents:
                 node = node[parent]
             node[field] = value
-    epochs = settings.get("num_epochs", 1)
-    config.train.num_steps = math.ceil(epochs * RLHF_V_PAIRS / config.data.batch_size)
+    config.data.num_epochs = int(settings.get("num_epochs", 1))
     override(config, sections)
     return config

@@ -11,7 +11,7 @@ wd 0.05, grad clip 1.0, LoRA r128 a256, vision tower frozen, RLHF-V (5,733 pairs
 
 import pathlib
 
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

@@ -26,7 +26,7 @@ states no optimiser setting usable here; mDPO's LoRA setting with a 10x lower lr
 
 import pathlib
 
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

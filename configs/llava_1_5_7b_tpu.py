@@ -10,7 +10,7 @@ Placeholders to set before running: see `base.llava_1_5_7b`.
 
 import pathlib
 
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

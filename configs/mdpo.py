@@ -11,7 +11,7 @@ disabled ("lora_base"), 10k VLFeedback pairs.
 
 import pathlib
 
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

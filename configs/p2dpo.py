@@ -6,8 +6,9 @@ Data: the ``p2dpo_pairs`` dataset, generated on-policy from the SFT base by
 ``python -m mmpo_jax.generate_pairs --config=configs/p2dpo.py`` into ``data.manual_dir`` (records
 with ``chosen``/``rejected`` (the focus pair), ``robust_chosen``/``robust_rejected``,
 ``focus_aug_image``/``focus_deg_image``, reference log-probs; ``ddw_clip_*`` only with a CLIP
-scorer, which the tiny model lacks). ``get_config("pairs")`` holds the generation settings
-(``mmpo_jax.pipelines.p2dpo.PairSettings``), scaled to the shapes world: prompts from its
+scorer, which the tiny model lacks). The ``pairs`` section holds the generation settings
+(``mmpo_jax.pipelines.p2dpo.PairSettings``; override as ``--config.pairs.noise_step=300``),
+scaled to the shapes world: prompts from its
 ``preference`` split, half of them POPE-style questions about an object of the image; saliency
 from plain attention at decoder layer 0 of 2 [our choice, measured with the SFT base on 512
 questions: the box covers the asked object in 60% of cases (a random box of the same size: 38%);
@@ -30,8 +31,7 @@ point recorded here (r = alpha = 64, lr 1e-5, 2 epochs) is [our choice] within t
 
 import pathlib
 
-from mmpo_jax.pipelines.p2dpo import pairs_config
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
@@ -43,15 +43,7 @@ GENERATION_DIR = "~/mmpo_data/generated/p2dpo_pairs"
 
 
 def get_config(arg: str | None = None):
-    """The tiny shapes-world run; ``arg="pairs"``: its pair-generation settings."""
-    if arg == "pairs":
-        return pairs_config(
-            source_dataset="shapes_world", source_split="preference", question_fraction=0.5,
-            saliency="attention", saliency_depth=0.0, enhanced_prompt="{prompt}",
-            robust_prompt="{prompt}", base_box=32.0, focus_max_new_tokens=24,
-            robust_max_new_tokens=24, batch_size=32, shard_size=256)
-    if arg is not None:
-        raise ValueError(f"configs/p2dpo.py takes no argument or 'pairs'; got {arg!r}")
+    """The tiny shapes-world run (``arg`` unused)."""
     return base.experiment(
         "p2dpo",
         base.method("p2dpo", lambda_calib=0.3, calib_ref_response="chosen", w_base=0.5,
@@ -59,5 +51,10 @@ def get_config(arg: str | None = None):
         data=dict(dataset="p2dpo_pairs", split="train", manual_dir=GENERATION_DIR),
         optimizer=dict(learning_rate=1e-5),
         train=dict(num_steps=200),
+        pairs=dict(
+            source_dataset="shapes_world", source_split="preference", question_fraction=0.5,
+            saliency="attention", saliency_depth=0.0, enhanced_prompt="{prompt}",
+            robust_prompt="{prompt}", base_box=32.0, focus_max_new_tokens=24,
+            robust_max_new_tokens=24, batch_size=32, shard_size=256),
         reference_settings=REFERENCE_SETTINGS,
     )

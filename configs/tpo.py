@@ -8,7 +8,7 @@ Reference settings ([our choice], not a seed paper): Cat-PO's, the other token-w
 
 import pathlib
 
-from mmpo_jax.training.config_loading import config_module
+from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 

@@ -1,8 +1,8 @@
 """Generate P2-DPO's training pairs: ``python -m mmpo_jax.generate_pairs --config=configs/p2dpo.py``.
 
-Reads the training config (``--config``, any field overridable as ``--config.seed=1``) and the
-generation settings, ``get_config("pairs")`` of the same file unless ``--pairs`` names them
-(``--pairs=configs/p2dpo.py:pairs --pairs.num_records=64``). The reference model is the run's
+Reads the training config (``--config``, any field overridable as ``--config.seed=1``) and its
+generation settings, the ``pairs`` section (``--config.pairs.num_records=64``). The reference
+model is the run's
 initial policy (``training.experiment.initial_model``: for the embedded default the cached
 shapes-world SFT base, trained first if absent) and the prompts come from
 ``pairs.source_dataset`` / ``pairs.source_split``. Pairs are written to ``--output_dir``
@@ -17,23 +17,21 @@ import json
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-import ml_collections
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmpo_jax.config import preflight
+from mmpo_jax.config.loading import exit_on_config_error, parse_config_flags
 from mmpo_jax.data.builders.p2dpo_pairs import read_manifest, summarize
-from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
-from mmpo_jax.training.config_loading import flag_file_config, parse_config_flags
-from mmpo_jax.training.experiment import initial_model, load_data, prompt_source_config
+from mmpo_jax.training.experiment import (check_image_size, generate_p2dpo_pairs, initial_model,
+                                          load_data, prompt_source_config)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the training config, configs/p2dpo.py",
                                           lock_config=True)
-_PAIRS = config_flags.DEFINE_config_file(
-    "pairs", None, "generation settings (default: get_config('pairs') of --config's file)",
-    lock_config=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "generation folder (default: config.data.manual_dir)")
 
 
@@ -43,31 +41,27 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/p2dpo.py is required")
-    pairs_config = _PAIRS.value
-    if pairs_config is None:
-        pairs_config = flag_file_config("config", "pairs")
-    settings = PairSettings.from_config(pairs_config)
     output_dir = os.path.expanduser(_OUTPUT_DIR.value or config.data.manual_dir)
-    if not output_dir:
-        raise app.UsageError("no output folder: pass --output_dir or set data.manual_dir")
+    with exit_on_config_error():  # every problem at once, before the model or data are loaded
+        preflight.check(config, device_count=jax.device_count(), generating_pairs=True, extra=[
+            *([] if "pairs" in config else
+              ["the config has no pairs section (configs/p2dpo.py has one)"]),
+            *([] if output_dir else
+              ["no output folder: pass --output_dir or set --config.data.manual_dir"])])
+        _generate(config, output_dir)
+
+
+def _generate(config, output_dir: str) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
-
-    source_config = prompt_source_config(config, settings)
+    source_config = prompt_source_config(config)
     source, tokenizer, image_config = load_data(source_config)
+    check_image_size(source_config, tokenizer, image_config)
     model = initial_model(source_config, tokenizer)
     previous = read_manifest(output_dir)
     done_before = summarize(previous).get("candidates", 0) if previous else 0
     started = time.perf_counter()
-    manifest = generate_pairs(
-        model, tokenizer, source, image_config=image_config, output_dir=output_dir,
-        settings=settings, seed=int(config.seed),
-        layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
-                              config.data.template),
-        source_metadata={"source_dataset": settings.source_dataset,
-                         "source_split": settings.source_split,
-                         **({"world": source.metadata["world"]}
-                            if "world" in getattr(source, "metadata", {}) else {})})
+    manifest = generate_p2dpo_pairs(config, model, source, tokenizer, image_config, output_dir)
     elapsed = time.perf_counter() - started
     summary = summarize(manifest)
     summary["seconds"] = round(elapsed, 1)

@@ -31,8 +31,8 @@ from flax import nnx
 from mmpo_jax.data.pipeline import preference_pipeline
 from mmpo_jax.pipelines.p2dpo_pairs import record_objects
 from mmpo_jax.training import experiment
-from mmpo_jax.training.config_loading import load_config
-from mmpo_jax.training.scoring import enhancement_mask
+from mmpo_jax.config.loading import load_config
+from mmpo_jax.engine.scoring import enhancement_mask
 
 
 def _coverage(masks: list[np.ndarray], objects: list[list[dict]]) -> dict[str, float]:

@@ -125,8 +125,7 @@ def transformers_score(torch_model, data: dict[str, np.ndarray]):
         logp = torch.where(mask, logp, 0.0)
         heads = torch.stack([out.attentions[layer] for layer in layers]).mean(0).mean(1)  # [B, T, T]
         attention = torch.gather(heads, 2, image_positions[:, None, :].expand(-1, heads.shape[1], -1))
-        images = out.image_hidden_states  # one image per row; a tensor or a sequence of them by version
-        images = images if isinstance(images, (list, tuple)) else [images]
+        images = out.image_outputs.pooler_output  # the projected visual tokens, one image per row
         width = images[0].shape[-1]
         visual = torch.cat([t.reshape(-1, width) for t in images]).reshape(inputs.shape[0], -1, width)
         embeddings = torch_model.get_input_embeddings()(labels)

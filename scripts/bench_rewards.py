@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from mmpo_jax.objectives.catpo import catpo_loss
+from mmpo_jax.objectives import registry, terms
 from mmpo_jax.objectives.logprobs import token_logprobs_and_kl
+from mmpo_jax.objectives.terms import CHOSEN, POLICY, REFERENCE, REJECTED
 from mmpo_jax.rewards.catpo import token_weights
 
 EPS = 1e-8
@@ -124,11 +125,15 @@ def jax_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, jax.Array]
         )
         policy_logps, ref_logps, kl = token_logprobs_and_kl(policy_logits, ref_logits, labels, mask,
                                                             chunk_size=args.chunk_size)
-        losses, _ = catpo_loss(
-            policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:],
-            weights[:half], weights[half:], mask[:half], mask[half:], kl[:half], kl[half:],
-            beta=args.beta, lambda_kl=args.lambda_kl,
-        )
+        scored = {}
+        for response, part in ((CHOSEN, slice(None, half)), (REJECTED, slice(half, None))):
+            scored.update({terms.token_logps(POLICY, response): policy_logps[part],
+                           terms.token_logps(REFERENCE, response): ref_logps[part],
+                           terms.token_weights(response): weights[part],
+                           terms.mask(response): mask[part], terms.token_kl(response): kl[part]})
+        method = {"name": "catpo", "beta": args.beta,
+                  "terms": {"dpo": 1.0, "token_kl": args.lambda_kl}}
+        losses, _ = registry.compute_objective(method, scored)
         return {"weights": weights, "policy_logps": policy_logps, "token_kl": kl, "losses": losses}
 
     return run

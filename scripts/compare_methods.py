@@ -5,8 +5,8 @@
         --variant "dpo lr5e-5=configs/dpo.py optimizer.learning_rate=5e-5" \\
         --variant "catpo=configs/catpo.py" [--set train.num_steps=200]
 
-Each ``--variant "NAME=FILE [key=value ...]"`` trains one row; ``--set`` overrides apply to all;
-``--pairs-set`` overrides P2-DPO's generation settings.
+Each ``--variant "NAME=FILE [key=value ...]"`` trains one row; ``--set`` overrides apply to all
+(P2-DPO's generation settings too: ``--set pairs.noise_step=300``).
 The base, evaluation and control settings (and P2-DPO's pair generation) come from the first
 variant's file. Rows: the base,
 one per variant, and the chosen-only SFT control (``mmpo_jax.training.experiment.run_variants``).
@@ -21,7 +21,7 @@ import shlex
 
 from absl import logging as absl_logging
 
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.experiment import _expand, run_variants
 
 
@@ -30,14 +30,12 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True,
                         help='"NAME=FILE [key=value ...]"; repeatable')
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--pairs-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="P2-DPO generation overrides (of FILE:pairs)")
     parser.add_argument("--workdir", default="runs/compare")
     args = parser.parse_args()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
     root = _expand(args.workdir)
-    variants, files = {}, []
+    variants = {}
     for index, spec in enumerate(args.variant):
         name, separator, rest = spec.partition("=")
         words = shlex.split(rest)
@@ -45,12 +43,7 @@ def main() -> None:
             parser.error(f"--variant {spec!r} is not 'NAME=FILE [key=value ...]'")
         overrides = (*args.set, f"workdir={root}", *words[1:])
         variants[name] = (load_config(words[0], overrides), pathlib.Path(root, f"{index:02d}"))
-        files.append(words[0])
-    first = next(iter(variants.values()))[0]
-    # P2-DPO variants train on pairs generated first, with their file's `:pairs` settings.
-    pairs = (load_config(f"{files[0]}:pairs", args.pairs_set)
-             if first.data.dataset == "p2dpo_pairs" else None)
-    run_variants(first, variants, workdir=root, pairs=pairs)
+    run_variants(next(iter(variants.values()))[0], variants, workdir=root)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from mmpo_jax.data.sources import load_split
 from mmpo_jax.pipelines import fisao, verifier as verifier_lib
 from mmpo_jax.rewards.fisao import object_reward
 from mmpo_jax.training import experiment, fisao_loop
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config.loading import load_config
 
 
 def _rates(scores_present: np.ndarray, scores_absent: np.ndarray,

@@ -12,11 +12,21 @@ backend, to float32 round-off):
 5. normalise `(x - mean) / std` per channel in float32.
 
 The output is channel-last float32 `[crop_size, crop_size, 3]`, the layout our vision tower takes.
+
+One definition per model: `from_pretrained_dir` reads the settings saved with a model (transformers
+4's `preprocessor_config.json` or transformers 5's `processor_config.json` with the image processor
+nested), with LLaVA-1.5's pad-to-square an explicit `image_aspect_ratio` ("pad" / "square", the LLaVA
+repository's spelling); training, pair generation and evaluation all call it, and an export writes
+the settings back (`to_hf_image_processor_dict`, transformers' `LlavaImageProcessor` with `do_pad`).
+A file of unknown layout is an error, never a silent default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +46,15 @@ RESAMPLE_METHODS: dict[str, Image.Resampling] = {
     "hamming": Image.Resampling.HAMMING,
 }
 _RESAMPLE_BY_PIL_CODE = {int(code): name for name, code in RESAMPLE_METHODS.items()}
+
+PROCESSOR_CONFIG = "processor_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# transformers' CLIP/LLaVA image processors (torchvision "Fast", PIL "Pil" backends) and the old
+# feature-extractor name: the ones whose steps this module implements.
+SUPPORTED_PROCESSOR_TYPES = frozenset(
+    f"{name}{backend}" for name in ("CLIPImageProcessor", "LlavaImageProcessor") for backend in ("", "Fast", "Pil")
+) | {"CLIPFeatureExtractor"}
+IMAGE_ASPECT_RATIOS = ("pad", "square")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,17 +113,28 @@ def tiny(image_size: int) -> ImageProcessorConfig:
 def from_hf_preprocessor_config(
     config: Mapping[str, Any], *, pad_to_square: bool | None = None
 ) -> ImageProcessorConfig:
-    """Reads a transformers `preprocessor_config.json` (as a dict) of a CLIP/LLaVA image processor.
+    """Reads a transformers image-processor dict (a `preprocessor_config.json`, or the
+    `image_processor` entry of a v5 `processor_config.json`) of a CLIP/LLaVA image processor.
 
     Understands both layouts transformers has written: `size: {"shortest_edge": n}` /
-    `crop_size: {"height": c, "width": c}` and the older plain integers. `do_pad` (LLaVA's
-    processor) maps to `pad_to_square`; the `pad_to_square` argument overrides it, because original
-    LLaVA checkpoints keep that switch in the model config (`image_aspect_ratio="pad"`).
+    `crop_size: {"height": c, "width": c}` and the older plain integers. Pad-to-square comes from
+    `do_pad` (transformers' `LlavaImageProcessor`) or `image_aspect_ratio` (the LLaVA repository's
+    spelling, "pad" or "square"); the `pad_to_square` argument overrides both, because llava-hf
+    checkpoints ship a plain `CLIPImageProcessor` although LLaVA-1.5 was trained with "pad".
 
     Raises:
-      ValueError: for settings this module does not implement (disabled resize/crop/rescale/
-        normalise, a non-square crop, `size` as height/width, a rescale factor other than 1/255).
+      ValueError: a processor type other than CLIP/LLaVA's, missing `size` or `crop_size` (never
+        a silent 224-px default), or settings this module does not implement (disabled resize/
+        crop/rescale/normalise, a non-square crop, `size` as height/width, a rescale factor other
+        than 1/255).
     """
+    kind = config.get("image_processor_type", config.get("feature_extractor_type"))
+    if kind is not None and kind not in SUPPORTED_PROCESSOR_TYPES:
+        raise ValueError(f"image processor type {kind!r} is not supported; valid: {sorted(SUPPORTED_PROCESSOR_TYPES)}")
+    missing = [key for key in ("size", "crop_size") if key not in config]
+    if missing:
+        raise ValueError(f"image processor config lacks {missing}; expected a CLIP/LLaVA "
+                         "preprocessor_config.json with size and crop_size")
     for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if not config.get(flag, True):
             raise ValueError(f"preprocessor config has {flag}=False; only True is supported.")
@@ -121,14 +151,109 @@ def from_hf_preprocessor_config(
         resample = _RESAMPLE_BY_PIL_CODE[resample]
     if pad_to_square is None:
         pad_to_square = bool(config.get("do_pad", False))
+        if "image_aspect_ratio" in config:
+            pad_to_square = pads_to_square(config["image_aspect_ratio"])
     return ImageProcessorConfig(
-        size=_shortest_edge(config.get("size", 224)),
-        crop_size=_square_crop(config.get("crop_size", 224)),
+        size=_shortest_edge(config["size"]),
+        crop_size=_square_crop(config["crop_size"]),
         mean=tuple(config.get("image_mean", CLIP_MEAN)),
         std=tuple(config.get("image_std", CLIP_STD)),
         pad_to_square=pad_to_square,
         resample=str(resample).lower(),
     )
+
+
+def pads_to_square(image_aspect_ratio: str) -> bool:
+    """LLaVA's `image_aspect_ratio` -> pad-to-square: "pad" -> True, "square" (the CLIP
+    processor's own resize + centre crop, the LLaVA repository's default) -> False."""
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r} is not supported; valid: "
+                         f"{IMAGE_ASPECT_RATIOS} (LLaVA-NeXT's 'anyres' tiling is not implemented)")
+    return image_aspect_ratio == "pad"
+
+
+def read_image_processor_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The image-processor settings saved with a model, as a dict.
+
+    `path` is a model/processor directory or one of its files. Layouts:
+
+    - transformers 5 `save_pretrained` of a `LlavaProcessor`: `processor_config.json` holding the
+      image processor's settings under "image_processor";
+    - transformers 4 / llava-hf hub checkpoints: `preprocessor_config.json` (a flat
+      `processor_config.json` beside it holds only the processor's own fields).
+
+    When both are present the nested v5 entry wins, as transformers 5 reads it.
+
+    Raises:
+      FileNotFoundError: neither file (or the given file does not exist).
+      ValueError: a file that is not a JSON object, or a `processor_config.json` without an
+        image processor and no `preprocessor_config.json` beside it.
+    """
+    path = pathlib.Path(path)
+    directory = path if path.is_dir() else path.parent
+    candidates = [path] if path.is_file() else [directory / PROCESSOR_CONFIG, directory / PREPROCESSOR_CONFIG]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected a model directory or its "
+                                f"{PROCESSOR_CONFIG} / {PREPROCESSOR_CONFIG}")
+    found = [candidate for candidate in candidates if candidate.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{directory} has neither {PROCESSOR_CONFIG} nor {PREPROCESSOR_CONFIG}; "
+                                "save the model's processor there (e.g. LlavaProcessor.save_pretrained)")
+    for candidate in found:
+        settings = json.loads(candidate.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError(f"{candidate} holds a JSON {type(settings).__name__}, expected an object")
+        if candidate.name == PROCESSOR_CONFIG and "image_processor" not in settings:
+            if path.is_file():
+                raise ValueError(f"{candidate} has no 'image_processor' entry (a transformers 4 layout); "
+                                 f"pass the {PREPROCESSOR_CONFIG} beside it or the directory")
+            continue  # transformers 4 layout: the image processor is in preprocessor_config.json
+        nested = settings.get("image_processor", settings)
+        if not isinstance(nested, dict):
+            raise ValueError(f"{candidate}: 'image_processor' is a {type(nested).__name__}, expected an object")
+        return nested
+    raise ValueError(f"{directory / PROCESSOR_CONFIG} has no 'image_processor' entry and there is no "
+                     f"{PREPROCESSOR_CONFIG} beside it")
+
+
+def from_pretrained_dir(
+    path: str | os.PathLike[str], *, image_aspect_ratio: str | None = None
+) -> ImageProcessorConfig:
+    """The image preprocessing of a saved model: the one definition that training, pair generation
+    and evaluation all use.
+
+    Args:
+      path: a model directory (llava-hf checkpoint, export, or an orbax model directory holding
+        the processor files) or its `processor_config.json` / `preprocessor_config.json`.
+      image_aspect_ratio: "pad" (LLaVA-1.5's pad-to-square with the mean colour) or "square"
+        (resize + centre crop only); None keeps what the file says (`do_pad` /
+        `image_aspect_ratio`, else no padding, as transformers processes it).
+
+    Raises:
+      FileNotFoundError, ValueError: see `read_image_processor_dict` and
+        `from_hf_preprocessor_config`; the message names the file.
+    """
+    settings = read_image_processor_dict(path)
+    pad = None if image_aspect_ratio is None else pads_to_square(image_aspect_ratio)
+    try:
+        return from_hf_preprocessor_config(settings, pad_to_square=pad)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def to_hf_image_processor_dict(config: ImageProcessorConfig) -> dict[str, Any]:
+    """`config` as the `preprocessor_config.json` of transformers' `LlavaImageProcessor`, which
+    processes images exactly as `config` does (pad-to-square as `do_pad`)."""
+    return {
+        "image_processor_type": "LlavaImageProcessor",
+        "processor_class": "LlavaProcessor",
+        "do_pad": config.pad_to_square,
+        "do_resize": True, "size": {"shortest_edge": config.size},
+        "do_center_crop": True, "crop_size": {"height": config.crop_size, "width": config.crop_size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(config.mean), "image_std": list(config.std),
+        "do_convert_rgb": True, "resample": int(RESAMPLE_METHODS[config.resample]),
+    }
 
 
 def preprocess(

@@ -10,10 +10,19 @@ trainer puts them on devices). The run is a fixed *schedule* of slots, ``batch_s
 - each epoch is a fresh permutation of the shard drawn from ``(seed, epoch)``; batches never
   straddle epochs (the last batch of an epoch is padded instead);
 - a slot past the shard's end, or holding an example that cannot be used (the template drops an
-  over-long prompt, or the example is longer than the largest bucket), becomes a *padding row*
-  (``example_mask == 0``, filler tokens, no loss). The example is counted by reason in
-  ``iterator.stats``; it is never replaced by another example, so the schedule, and with it every
-  later batch, is independent of what was dropped.
+  over-long prompt, a response is longer than ``max_length`` under ``too_long="skip"``, or the
+  example is longer than the largest bucket), becomes a *padding row* (``example_mask == 0``,
+  filler tokens, no loss). The example is counted by reason in ``iterator.stats``; it is never
+  replaced by another example, so the schedule, and with it every later batch, is independent of
+  what was dropped.
+
+Responses longer than ``max_length`` (which defaults to the largest bucket): ``too_long=
+"truncate"`` (the default) keeps the example with the response cut from its end (the template's
+rule: no EOS then) and counts it in ``stats.truncated``; ``"skip"`` makes it a padding row counted
+in ``stats.dropped``; both under ``RESPONSE_TOO_LONG``. [our choice] truncate by default, as
+LLaVA's and TRL's trainers do: a pair whose responses run past a 2048-token bucket still teaches
+its first 2000 tokens, and the counts (logged at every epoch's end, with a warning past 1%) say
+how often it happens.
 
 Per-example randomness (mDPO's corrupted crop, the noise image) comes from a PRNG key folded from
 ``(seed, epoch, record index, extra name)``: a resumed run draws exactly the same corruptions.
@@ -64,6 +73,8 @@ EXTRAS = ("corrupt_pixel_values", "noise_pixel_values", "focus_images", "robust_
 ``robust_pair`` implies ``noise_pixel_values`` (the pair is scored on the noise image)."""
 
 LONGER_THAN_BUCKETS = "longer_than_largest_bucket"
+RESPONSE_TOO_LONG = "response_longer_than_max_length"
+TOO_LONG_POLICIES = ("truncate", "skip")
 DROP_WARNING_FRACTION = 0.01
 DROP_WARNING_MIN_EXAMPLES = 100
 
@@ -183,27 +194,37 @@ class DropStats:
       examples: records read (excluding padding slots).
       dropped: reason -> number of records turned into padding rows for that reason.
       padding_rows: rows with ``example_mask == 0`` (dropped examples and schedule padding).
+      truncated: reason -> number of records kept with a truncated response (``RESPONSE_TOO_LONG``
+        under ``too_long="truncate"``).
     """
 
     examples: int = 0
     dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
     padding_rows: int = 0
+    truncated: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __add__(self, other: "DropStats") -> "DropStats":
-        dropped = dict(self.dropped)
-        for reason, count in other.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
-        return DropStats(self.examples + other.examples, dropped,
-                         self.padding_rows + other.padding_rows)
+        return DropStats(self.examples + other.examples, _add_counts(self.dropped, other.dropped),
+                         self.padding_rows + other.padding_rows,
+                         _add_counts(self.truncated, other.truncated))
 
     def to_json(self) -> dict[str, Any]:
         return {"examples": self.examples, "dropped": dict(self.dropped),
-                "padding_rows": self.padding_rows}
+                "padding_rows": self.padding_rows, "truncated": dict(self.truncated)}
 
     @classmethod
     def from_json(cls, state: Mapping[str, Any]) -> "DropStats":
-        return cls(int(state["examples"]), {k: int(v) for k, v in state["dropped"].items()},
-                   int(state["padding_rows"]))
+        def counts(key):  # states saved before truncation was counted have no "truncated"
+            return {k: int(v) for k, v in state.get(key, {}).items()}
+        return cls(int(state["examples"]), counts("dropped"), int(state["padding_rows"]),
+                   counts("truncated"))
+
+
+def _add_counts(left: Mapping[str, int], right: Mapping[str, int]) -> dict[str, int]:
+    total = dict(left)
+    for reason, count in right.items():
+        total[reason] = total.get(reason, 0) + count
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +234,7 @@ class _Row:
     fields: Mapping[str, np.ndarray]
     valid: bool
     drop_reason: str | None  # None for real rows and schedule padding
+    truncated: bool = False  # a real row whose response was cut to max_length
 
 
 class PipelineIterator(grain.DatasetIterator):
@@ -221,15 +243,18 @@ class PipelineIterator(grain.DatasetIterator):
     Attributes:
       schedule: the slot schedule of this process.
       num_batches: batches in the whole run, None when it repeats forever.
+      too_long: what happens to a response longer than max_length ("truncate" | "skip").
     """
 
     def __init__(self, parent: grain.DatasetIterator, *, schedule: Schedule,
-                 num_batches: int | None):
+                 num_batches: int | None, too_long: str = "truncate"):
         super().__init__(parent)
         self.schedule = schedule
         self.num_batches = num_batches
+        self.too_long = too_long
         self._drop_stats = DropStats()
-        self._warned = False
+        self._warned: set[str] = set()
+        self._batches = 0
 
     @property
     def stats(self) -> DropStats:
@@ -239,56 +264,78 @@ class PipelineIterator(grain.DatasetIterator):
     def __next__(self) -> Batch | SftBatch:
         batch, stats = next(self._parent)
         self._drop_stats = self._drop_stats + stats
+        self._batches += 1
         self._warn_if_dropping_often()
+        if self._batches % self.schedule.batches_per_epoch == 0:
+            stats = self._drop_stats
+            logger.info("data: epoch %d read; so far %d examples, dropped %s, truncated %s",
+                        self._batches // self.schedule.batches_per_epoch, stats.examples,
+                        dict(stats.dropped), dict(stats.truncated))
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"grain": self._parent.get_state(), "stats": self._drop_stats.to_json()}
+        return {"grain": self._parent.get_state(), "stats": self._drop_stats.to_json(),
+                "batches": self._batches}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["grain"])
         self._drop_stats = DropStats.from_json(state["stats"])
+        self._batches = int(state.get("batches", 0))
 
     def _warn_if_dropping_often(self) -> None:
-        seen = self._drop_stats.examples
-        too_long = self._drop_stats.dropped.get(LONGER_THAN_BUCKETS, 0)
-        if (not self._warned and seen >= DROP_WARNING_MIN_EXAMPLES
-                and too_long > DROP_WARNING_FRACTION * seen):
-            self._warned = True
-            logger.warning(
-                "%d of %d examples were longer than the largest bucket and dropped; raise the "
-                "largest bucket to max_length or lower max_length so the template truncates them",
-                too_long, seen)
+        stats = self._drop_stats
+        if stats.examples < DROP_WARNING_MIN_EXAMPLES:
+            return
+        too_long = "dropped" if self.too_long == "skip" else "truncated"
+        for reason, count, what in (
+                (LONGER_THAN_BUCKETS, stats.dropped.get(LONGER_THAN_BUCKETS, 0),
+                 "were longer than the largest bucket and dropped; raise the largest bucket to "
+                 "max_length or lower max_length so the template truncates them"),
+                (RESPONSE_TOO_LONG, (stats.dropped.get(RESPONSE_TOO_LONG, 0)
+                                     + stats.truncated.get(RESPONSE_TOO_LONG, 0)),
+                 f"had a response longer than max_length and were {too_long} "
+                 f"(too_long={self.too_long!r}); raise max_length and the largest bucket to keep "
+                 "them whole")):
+            if reason not in self._warned and count > DROP_WARNING_FRACTION * stats.examples:
+                self._warned.add(reason)
+                logger.warning("%d of %d examples %s", count, stats.examples, what)
 
 
 def _encode_texts(encode: Callable[[str, str], Any], prompt: str, responses: Mapping[str, str],
-                  largest_bucket: int) -> tuple[dict[str, np.ndarray], str | None]:
-    """Token fields for each ``group -> response`` with one prompt, or the first drop reason."""
-    fields = {}
+                  largest_bucket: int, too_long: str
+                  ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+    """Token fields for each ``group -> response`` with one prompt, or the first drop reason; and
+    whether a response was truncated to ``max_length`` (``too_long="truncate"``)."""
+    fields, truncated = {}, False
     for group, response in responses.items():
         encoded = encode(prompt, response)
         if isinstance(encoded, template_lib.DropReason):
-            return {}, encoded.name
+            return {}, encoded.name, False
         if len(encoded.input_ids) > largest_bucket:
-            return {}, LONGER_THAN_BUCKETS
+            return {}, LONGER_THAN_BUCKETS, False
+        if encoded.truncated and too_long == "skip":
+            return {}, RESPONSE_TOO_LONG, False
+        truncated = truncated or encoded.truncated
         prefix = f"{group}_" if group else ""
         fields[f"{prefix}input_ids"] = np.asarray(encoded.input_ids, np.int32)
         fields[f"{prefix}loss_mask"] = np.asarray(encoded.loss_mask, np.int32)
-    return fields, None
+    return fields, None, truncated
 
 
 def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int, seed: int,
                     encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
-                    extras: frozenset[str], largest_bucket: int
-                    ) -> tuple[dict[str, np.ndarray], str | None]:
-    """The batch fields of one preference record, or the reason it is dropped."""
+                    extras: frozenset[str], largest_bucket: int, too_long: str
+                    ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+    """The batch fields of one preference record, or the reason it is dropped; and whether a
+    response was truncated."""
     responses = {"chosen": record["chosen"], "rejected": record["rejected"]}
     if "robust_pair" in extras:
         responses.update(robust_chosen=record["robust_chosen"],
                          robust_rejected=record["robust_rejected"])
-    fields, reason = _encode_texts(encode, record["prompt"], responses, largest_bucket)
+    fields, reason, truncated = _encode_texts(encode, record["prompt"], responses, largest_bucket,
+                                              too_long)
     if reason is not None:
-        return fields, reason
+        return fields, reason, False
     pixel_values = image_config(record["image"])
     fields["pixel_values"] = pixel_values
     fields["example_index"] = np.int32(record_index)
@@ -302,24 +349,26 @@ def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
                          ("ref_logps", ("ref_chosen_logps", "ref_rejected_logps"))):
         if extra in extras:
             fields.update({name: np.float32(record[name]) for name in names})
-    return fields, None
+    return fields, None, truncated
 
 
 def _sft_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
              encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
-             response_field: str, largest_bucket: int
-             ) -> tuple[dict[str, np.ndarray], str | None]:
-    """The batch fields of one SFT record, or the reason it is dropped."""
+             response_field: str, largest_bucket: int, too_long: str
+             ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+    """The batch fields of one SFT record, or the reason it is dropped; and whether its response
+    was truncated."""
     del epoch  # SFT rows have no per-example randomness
-    fields, reason = _encode_texts(encode, record["prompt"], {"": record[response_field]},
-                                   largest_bucket)
+    fields, reason, truncated = _encode_texts(encode, record["prompt"],
+                                              {"": record[response_field]}, largest_bucket,
+                                              too_long)
     if reason is None:
         fields["pixel_values"] = image_config(record["image"])
         fields["example_index"] = np.int32(record_index)
-    return fields, reason
+    return fields, reason, truncated
 
 
-def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None]],
+def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, bool]],
                 image_config: ImageProcessorConfig) -> dict[str, np.ndarray]:
     """A padding row: an empty prompt and response through the same path, loss masks zeroed.
 
@@ -331,7 +380,7 @@ def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None]],
     record = {name: "" for name in text_fields}
     record.update(image=blank, focus_aug_image=blank, focus_deg_image=blank, ddw_clip_crop=0.0,
                   ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0)
-    fields, reason = row_fn(record, epoch=0, record_index=-1)
+    fields, reason, _ = row_fn(record, epoch=0, record_index=-1)
     if reason is not None:
         raise ValueError(
             f"the template cannot encode even an empty example ({reason}); max_length is too "
@@ -341,20 +390,21 @@ def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None]],
 
 
 def _batches(source: Source, *, schedule: Schedule, num_epochs: int | None,
-             row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None]],
+             row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, bool]],
              filler: Mapping[str, np.ndarray], batch_type: type[AnyBatch],
-             buckets: tuple[int, ...], pad_id: int, read_options: grain.ReadOptions | None
-             ) -> PipelineIterator:
+             buckets: tuple[int, ...], pad_id: int, read_options: grain.ReadOptions | None,
+             too_long: str) -> PipelineIterator:
     """The grain graph shared by both pipelines: slots -> rows -> batches -> counted batches."""
 
     def load(slot: int, _: int) -> _Row:
         epoch, record_index = schedule.slot(slot)
         if record_index < 0:
             return _Row(filler, valid=False, drop_reason=None)
-        fields, reason = row_fn(source[record_index], epoch=epoch, record_index=record_index)
+        fields, reason, truncated = row_fn(source[record_index], epoch=epoch,
+                                           record_index=record_index)
         if reason is not None:
             return _Row(filler, valid=False, drop_reason=reason)
-        return _Row(fields, valid=True, drop_reason=None)
+        return _Row(fields, valid=True, drop_reason=None, truncated=truncated)
 
     def to_batch(rows: Sequence[_Row]) -> tuple[AnyBatch, DropStats]:
         batch = collate(batch_type, [row.fields for row in rows],
@@ -363,8 +413,10 @@ def _batches(source: Source, *, schedule: Schedule, num_epochs: int | None,
         for row in rows:
             if row.drop_reason is not None:
                 dropped[row.drop_reason] = dropped.get(row.drop_reason, 0) + 1
+        truncated = sum(row.truncated for row in rows)
         stats = DropStats(examples=sum(row.valid or row.drop_reason is not None for row in rows),
-                          dropped=dropped, padding_rows=sum(not row.valid for row in rows))
+                          dropped=dropped, padding_rows=sum(not row.valid for row in rows),
+                          truncated={RESPONSE_TOO_LONG: truncated} if truncated else {})
         return batch, stats
 
     if read_options is None:
@@ -374,7 +426,8 @@ def _batches(source: Source, *, schedule: Schedule, num_epochs: int | None,
                .to_iter_dataset(read_options)
                .batch(schedule.batch_size, batch_fn=to_batch))
     num_batches = None if num_epochs is None else num_epochs * schedule.batches_per_epoch
-    return PipelineIterator(iter(dataset), schedule=schedule, num_batches=num_batches)
+    return PipelineIterator(iter(dataset), schedule=schedule, num_batches=num_batches,
+                            too_long=too_long)
 
 
 def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any], *,
@@ -382,10 +435,12 @@ def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any
            batch_size: int, buckets: Sequence[int], seed: int, num_epochs: int | None,
            shuffle: bool, shard_by_process: bool,
            shard_options: grain.sharding.ShardOptions | None, max_length: int | None,
-           drop_remainder: bool, template: str, read_options: grain.ReadOptions | None
-           ) -> PipelineIterator:
+           drop_remainder: bool, template: str, read_options: grain.ReadOptions | None,
+           too_long: str) -> PipelineIterator:
     """The part both pipelines share: validation, encoder, schedule, filler row, grain graph."""
     buckets = validate_buckets(buckets)
+    if too_long not in TOO_LONG_POLICIES:
+        raise ValueError(f"too_long={too_long!r}; valid: {TOO_LONG_POLICIES}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
     max_length = buckets[-1] if max_length is None else max_length
@@ -401,7 +456,7 @@ def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any
                                num_image_tokens=num_image_tokens, max_length=max_length,
                                template=template)
     row_fn = functools.partial(row_fn, encode=encode, image_config=image_config,
-                               largest_bucket=buckets[-1])
+                               largest_bucket=buckets[-1], too_long=too_long)
     if shard_options is None:
         shard_options = (grain.sharding.ShardByJaxProcess() if shard_by_process
                          else grain.sharding.NoSharding())
@@ -412,7 +467,7 @@ def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any
     return _batches(source, schedule=schedule, num_epochs=num_epochs, row_fn=row_fn,
                     filler=_filler_row(row_fn, image_config), batch_type=batch_type,
                     buckets=buckets, pad_id=int(tokenizer.pad_token_id),
-                    read_options=read_options)
+                    read_options=read_options, too_long=too_long)
 
 
 def preference_pipeline(
@@ -433,6 +488,7 @@ def preference_pipeline(
     drop_remainder: bool = False,
     template: str = "llava_1_5",
     read_options: grain.ReadOptions | None = None,
+    too_long: str = "truncate",
 ) -> PipelineIterator:
     """Batches of preference pairs sharing one image, as a resumable iterator of ``Batch``.
 
@@ -455,6 +511,9 @@ def preference_pipeline(
       drop_remainder: drop each epoch's last partial batch instead of padding it.
       template: conversation template name (``template.TEMPLATES``).
       read_options: grain threading/prefetch; default 4 threads, 4 batches of prefetch.
+      too_long: a response longer than ``max_length``: "truncate" (kept, cut from its end,
+        counted in ``stats.truncated``) or "skip" (a padding row, counted in ``stats.dropped``),
+        both under ``RESPONSE_TOO_LONG``.
 
     Returns:
       A ``PipelineIterator`` of ``Batch`` (NumPy leaves) with ``get_state``/``set_state`` and
@@ -470,7 +529,7 @@ def preference_pipeline(
         num_image_tokens=num_image_tokens, batch_size=batch_size, buckets=buckets, seed=seed,
         num_epochs=num_epochs, shuffle=shuffle, shard_by_process=shard_by_process,
         shard_options=shard_options, max_length=max_length, drop_remainder=drop_remainder,
-        template=template, read_options=read_options)
+        template=template, read_options=read_options, too_long=too_long)
 
 
 def sft_pipeline(
@@ -491,6 +550,7 @@ def sft_pipeline(
     drop_remainder: bool = False,
     template: str = "llava_1_5",
     read_options: grain.ReadOptions | None = None,
+    too_long: str = "truncate",
 ) -> PipelineIterator:
     """Batches of (image, prompt, response) for supervised fine-tuning, as ``SftBatch``.
 
@@ -507,4 +567,4 @@ def sft_pipeline(
         num_image_tokens=num_image_tokens, batch_size=batch_size, buckets=buckets, seed=seed,
         num_epochs=num_epochs, shuffle=shuffle, shard_by_process=shard_by_process,
         shard_options=shard_options, max_length=max_length, drop_remainder=drop_remainder,
-        template=template, read_options=read_options)
+        template=template, read_options=read_options, too_long=too_long)

@@ -18,13 +18,14 @@ import os
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
 IMAGE_TOKEN = "<image>"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # what save_pretrained writes; load_tokenizer needs it
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
 
 
@@ -90,9 +91,14 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
       FileNotFoundError: `path` is not a directory holding a saved tokenizer.
     """
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+    if not os.path.isfile(os.path.join(path, TOKENIZER_CONFIG)):
         raise FileNotFoundError(
             f"no saved tokenizer at {path!r}: expected a directory with tokenizer_config.json "
             "(written by save_pretrained)"
         )
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, else its EOS id (what generation writes after EOS)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

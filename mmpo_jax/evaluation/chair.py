@@ -24,10 +24,11 @@ import dataclasses
 import functools
 import operator
 import re
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from typing import Any
 
 from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS, PHRASE_REWRITES
-from mmpo_jax.evaluation.counts import AddableCounts
+from mmpo_jax.evaluation.counts import AddableCounts, ratio
 
 Grounds = Callable[[Hashable, Hashable], bool]
 """`grounds(mention, truth) -> bool`: whether the ground-truth object makes the mention faithful."""
@@ -47,14 +48,10 @@ class ChairCounts(AddableCounts):
     def metrics(self, suffix: str = "") -> dict[str, float]:
         """{"chair_s", "chair_i", "recall"} (each name + `suffix`), fractions in [0, 1]."""
         return {
-            f"chair_s{suffix}": _ratio(self.hallucinated_captions, self.captions),
-            f"chair_i{suffix}": _ratio(self.hallucinated_mentions, self.mentions),
-            f"recall{suffix}": _ratio(self.recalled_truths, self.truths),
+            f"chair_s{suffix}": ratio(self.hallucinated_captions, self.captions),
+            f"chair_i{suffix}": ratio(self.hallucinated_mentions, self.mentions),
+            f"recall{suffix}": ratio(self.recalled_truths, self.truths),
         }
-
-
-def _ratio(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else 0.0
 
 
 def caption_chair_counts(mentions: Sequence[Hashable], truths: Collection[Hashable],
@@ -89,12 +86,15 @@ _IRREGULAR_PLURALS = {
     "serviceman": "servicemen", "child": "children", "grandchild": "grandchildren", "person": "people",
     "mouse": "mice", "goose": "geese", "ox": "oxen", "knife": "knives", "pocketknife": "pocketknives",
     "calf": "calves", "sheep": "sheep", "bison": "bison", "buffalo": "buffaloes",
+    # AMBER's vocabulary (`amber.object_mentions`)
+    "shelf": "shelves", "bookshelf": "bookshelves", "scarf": "scarves", "potato": "potatoes",
+    "tomato": "tomatoes",
 }
 
 
 def plural(word: str) -> str:
-    """English plural of a singular noun from the COCO table ("bus" -> "buses", "pony" -> "ponies",
-    "man" -> "men"); regular rules plus the table's irregular nouns."""
+    """English plural of a singular noun from the COCO table or AMBER's vocabulary ("bus" ->
+    "buses", "pony" -> "ponies", "man" -> "men"); regular rules plus their irregular nouns."""
     if word in _IRREGULAR_PLURALS:
         return _IRREGULAR_PLURALS[word]
     if word.endswith(("s", "x", "z", "ch", "sh")):
@@ -109,8 +109,30 @@ def _with_plural(phrase: str) -> tuple[str, str]:
     return phrase, " ".join([*head, plural(last)])
 
 
+def phrase_mentions(text: str, index: Mapping[tuple[str, ...], Any], longest: int
+                    ) -> list[tuple[int, tuple[str, ...], Any]]:
+    """Every phrase of ``index`` in ``text``: ``(end character, words, index value)``, in order.
+
+    Lower-cases the text and splits it into words (``[a-z]+``: punctuation and hyphens separate
+    words), then scans left to right taking the longest phrase (at most ``longest`` words) that
+    starts at each word; a matched phrase's words are consumed.
+    """
+    words = [(m.group(), m.end()) for m in re.finditer(r"[a-z]+", text.lower())]
+    found, start = [], 0
+    while start < len(words):
+        for length in range(min(longest, len(words) - start), 0, -1):
+            key = tuple(word for word, _ in words[start:start + length])
+            if key in index:
+                found.append((words[start + length - 1][1], key, index[key]))
+                start += length
+                break
+        else:
+            start += 1
+    return found
+
+
 @functools.cache
-def _coco_phrase_index() -> tuple[dict[tuple[str, ...], str | None], int]:
+def coco_phrase_index() -> tuple[dict[tuple[str, ...], str | None], int]:
     """({word tuple of a surface form: its category, or None for a phrase that names none}, longest)."""
     category_of = {name: category for category, synonyms in COCO_SYNONYMS.items() for name in (category, *synonyms)}
     index: dict[tuple[str, ...], str | None] = {}
@@ -135,19 +157,8 @@ def coco_mentions(text: str) -> list[str]:
     we instead list the plural of each table entry (regular English rules plus the table's
     irregular nouns), which needs no NLP library and agrees on the table's words.
     """
-    index, longest = _coco_phrase_index()
-    words = re.findall(r"[a-z]+", text.lower())
-    found: list[tuple[str, str | None]] = []  # (surface form, category)
-    start = 0
-    while start < len(words):
-        for length in range(min(longest, len(words) - start), 0, -1):
-            key = tuple(words[start:start + length])
-            if key in index:
-                found.append((" ".join(key), index[key]))
-                start += length
-                break
-        else:
-            start += 1
+    found = [(" ".join(words), category)  # (surface form, category)
+             for _, words, category in phrase_mentions(text, *coco_phrase_index())]
     mentions_toilet = any(category == "toilet" for _, category in found)
     return [category for form, category in found
             if category is not None and not (mentions_toilet and form in ("seat", "seats"))]

@@ -13,3 +13,8 @@ class AddableCounts:
         if type(other) is not type(self):
             return NotImplemented
         return type(self)(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def ratio(numerator: int, denominator: int) -> float:
+    """`numerator / denominator`, 0 for an empty denominator (as `objectives.metrics.finalize`)."""
+    return numerator / denominator if denominator else 0.0

@@ -10,7 +10,8 @@ Ratios with a zero denominator are 0 (the reference would divide by zero).
 
 Answer parsing follows the reference `evaluate.py` exactly (`parse_pope_answer`). Question files
 are the published jsonl: one `{"question_id", "image", "text", "label"}` object a line
-(`read_pope_questions`; `pope_records` turns one into records the evaluation runner reads).
+(`read_pope_questions`; `pope_records` turns one into records the evaluation runner reads, images
+read on access).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from mmpo_jax.data.shapes_world import NO, POPE_CATEGORIES, YES
 from mmpo_jax.evaluation.counts import AddableCounts
+from mmpo_jax.evaluation.records import ImageRecords, require_dir
 
 POPE_FIELDS = ("question_id", "image", "text", "label")
 
@@ -77,14 +77,20 @@ def _label(label: str) -> str:
     return normalised
 
 
-def pope_counts(answers: Sequence[str], labels: Sequence[str]) -> PopeCounts:
-    """Confusion counts of free-text `answers` (parsed by `parse_pope_answer`) against "yes"/"no" `labels`."""
+def pope_counts(answers: Sequence[str], labels: Sequence[str], *, positive: str = YES) -> PopeCounts:
+    """Confusion counts of free-text `answers` (parsed by `parse_pope_answer`) against "yes"/"no"
+    `labels`, with `positive` ("yes" for POPE; AMBER's discriminative task counts "no") the
+    positive class; `yes_ratio` of the result is then the ratio of `positive` answers."""
     if len(answers) != len(labels):
         raise ValueError(f"{len(answers)} answers but {len(labels)} labels; give one label per answer")
+    if positive not in (YES, NO):
+        raise ValueError(f"positive={positive!r}; valid: {YES!r}, {NO!r}")
+    negative = NO if positive == YES else YES
     counts = {(YES, YES): 0, (YES, NO): 0, (NO, NO): 0, (NO, YES): 0}  # (predicted, label)
     for answer, label in zip(answers, labels):
         counts[parse_pope_answer(answer), _label(label)] += 1
-    return PopeCounts(counts[YES, YES], counts[YES, NO], counts[NO, NO], counts[NO, YES])
+    return PopeCounts(counts[positive, positive], counts[positive, negative], counts[negative, negative],
+                      counts[negative, positive])
 
 
 def pope_metrics(answers: Sequence[str], labels: Sequence[str], categories: Sequence[str]) -> dict[str, float]:
@@ -163,38 +169,20 @@ def category_from_filename(path: str | os.PathLike[str]) -> str:
     return found[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class PopeRecords(Sequence):
-    """A POPE question file as random-access evaluation records, images read on access.
-
-    Item i: {"id", "image": uint8 [H, W, 3] RGB, "question", "answer": label, "category"} — the
-    fields of the shapes world's `test_pope` split that the runner reads.
-    """
-
-    questions: tuple[PopeQuestion, ...]
-    image_dir: str
-    category: str
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        question = self.questions[index]
-        with Image.open(os.path.join(self.image_dir, question.image)) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        return {"id": str(question.question_id), "image": pixels, "question": question.text,
-                "answer": question.label, "category": self.category}
-
-
 def pope_records(path: str | os.PathLike[str], image_dir: str | os.PathLike[str],
-                 category: str | None = None) -> PopeRecords:
+                 category: str | None = None, *, question_suffix: str = "") -> ImageRecords:
     """Evaluation records of a POPE question file whose images lie in `image_dir`.
 
-    `category` defaults to the split named in the file name (`category_from_filename`).
+    Item i: {"id", "image": uint8 [H, W, 3] RGB (read on access), "question" (+ `question_suffix`),
+    "answer": label, "category"} — the fields of the shapes world's `test_pope` split that the
+    runner reads. `category` defaults to the split named in the file name (`category_from_filename`).
     """
     category = category_from_filename(path) if category is None else category
     if category not in POPE_CATEGORIES:
         raise ValueError(f"unknown POPE split {category!r}; valid: {POPE_CATEGORIES}")
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"POPE image folder {os.fspath(image_dir)!r} does not exist")
-    return PopeRecords(tuple(read_pope_questions(path)), os.fspath(image_dir), category)
+    directory = require_dir(image_dir, "POPE image folder")
+    questions = read_pope_questions(path)
+    return ImageRecords(
+        tuple({"id": str(q.question_id), "question": q.text + question_suffix, "answer": q.label, "category": category}
+              for q in questions),
+        tuple(os.path.join(directory, q.image) for q in questions))

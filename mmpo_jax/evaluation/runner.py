@@ -15,8 +15,8 @@ Records are dicts as `mmpo_jax.data.sources.load_split` returns them:
 - POPE records: "image", "question", "answer" ("yes"/"no"), "category" (random/popular/adversarial),
   as the shapes world's `test_pope` split or `pope.pope_records` give them.
 
-Batches are padded to `batch_size` rows and prompt lengths to a multiple of 8, so `generate` and the
-scorer compile once per length bucket.
+Batches are padded to `batch_size` rows and prompt lengths to a multiple of 8
+(`generation.prompts`), so `generate` and the scorer compile once per length bucket.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.data.template import decode_response, encode_prompt
+from mmpo_jax.data.template import decode_response
+from mmpo_jax.data.tokenizer import pad_token_id
 from mmpo_jax.evaluation.chair import chair_counts, coco_mentions
 from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS
 from mmpo_jax.evaluation.pope import pope_metrics
@@ -44,6 +45,7 @@ from mmpo_jax.evaluation.shapes import (
     shapes_chair_metrics,
 )
 from mmpo_jax.generation import AdaptDecoding, DecodeController, generate
+from mmpo_jax.generation.prompts import left_pad, pad_rows, prompt_ids
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives.logprobs import token_logprobs
 
@@ -51,17 +53,8 @@ ADAPT_DECODINGS = {"adapt_steer": "steer", "adapt_blend": "blend", "adapt_mask":
 """Decoding name -> ADAPT mode (greedy decoding with `generation.adapt.AdaptDecoding(mode)`)."""
 DECODINGS = ("greedy", "sample", *ADAPT_DECODINGS)
 TASKS = ("shapes_world", "coco")
-LENGTH_MULTIPLE = 8
 
 Record = Mapping[str, Any]
-
-
-def _round_up(length: int) -> int:
-    return -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _batches(count: int, batch_size: int) -> list[tuple[list[int], int]]:
@@ -97,16 +90,11 @@ def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Seq
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
-    prompt_ids = [encode_prompt(tokenizer, prompt, num_image_tokens=num_image_tokens).input_ids for prompt in prompts]
-    pad_id = _pad_id(tokenizer)
+    ids = prompt_ids(tokenizer, prompts, num_image_tokens=num_image_tokens)
+    pad_id = pad_token_id(tokenizer)
     texts: list[str] = []
     for number, (rows, real) in enumerate(_batches(len(prompts), batch_size)):
-        length = _round_up(max(len(prompt_ids[i]) for i in rows))
-        input_ids = np.full((batch_size, length), pad_id, np.int32)
-        mask = np.zeros((batch_size, length), bool)
-        for slot, i in enumerate(rows):  # left padding: generate appends on the right
-            input_ids[slot, length - len(prompt_ids[i]):] = prompt_ids[i]
-            mask[slot, length - len(prompt_ids[i]):] = True
+        input_ids, mask = left_pad([ids[i] for i in rows], pad_id)
         pixels = np.stack([image_config(images[i]) for i in rows])
         output = generate(model, input_ids, pixels, attention_mask=mask, max_new_tokens=max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, temperature=temperature,
@@ -123,7 +111,7 @@ def _next_token_logps(model: Llava, input_ids: jax.Array, attention_mask: jax.Ar
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], attention_mask[:, 1:])
 
 
-def model_scorer(model: Llava, image_config: ImageProcessorConfig, *, pad_token_id: int,
+def model_scorer(model: Llava, image_config: ImageProcessorConfig, *, pad_id: int,
                  batch_size: int) -> ScoreFn:
     """A `shapes.ScoreFn` computed by one teacher-forced forward of `model` per batch.
 
@@ -136,12 +124,7 @@ def model_scorer(model: Llava, image_config: ImageProcessorConfig, *, pad_token_
         sequences = [np.concatenate([p, c]).astype(np.int32) for p, c in zip(prompt_ids, continuation_ids)]
         logps: list[np.ndarray] = []
         for rows, real in _batches(len(sequences), batch_size):
-            length = _round_up(max(len(sequences[i]) for i in rows))
-            input_ids = np.full((batch_size, length), pad_token_id, np.int32)
-            mask = np.zeros((batch_size, length), bool)
-            for slot, i in enumerate(rows):
-                input_ids[slot, :len(sequences[i])] = sequences[i]
-                mask[slot, :len(sequences[i])] = True
+            input_ids, mask = pad_rows([sequences[i] for i in rows], pad_id, side="right")
             pixels = jnp.asarray(np.stack([image_config(images[i]) for i in rows]))
             batch_logps = np.asarray(_next_token_logps(model, jnp.asarray(input_ids), jnp.asarray(mask), pixels))
             for slot, i in enumerate(rows[:real]):
@@ -212,21 +195,14 @@ def evaluate_model(
       "partner_rate"), POPE metrics ("pope_{split}_{metric}", "pope_{metric}"); with sampling each
       also as "<name>_std"; "continuation_prob" on the shapes world; "num_samples".
     """
-    if decoding not in DECODINGS:
-        raise ValueError(f"decoding={decoding!r}; valid: {DECODINGS}")
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
-    if num_samples < 1 or (decoding != "sample" and num_samples != 1):
-        raise ValueError(f"num_samples={num_samples}: {decoding} decoding takes exactly 1, sampling >= 1")
-    if decoding == "sample" and temperature <= 0:
-        raise ValueError(f"temperature={temperature}: sampling needs a temperature > 0")
     captions, questions = _records(caption_split), _records(pope_split)
     decode = dict(image_config=image_config, num_image_tokens=num_image_tokens, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, temperature=temperature if decoding == "sample" else 0.0,
-                  controller=AdaptDecoding(ADAPT_DECODINGS[decoding]) if decoding in ADAPT_DECODINGS else None)
+                  max_new_tokens=max_new_tokens, **decoding_options(decoding, num_samples, temperature))
     passes = []
     for sample in range(num_samples):
-        rng = jax.random.fold_in(jax.random.key(seed), sample) if decoding == "sample" else None
+        rng = pass_rng(decoding, seed, sample)
         metrics: dict[str, float] = {}
         if captions:
             texts = generate_texts(model, tokenizer, [r["image"] for r in captions], [r["prompt"] for r in captions],
@@ -240,12 +216,30 @@ def evaluate_model(
         passes.append(metrics)
     result = summarise_passes(passes, with_spread=decoding == "sample")
     if task == "shapes_world" and captions:
-        scorer = model_scorer(model, image_config, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+        scorer = model_scorer(model, image_config, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
         result["continuation_prob"] = continuation_probability(
             tokenizer, [r["image"] for r in captions], [objects_from_json(r["objects"]) for r in captions], scorer,
             num_image_tokens=num_image_tokens, prompt=captions[0]["prompt"])
     result["num_samples"] = float(num_samples)
     return result
+
+
+def decoding_options(decoding: str, num_samples: int, temperature: float) -> dict[str, Any]:
+    """`generate_texts`' `temperature` and `controller` for a decoding (see `evaluate_model`),
+    after checking the combination."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding={decoding!r}; valid: {DECODINGS}")
+    if num_samples < 1 or (decoding != "sample" and num_samples != 1):
+        raise ValueError(f"num_samples={num_samples}: {decoding} decoding takes exactly 1, sampling >= 1")
+    if decoding == "sample" and temperature <= 0:
+        raise ValueError(f"temperature={temperature}: sampling needs a temperature > 0")
+    return dict(temperature=temperature if decoding == "sample" else 0.0,
+                controller=AdaptDecoding(ADAPT_DECODINGS[decoding]) if decoding in ADAPT_DECODINGS else None)
+
+
+def pass_rng(decoding: str, seed: int, sample: int) -> jax.Array | None:
+    """The PRNG key of decoding pass `sample` (sampling only): `fold_in(key(seed), sample)`."""
+    return jax.random.fold_in(jax.random.key(seed), sample) if decoding == "sample" else None
 
 
 def summarise_passes(passes: Sequence[Mapping[str, float]], *, with_spread: bool) -> dict[str, float]:

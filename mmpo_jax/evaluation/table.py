@@ -18,6 +18,15 @@ DEFAULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("pope_f1", "POPE F1"),
     ("pope_yes_ratio", "POPE yes"),
     ("pope_adversarial_f1", "POPE adv F1"),
+    ("heldout_chair_s", "held-out CHAIR_s"),
+    ("heldout_chair_i", "held-out CHAIR_i"),
+    ("heldout_recall", "held-out recall"),
+    ("amber_chair", "AMBER CHAIR"),
+    ("amber_cover", "AMBER Cover"),
+    ("amber_hal", "AMBER Hal"),
+    ("amber_cog", "AMBER Cog"),
+    ("amber_accuracy", "AMBER acc"),
+    ("amber_f1", "AMBER F1"),
 )
 
 

@@ -134,8 +134,12 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
     )
 
 
-def config_to_hf(config: LlavaConfig) -> dict:
-    """LlavaConfig -> a transformers `LlavaConfig` dict for config.json (float32 weights)."""
+def config_to_hf(config: LlavaConfig, *, bos_token_id: int | None = None) -> dict:
+    """LlavaConfig -> a transformers `LlavaConfig` dict for config.json (float32 weights).
+
+    `bos_token_id` (the tokenizer's; our config does not hold it) goes to `text_config`, where
+    llava-hf checkpoints and `generate` read it; None leaves transformers' default (1).
+    """
     vision, text = config.vision_config, config.text_config
     if vision.stem != "patch" or vision.token_merge != 1:
         raise ValueError(
@@ -147,6 +151,8 @@ def config_to_hf(config: LlavaConfig) -> dict:
         model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
         pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
     )
+    if bos_token_id is not None:
+        text_hf["bos_token_id"] = bos_token_id
     vision_hf = {name: getattr(vision, name) for name in CLIP_VISION_DEFAULTS}
     vision_hf["model_type"] = "clip_vision_model"
     layer = config.vision_feature_layer
@@ -371,11 +377,16 @@ def load_hf_llava(
 
 
 def save_hf_llava(
-    model: Llava, config: LlavaConfig, path: str | pathlib.Path, *, max_shard_bytes: int = 5 * 2**30
+    model: Llava, config: LlavaConfig, path: str | pathlib.Path, *, max_shard_bytes: int = 5 * 2**30,
+    bos_token_id: int | None = None,
 ) -> None:
-    """Writes config.json + float32 safetensors (hub layout) that transformers' `from_pretrained` loads."""
+    """Writes config.json + float32 safetensors (hub layout) that transformers' `from_pretrained` loads.
+
+    The weights alone; `mmpo_jax.engine.hf_export.export_pretrained` adds the tokenizer, processor,
+    chat template and generation config.
+    """
     path = pathlib.Path(path)
-    hf_config = config_to_hf(config)
+    hf_config = config_to_hf(config, bos_token_id=bos_token_id)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_safetensors(export_params(model, llava_tensor_name), path, max_shard_bytes=max_shard_bytes)

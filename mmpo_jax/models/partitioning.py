@@ -3,7 +3,7 @@
 Every parameter of our models names its axes from one vocabulary (``vocab``, ``embed``, ``mlp``,
 ``heads``, ``kv_heads``; ``None`` for an axis never sharded). The names are metadata only: a model
 is built unsharded (flax 0.12's eager sharding is switched off per variable, so no mesh is needed to
-construct one) and ``mmpo_jax.training.sharding`` turns the names into mesh placements.
+construct one) and ``mmpo_jax.engine.sharding`` turns the names into mesh placements.
 """
 
 from __future__ import annotations

@@ -10,14 +10,26 @@ bicubically; see ``mmpo_jax.rewards.adapt``) and the rejected response on a nois
 
 Only the inputs differ from DPO, so the loss is ``dpo_loss`` on them (one DPO formula in the
 package); given the original-image log-probs it is exactly DPO.
+
+``DECLARATIONS``: the ``adapt_vag`` term (its ``anchor_steps`` and ``mask_threshold_percentile``
+options say how the engine builds ``I_VE``: the anchor over the first K response tokens, and the
+refined mask's quantile, 0 for METHODS.md's chain without one) and the ``adapt`` method.
 """
 
 from __future__ import annotations
 
 import jax
 
-from mmpo_jax.objectives.dpo import dpo_loss
+from mmpo_jax.data.fields import ENHANCED, NOISED
+from mmpo_jax.objectives.dpo import PREFERENCE_OPTIONS, dpo_loss, preference_options
 from mmpo_jax.objectives.metrics import Metric
+from mmpo_jax.objectives.terms import (POLICY, REFERENCE, Inputs, Method, Option, Response, Term,
+                                       TermResult, pairs)
+
+CHOSEN_VE = Response("chosen_ve", tokens="chosen", image=ENHANCED)
+"""``y_w`` on the visually enhanced ``I_VE``."""
+REJECTED_NOISE = Response("rejected_noise", tokens="rejected", image=NOISED)
+"""``y_l`` on ``I_noise``."""
 
 
 def vag_dpo_loss(
@@ -51,3 +63,19 @@ def vag_dpo_loss(
         label_smoothing=label_smoothing,
         loss_type=loss_type,
     )
+
+
+def _vag_term(inputs: Inputs) -> TermResult:
+    seq = inputs.sequence
+    return vag_dpo_loss(seq(POLICY, CHOSEN_VE), seq(POLICY, REJECTED_NOISE),
+                        seq(REFERENCE, CHOSEN_VE), seq(REFERENCE, REJECTED_NOISE),
+                        **preference_options(inputs.options))
+
+
+ADAPT_VAG = Term("adapt_vag", _vag_term, {
+    **PREFERENCE_OPTIONS,
+    "anchor_steps": Option(5, positive=True),
+    "mask_threshold_percentile": Option(0.4, bounds=(0.0, 1.0)),
+}, pairs(CHOSEN_VE, REJECTED_NOISE))
+
+DECLARATIONS = (ADAPT_VAG, Method("adapt", {"adapt_vag": 1.0}))

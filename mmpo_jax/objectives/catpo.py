@@ -3,6 +3,12 @@
 ``logp^w(y) = sum_t w_t log pi(y_t)`` with the same weights ``w`` (``rewards.catpo``) applied to
 the policy and the reference, ``L_wdpo = -log sigma(beta (h^w(y_w) - h^w(y_l)))``, and
 ``L_kl = lambda_kl * (sum_t w_t KL_t(y_w) + sum_t w_t KL_t(y_l))`` per example.
+
+``DECLARATIONS``: the ``catpo`` token weighting (its weights are computed by the engine from the
+reference's own forward, ``rewards.catpo.token_weights``; any weighted term then reads
+``logp^w``, so ``L_wdpo`` is the ``dpo`` term under this weighting), the ``token_kl`` term
+(weighted by whatever weighting is configured, unweighted without one) and the ``catpo`` method
+(``dpo`` + 0.03 ``token_kl`` with ``catpo`` weights).
 """
 
 from __future__ import annotations
@@ -10,9 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.objectives.dpo import Term, combine_terms, dpo_loss
 from mmpo_jax.objectives.logprobs import sequence_logps
 from mmpo_jax.objectives.metrics import mean_metric
+from mmpo_jax.objectives import terms
+from mmpo_jax.objectives.terms import (CHOSEN, REJECTED, Inputs, Method, Option, Options, Term,
+                                       TermResult, Weighting)
+
+NORMALIZATIONS = ("minmax", "none")
+"""How each Cat-PO signal is normalised over a response's tokens (METHODS.md §3)."""
 
 
 def weighted_token_sum(
@@ -46,7 +57,7 @@ def weighted_token_kl_loss(
     rejected_token_weights: jax.Array,
     chosen_mask: jax.Array,
     rejected_mask: jax.Array,
-) -> Term:
+) -> TermResult:
     """``sum_t w_t KL_t`` over the chosen plus the rejected tokens of each example (no lambda).
 
     Args:
@@ -64,104 +75,43 @@ def weighted_token_kl_loss(
     return losses, {"loss/token_kl": mean_metric(jax.lax.stop_gradient(losses))}
 
 
-def weighted_dpo_loss(
-    policy_chosen_token_logps: jax.Array,
-    policy_rejected_token_logps: jax.Array,
-    ref_chosen_token_logps: jax.Array,
-    ref_rejected_token_logps: jax.Array,
-    chosen_token_weights: jax.Array,
-    rejected_token_weights: jax.Array,
-    chosen_mask: jax.Array,
-    rejected_mask: jax.Array,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    loss_type: str = "sigmoid",
-) -> Term:
-    """DPO on ``logp^w`` (same weights for policy and reference); all inputs ``[B, T]``.
-
-    Returns:
-      ``(losses [B], metrics)`` as ``dpo.dpo_loss`` (``loss/dpo``, ``rewards/*`` = ``beta h^w``).
-    """
-    return dpo_loss(
-        weighted_token_sum(policy_chosen_token_logps, chosen_token_weights, chosen_mask),
-        weighted_token_sum(policy_rejected_token_logps, rejected_token_weights, rejected_mask),
-        weighted_token_sum(ref_chosen_token_logps, chosen_token_weights, chosen_mask),
-        weighted_token_sum(ref_rejected_token_logps, rejected_token_weights, rejected_mask),
-        beta=beta,
-        label_smoothing=label_smoothing,
-        loss_type=loss_type,
-    )
+def _token_kl_reads(options: Options) -> tuple[terms.Score, ...]:
+    reads = tuple(f(r) for r in (CHOSEN, REJECTED) for f in (terms.token_kl, terms.mask))
+    if options["token_weights"] is not None:
+        reads += (terms.token_weights(CHOSEN), terms.token_weights(REJECTED))
+    return reads
 
 
-def catpo_loss(
-    policy_chosen_token_logps: jax.Array,
-    policy_rejected_token_logps: jax.Array,
-    ref_chosen_token_logps: jax.Array,
-    ref_rejected_token_logps: jax.Array,
-    chosen_token_weights: jax.Array,
-    rejected_token_weights: jax.Array,
-    chosen_mask: jax.Array,
-    rejected_mask: jax.Array,
-    chosen_token_kl: jax.Array | None = None,
-    rejected_token_kl: jax.Array | None = None,
-    *,
-    beta: float = 0.1,
-    lambda_kl: float = 0.03,
-    label_smoothing: float = 0.0,
-    loss_type: str = "sigmoid",
-) -> Term:
-    """``L_catpo = L_wdpo + lambda_kl * sum_t w_t KL_t`` per example.
+def _token_kl_term(inputs: Inputs) -> TermResult:
+    def part(response):
+        response_mask = inputs[terms.mask(response)]
+        weights = (inputs[terms.token_weights(response)] if inputs.options["token_weights"]
+                   else jnp.ones(jnp.shape(response_mask), jnp.float32))
+        return inputs[terms.token_kl(response)], weights, response_mask
 
-    Args:
-      policy_chosen_token_logps, policy_rejected_token_logps: ``[B, T]`` policy per-token
-        log-probs of the chosen / rejected response.
-      ref_chosen_token_logps, ref_rejected_token_logps: ``[B, T]`` the same for the reference.
-      chosen_token_weights, rejected_token_weights: ``[B, T]`` (``rewards.catpo.token_weights``).
-      chosen_mask, rejected_mask: ``[B, T]`` response masks.
-      chosen_token_kl, rejected_token_kl: ``[B, T]`` per-position KL; may be None only when
-        ``lambda_kl == 0`` (the no-KL ablation).
-      beta, label_smoothing, loss_type: of the weighted DPO term.
-      lambda_kl: weight of the token KL (0.03).
+    (chosen_kl, chosen_w, chosen_mask), (rejected_kl, rejected_w, rejected_mask) = (
+        part(CHOSEN), part(REJECTED))
+    return weighted_token_kl_loss(chosen_kl, rejected_kl, chosen_w, rejected_w, chosen_mask,
+                                  rejected_mask)
 
-    Returns:
-      ``(losses [B] float32, metrics)``: ``loss/dpo`` (weighted DPO), ``loss/token_kl`` (before
-      ``lambda_kl``), ``rewards/*``.
-    """
-    terms = {
-        "dpo": (
-            1.0,
-            weighted_dpo_loss(
-                policy_chosen_token_logps,
-                policy_rejected_token_logps,
-                ref_chosen_token_logps,
-                ref_rejected_token_logps,
-                chosen_token_weights,
-                rejected_token_weights,
-                chosen_mask,
-                rejected_mask,
-                beta=beta,
-                label_smoothing=label_smoothing,
-                loss_type=loss_type,
-            ),
-        )
-    }
-    if chosen_token_kl is None or rejected_token_kl is None:
-        if lambda_kl != 0.0:
-            raise ValueError(
-                f"lambda_kl={lambda_kl} needs chosen_token_kl and rejected_token_kl; pass them or "
-                f"set lambda_kl=0.0"
-            )
-    else:
-        terms["token_kl"] = (
-            lambda_kl,
-            weighted_token_kl_loss(
-                chosen_token_kl,
-                rejected_token_kl,
-                chosen_token_weights,
-                rejected_token_weights,
-                chosen_mask,
-                rejected_mask,
-            ),
-        )
-    return combine_terms(terms)
+
+def _check_band(band) -> str | None:
+    band = tuple(band)
+    if len(band) == 2 and 0.0 <= band[0] <= band[1] <= 1.0:
+        return None
+    return f"must be (low, high) with 0 <= low <= high <= 1, got {band}"
+
+
+CATPO_WEIGHTS = Weighting("catpo", {
+    "alpha": Option(0.5, bounds=(0.0, 1.0)),
+    "lambda_ref": Option(0.5),
+    "normalize": Option("minmax", choices=NORMALIZATIONS),
+    "top_k_percent": Option(0.0, bounds=(0.0, 100.0)),  # 0: off
+    "layer_band": Option((0.6, 0.7), check=_check_band),  # fraction of the decoder's depth
+})
+
+DECLARATIONS = (
+    CATPO_WEIGHTS,
+    Term("token_kl", _token_kl_term, reads=_token_kl_reads, weighted=False),
+    Method("catpo", {"dpo": 1.0, "token_kl": 0.03}, token_weights="catpo"),
+)

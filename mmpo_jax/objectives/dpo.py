@@ -7,22 +7,37 @@ Every method reuses these functions:
 - ``dpo_loss`` forms ``z = beta * (h(y_w) - h(y_l))`` from four summed log-probs and calls it;
 - ``reward_metrics`` reports the implicit rewards ``beta * h(y)`` as TRL does;
 - ``implicit_reward`` forms ``h(y)`` (reference under ``stop_gradient``) and ``combine_terms`` adds
-  weighted loss terms (mDPO, Cat-PO, the registry).
+  weighted loss terms (the registry);
+- ``PREFERENCE_OPTIONS`` are the options of every preference term; ``DECLARATIONS`` the ``dpo``
+  term and method.
 
 Naming: ``h(y) = logp_theta(y) - logp_ref(y)``; the rewards in the metrics are ``beta * h(y)``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from mmpo_jax.objectives.logprobs import REDUCTIONS
 from mmpo_jax.objectives.metrics import Metric, mean_metric
+from mmpo_jax.objectives.terms import (CHOSEN, POLICY, REFERENCE, REJECTED, Inputs, Method, Option,
+                                       Options, Term, TermResult,
+                                       pairs)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
-Term = tuple[jax.Array, dict[str, Metric]]
-"""``(losses [B] float32, metrics)`` as every loss function returns."""
+PREFERENCE_OPTIONS = {
+    "beta": Option(0.1, positive=True),
+    "label_smoothing": Option(0.0, bounds=(0.0, 0.5)),
+    "loss_type": Option("sigmoid", choices=LOSS_TYPES),
+    # how a response's per-token log-probs become one number: METHODS.md's sum, or the mean
+    "reduction": Option("sum", choices=REDUCTIONS),
+}
+"""The options every preference term reads (METHODS.md §1 defaults)."""
+
 
 
 def implicit_reward(policy_logps: jax.Array, ref_logps: jax.Array) -> jax.Array:
@@ -112,7 +127,7 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
-) -> Term:
+) -> TermResult:
     """DPO on summed (or weighted-summed) response log-probs.
 
     ``L = preference_loss(beta * ((pi_w - ref_w) - (pi_l - ref_l)))``. The reference log-probs are
@@ -143,7 +158,7 @@ def dpo_loss(
     return losses, metrics
 
 
-def combine_terms(weighted_terms: dict[str, tuple[float, Term]]) -> Term:
+def combine_terms(weighted_terms: dict[str, tuple[float, TermResult]]) -> TermResult:
     """Weighted sum of loss terms: ``sum_k weight_k * losses_k``, metrics merged.
 
     Each term's own metrics are kept as they are (``loss/<term>`` is the term *before* its weight).
@@ -166,3 +181,19 @@ def combine_terms(weighted_terms: dict[str, tuple[float, Term]]) -> Term:
         for key, value in term_metrics.items():
             merged[f"{name}/{key}" if key in merged else key] = value
     return total, merged
+
+
+def preference_options(options: Options) -> dict[str, Any]:
+    """``beta``, ``label_smoothing``, ``loss_type`` of a method's options, for ``dpo_loss``."""
+    return {key: options[key] for key in ("beta", "label_smoothing", "loss_type")}
+
+
+def _dpo_term(inputs: Inputs) -> TermResult:
+    seq = inputs.sequence
+    return dpo_loss(seq(POLICY, CHOSEN), seq(POLICY, REJECTED), seq(REFERENCE, CHOSEN),
+                    seq(REFERENCE, REJECTED), **preference_options(inputs.options))
+
+
+DPO = Term("dpo", _dpo_term, PREFERENCE_OPTIONS, pairs(CHOSEN, REJECTED))
+
+DECLARATIONS = (DPO, Method("dpo", {"dpo": 1.0}))

@@ -16,6 +16,10 @@ Per sampled response (``n`` samples per prompt, sharing a ``group_id``):
    log pi_old)``; the per-example loss is minus its mean over response tokens [our choice].
 
 Masked tokens contribute exactly 0 whatever their inputs (``jnp.where``, never products with inf).
+
+``DECLARATIONS``: the ``fisao_ppo`` term (it reads the rollouts of the on-policy loop: the
+``sample`` response under the policy, the sampling policy and the reference, its token rewards and
+group ids; its group baseline couples the samples of a batch) and the ``fisao`` method.
 """
 
 from __future__ import annotations
@@ -23,8 +27,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmpo_jax.objectives import terms
 from mmpo_jax.objectives.logprobs import sequence_logps
 from mmpo_jax.objectives.metrics import Metric, mean_metric
+from mmpo_jax.objectives.terms import (POLICY, REFERENCE, SAMPLER, Inputs, Method, Option, Response,
+                                       Term, TermResult)
+
+SAMPLE = Response("sample", tokens="sample")
+"""A response sampled from the policy (rollouts)."""
+PPO_READS = (terms.token_logps(POLICY, SAMPLE), terms.token_logps(SAMPLER, SAMPLE),
+             terms.token_logps(REFERENCE, SAMPLE), terms.token_value("token_rewards", SAMPLE),
+             terms.mask(SAMPLE), terms.example_value("group_ids"))
+"""What ``fisao_ppo_loss`` reads, in its argument order."""
 
 MAX_LOG_RATIO = 20.0
 """``|log pi_new - log pi_old|`` is clamped here so that the ratio stays finite [our choice]."""
@@ -221,3 +235,20 @@ def fisao_ppo_loss(
         "advantages/abs_mean": token_metric(jnp.abs(advantages)),
     }
     return losses, metrics
+
+
+def _ppo_term(inputs: Inputs) -> TermResult:
+    options = inputs.options
+    return fisao_ppo_loss(*(inputs[score] for score in PPO_READS), **{
+        key: options[key] for key in ("beta_kl", "gamma", "clip_eps", "num_position_bins")})
+
+
+DECLARATIONS = (
+    Term("fisao_ppo", _ppo_term, {
+        "beta_kl": Option(0.05, bounds=(0.0, None)),
+        "gamma": Option(1.0, bounds=(0.0, 1.0)),
+        "clip_eps": Option(0.2, positive=True),
+        "num_position_bins": Option(10, positive=True),
+    }, reads=lambda options: PPO_READS, weighted=False, couples_examples=True),
+    Method("fisao", {"fisao_ppo": 1.0}),
+)

@@ -5,20 +5,21 @@
 - AncPO keeps the chosen reward positive: ``z = beta * h(y_w) - delta``.
 Both go through ``dpo.preference_loss`` with the sigmoid loss. Label smoothing applies to the DPO
 term only, as in the released code (its CoPO and anchor terms are plain ``-log sigma``).
+``DECLARATIONS``: the ``copo`` and ``anchor`` terms and the ``mdpo`` method (DPO + both, weight 1).
 """
 
 from __future__ import annotations
 
 import jax
 
-from mmpo_jax.objectives.dpo import (
-    Term,
-    combine_terms,
-    dpo_loss,
-    implicit_reward,
-    preference_loss,
-)
+from mmpo_jax.data.fields import CORRUPTED
+from mmpo_jax.objectives.dpo import PREFERENCE_OPTIONS, implicit_reward, preference_loss
 from mmpo_jax.objectives.metrics import mean_metric
+from mmpo_jax.objectives.terms import (CHOSEN, POLICY, REFERENCE, Inputs, Method, Option, Response,
+                                       Term, TermResult, pairs)
+
+CHOSEN_CORRUPT = Response("chosen_corrupt", tokens="chosen", image=CORRUPTED)
+"""``y_w`` on the corrupted image ``I'``."""
 
 
 def copo_loss(
@@ -28,7 +29,7 @@ def copo_loss(
     ref_chosen_corrupt_logps: jax.Array,
     *,
     beta: float = 0.1,
-) -> Term:
+) -> TermResult:
     """Conditional preference: the chosen response under ``I`` versus under the corrupted ``I'``.
 
     Args:
@@ -59,7 +60,7 @@ def anchor_loss(
     *,
     beta: float = 0.1,
     delta: float = 0.0,
-) -> Term:
+) -> TermResult:
     """Reward anchor ``-log sigma(beta * h(y_w) - delta)``.
 
     Args:
@@ -77,55 +78,21 @@ def anchor_loss(
     return losses, {"loss/anchor": mean_metric(jax.lax.stop_gradient(losses))}
 
 
-def mdpo_loss(
-    policy_chosen_logps: jax.Array,
-    policy_rejected_logps: jax.Array,
-    ref_chosen_logps: jax.Array,
-    ref_rejected_logps: jax.Array,
-    policy_chosen_corrupt_logps: jax.Array,
-    ref_chosen_corrupt_logps: jax.Array,
-    *,
-    beta: float = 0.1,
-    dpo_weight: float = 1.0,
-    copo_weight: float = 1.0,
-    anchor_weight: float = 1.0,
-    anchor_delta: float = 0.0,
-    label_smoothing: float = 0.0,
-) -> Term:
-    """``dpo_weight * L_dpo + copo_weight * L_copo + anchor_weight * L_anc`` per example.
+def _copo_term(inputs: Inputs) -> TermResult:
+    seq = inputs.sequence
+    return copo_loss(seq(POLICY, CHOSEN), seq(POLICY, CHOSEN_CORRUPT), seq(REFERENCE, CHOSEN),
+                     seq(REFERENCE, CHOSEN_CORRUPT), beta=inputs.options["beta"])
 
-    All inputs are ``[B]`` summed response log-probs (see ``copo_loss`` for the corrupted ones).
 
-    Returns:
-      ``(losses [B] float32, metrics)`` with ``loss/{dpo,copo,anchor}`` (each before its weight),
-      ``rewards/*`` of the DPO pair and ``rewards/copo_margins``.
-    """
-    return combine_terms(
-        {
-            "dpo": (
-                dpo_weight,
-                dpo_loss(
-                    policy_chosen_logps,
-                    policy_rejected_logps,
-                    ref_chosen_logps,
-                    ref_rejected_logps,
-                    beta=beta,
-                    label_smoothing=label_smoothing,
-                ),
-            ),
-            "copo": (
-                copo_weight,
-                copo_loss(
-                    policy_chosen_logps,
-                    policy_chosen_corrupt_logps,
-                    ref_chosen_logps,
-                    ref_chosen_corrupt_logps,
-                    beta=beta,
-                ),
-            ),
-            "anchor": (
-                anchor_weight,
-                anchor_loss(policy_chosen_logps, ref_chosen_logps, beta=beta, delta=anchor_delta),
-            ),
-        }
-    )
+def _anchor_term(inputs: Inputs) -> TermResult:
+    seq = inputs.sequence
+    return anchor_loss(seq(POLICY, CHOSEN), seq(REFERENCE, CHOSEN), beta=inputs.options["beta"],
+                       delta=inputs.options["anchor_delta"])
+
+
+_COPO_OPTIONS = {key: PREFERENCE_OPTIONS[key] for key in ("beta", "reduction")}
+DECLARATIONS = (
+    Term("copo", _copo_term, _COPO_OPTIONS, pairs(CHOSEN, CHOSEN_CORRUPT)),
+    Term("anchor", _anchor_term, {**_COPO_OPTIONS, "anchor_delta": Option(0.0)}, pairs(CHOSEN)),
+    Method("mdpo", {"dpo": 1.0, "copo": 1.0, "anchor": 1.0}),
+)

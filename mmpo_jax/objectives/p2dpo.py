@@ -10,7 +10,7 @@ Per example:
 with ``y = y_w`` (``calib_ref_response="chosen"``, the paper, default) or ``y = y_l``
 (``"rejected"``, the released code). The policy side of ``L_calib`` always scores ``y_w``. The
 robust pair is scored on ``I_noise`` (both responses). ``(w_focus, w_rob)`` come from
-``mmpo_jax.rewards.p2dpo.ddw_weights`` or default to 0.5 / 0.5.
+``ddw_weights`` (the pair's CLIP scores) or default to 0.5 / 0.5.
 
 ``branches`` selects the paper's ablations: ``("robust",)`` is "w/o FEPs", ``("focus",)`` "w/o
 VRPs"; the branch left trains alone with weight 1 (the paper's single-pair rows are plain DPO on
@@ -18,6 +18,11 @@ that pair) [our choice of scale], and the dropped branch's log-probs are neither
 
 Every preference term goes through ``mmpo_jax.objectives.dpo`` (``dpo_loss`` /
 ``preference_loss``), so ``label_smoothing`` and ``loss_type`` apply to all three alike.
+
+``DECLARATIONS``: the ``p2dpo`` term and method. Its responses: the focus pair (``chosen`` /
+``rejected`` tokens on the original image, as the training example presents it), the robustness
+pair (its own token groups on ``I_noise``) and the calibration reads (``y_w`` or ``y_l`` on
+``I_aug`` / ``I_deg``); with ``ddw`` it reads the batch's ``ddw_clip_crop`` / ``ddw_clip_full``.
 """
 
 from __future__ import annotations
@@ -28,11 +33,51 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.objectives.dpo import dpo_loss, preference_loss
+from mmpo_jax.data.fields import AUGMENTED, DEGRADED, NOISED
+from mmpo_jax.objectives import terms
+from mmpo_jax.objectives.dpo import (PREFERENCE_OPTIONS, dpo_loss, preference_loss,
+                                     preference_options)
 from mmpo_jax.objectives.metrics import Metric, accumulate, mean_metric
+from mmpo_jax.objectives.terms import (POLICY, REFERENCE, Inputs, Method, Option, Options, Response,
+                                       Term, TermResult)
 
 CALIB_REF_RESPONSES = ("chosen", "rejected")
 BRANCHES = ("focus", "robust")
+
+FOCUS_CHOSEN = Response("focus_chosen", tokens="chosen")
+FOCUS_REJECTED = Response("focus_rejected", tokens="rejected")
+ROBUST_CHOSEN = Response("robust_chosen", tokens="robust_chosen", image=NOISED)
+ROBUST_REJECTED = Response("robust_rejected", tokens="robust_rejected", image=NOISED)
+CALIB = {(tokens, image): Response(f"calib_{tokens}_{suffix}", tokens=tokens, image=image)
+         for tokens in CALIB_REF_RESPONSES for suffix, image in (("aug", AUGMENTED),
+                                                                  ("deg", DEGRADED))}
+"""``(token group, image) -> Response`` of the calibration term: ``calib_chosen_aug`` ... ."""
+PAIRS = {"focus": (FOCUS_CHOSEN, FOCUS_REJECTED), "robust": (ROBUST_CHOSEN, ROBUST_REJECTED)}
+"""Branch -> its (chosen, rejected) responses."""
+DDW_FIELDS = ("ddw_clip_crop", "ddw_clip_full")
+
+
+def ddw_weights(
+    clip_crop: jax.Array,
+    clip_full: jax.Array,
+    *,
+    alpha_max: float = 0.2,
+    tau: float = 0.1,
+    w_base: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
+    """Dynamic Deficiency Weighting: ``(w_focus, w_rob)``, each ``[B]``, summing to ``2 w_base``.
+
+    ``r = clip_crop / max(clip_full, 1e-8)``, ``a = alpha_max tanh((r - 1) / tau)``,
+    ``w_focus = w_base + a``, ``w_rob = w_base - a`` (0.5 / 0.5 at ``r = 1``).
+
+    Args:
+      clip_crop: ``[B]`` CLIPScore(prompt, crop).
+      clip_full: ``[B]`` CLIPScore(prompt, full image).
+    """
+    clip_crop = jnp.asarray(clip_crop, jnp.float32)
+    ratio = clip_crop / jnp.maximum(jnp.asarray(clip_full, jnp.float32), 1e-8)
+    adjust = alpha_max * jnp.tanh((ratio - 1.0) / tau)
+    return w_base + adjust, w_base - adjust
 
 
 def check_branches(branches: Sequence[str], *, ddw: bool = False) -> tuple[str, ...]:
@@ -200,3 +245,62 @@ def p2dpo_loss(
         metrics["loss/dpo_robust"] = mean_metric(jax.lax.stop_gradient(dpo["robust"]))
     metrics["loss/p2dpo"] = mean_metric(jax.lax.stop_gradient(losses))
     return losses, metrics
+
+
+def _branches(options: Options) -> tuple[str, ...]:
+    return check_branches(options["branches"], ddw=bool(options["ddw"]))
+
+
+def _sequences(options: Options) -> tuple[tuple[str, Response], ...]:
+    branches = _branches(options)
+    sequences = tuple((model, response) for branch in branches for response in PAIRS[branch]
+                      for model in (POLICY, REFERENCE))
+    if "focus" in branches and options["lambda_calib"] != 0:
+        reference = options["calib_ref_response"]
+        sequences += tuple((POLICY, CALIB["chosen", image]) for image in (AUGMENTED, DEGRADED))
+        sequences += tuple((REFERENCE, CALIB[reference, image]) for image in (AUGMENTED, DEGRADED))
+    return sequences
+
+
+def _reads(options: Options) -> tuple[terms.Score, ...]:
+    return tuple(terms.example_value(name) for name in DDW_FIELDS) if options["ddw"] else ()
+
+
+def _p2dpo_term(inputs: Inputs) -> TermResult:
+    options = inputs.options
+    wanted = dict.fromkeys(_sequences(options))
+    seq = {(model, response): inputs.sequence(model, response) for model, response in wanted}
+    weights = (ddw_weights(*(inputs[terms.example_value(n)] for n in DDW_FIELDS),
+                           w_base=options["w_base"]) if options["ddw"] else (None, None))
+    return p2dpo_loss(
+        *(seq.get((model, response)) for branch in BRANCHES for model in (POLICY, REFERENCE)
+          for response in PAIRS[branch]),
+        policy_calib_chosen_aug_logps=seq.get((POLICY, CALIB["chosen", AUGMENTED])),
+        policy_calib_chosen_deg_logps=seq.get((POLICY, CALIB["chosen", DEGRADED])),
+        ref_calib_chosen_aug_logps=seq.get((REFERENCE, CALIB["chosen", AUGMENTED])),
+        ref_calib_chosen_deg_logps=seq.get((REFERENCE, CALIB["chosen", DEGRADED])),
+        ref_calib_rejected_aug_logps=seq.get((REFERENCE, CALIB["rejected", AUGMENTED])),
+        ref_calib_rejected_deg_logps=seq.get((REFERENCE, CALIB["rejected", DEGRADED])),
+        focus_weights=weights[0], robust_weights=weights[1],
+        lambda_calib=options["lambda_calib"], calib_ref_response=options["calib_ref_response"],
+        w_base=options["w_base"], branches=_branches(options), **preference_options(options))
+
+
+def _check_branches(branches) -> str | None:
+    try:
+        check_branches(branches)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+P2DPO = Term("p2dpo", _p2dpo_term, {
+    **PREFERENCE_OPTIONS,
+    "lambda_calib": Option(0.3, bounds=(0.0, None)),
+    "calib_ref_response": Option("chosen", choices=CALIB_REF_RESPONSES),
+    "w_base": Option(0.5, bounds=(0.0, 1.0)),
+    "ddw": Option(False),
+    "branches": Option(BRANCHES, check=_check_branches),
+}, sequences=_sequences, reads=_reads)
+
+DECLARATIONS = (P2DPO, Method("p2dpo", {"p2dpo": 1.0}))

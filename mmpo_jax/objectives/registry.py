@@ -1,371 +1,244 @@
-"""Method name -> objective, and weighted composition of objective terms from a config block.
+"""Every declared term, token weighting and method, and a config block's objective from them.
 
-The trainer calls one function, ``compute_objective(method_config, scored)``, and can ask
-``required_scores(method_config)`` beforehand which arrays (hence which forward passes) a config
-needs.
+The declarations (``objectives.terms``) live in the objective modules: every module of this
+package with a ``DECLARATIONS`` tuple contributes it, found by listing the package, so a new
+method is a new module and no edit here. ``register`` adds declarations at run time (a method
+outside the package); ``registered`` does so for the duration of a ``with`` block.
 
-**The config block** is a plain mapping (a dict or an ``ml_collections.ConfigDict``; only ``.get``
-and ``.items`` are used), e.g.
-``{"name": "catpo", "beta": 0.1, "terms": {"dpo": 1.0, "token_kl": 0.03}, "token_weights": "catpo"}``.
-``name`` picks the defaults of ``METHODS`` (its terms and token weighting); ``terms`` (``{term:
-weight}``) and ``token_weights`` override them. A term of weight 0 is skipped, and its inputs are
-not required (e.g. the no-KL ablation needs no KL). Hyper-parameters and their defaults are
-``OPTION_DEFAULTS`` (METHODS.md's). ``loss/<term>`` metrics are the terms before their weights;
-``loss/total`` is the weighted sum.
+**The config block** is a plain mapping (a dict or an ``ml_collections.ConfigDict``; only
+``.get`` and ``.items`` are used), e.g. ``{"name": "catpo", "beta": 0.1, "terms": {"dpo": 1.0,
+"token_kl": 0.03}, "token_weights": "catpo"}``. ``name`` picks a ``Method``: its default terms and
+token weighting; ``terms`` (``{term: weight}``) and ``token_weights`` (``"none"`` for none)
+override them. A term of weight 0 is skipped and its inputs are not required (the no-KL ablation
+needs no KL). Every other key is an option of a declared term or weighting; the ones the active
+terms and weighting do not declare are ignored here (the config checks reject unknown ones).
 
-**The scored names** (every per-token array ``[B, T]``, 0 at masked positions by contract):
-
-- ``{model}/{response}/token_logps``: per-token log-probs, ``model`` in ``policy``, ``ref``
-  (``old`` for FiSAO's sampling policy);
-- ``{response}/mask``: the response tokens; ``{response}/token_weights`` when a token weighting
-  is configured (every sequence a term forms is then weighted);
-- responses: ``chosen``, ``rejected`` (DPO pair); ``chosen_corrupt`` (mDPO's CoPO: y_w on the
-  corrupted image); ``chosen_ve``, ``rejected_noise`` (ADAPT); ``focus_chosen``,
-  ``focus_rejected``, ``robust_chosen``, ``robust_rejected``, ``calib_chosen_aug``,
-  ``calib_chosen_deg``, ``calib_rejected_aug``, ``calib_rejected_deg`` (P2-DPO); ``sample``
-  (FiSAO rollouts);
-- ``chosen/token_kl``, ``rejected/token_kl``: ``logprobs.token_kl`` per position;
-- ``sample/token_rewards`` ``[B, T]``, ``sample/group_ids`` ``[B]`` (FiSAO);
-  ``p2dpo/focus_weights``, ``p2dpo/robust_weights`` ``[B]`` (P2-DPO with ``ddw=True``).
-
-A response re-scored under another image (``chosen_corrupt`` ...) has its own ``/mask`` entry,
-even when it is the same array as its original's: the registry never guesses token alignment.
-
-**Token weighting** (``token_weights``): ``None`` (plain sums), ``"catpo"`` (``sum_t w_t logp_t``
-for policy and reference alike, and the ``token_kl`` term weighted by the same ``w``) or ``"tpo"``
-(``sum_t (logp_t + log w_t)`` for the policy, plain sums for the reference; see ``tpo``). **[our
-choice]** a configured weighting applies to every preference term (dpo, copo, anchor, adapt_vag,
-p2dpo), so e.g. Cat-PO weights with mDPO's CoPO compare weighted log-probs throughout; ``nll`` is
-never weighted and ``token_kl`` only by Cat-PO weights.
+``compute_objective(method, scored)`` is the per-example loss ``sum_term weight * term_losses``:
+``loss/<term>`` metrics are the terms before their weights, ``loss/total`` the weighted sum.
+``required_scores(method)`` lists the ``Score`` s it reads, which tells the engine what to
+compute. **[our choice]** a configured weighting applies to every weighted term's sequences (dpo,
+copo, anchor, adapt_vag, p2dpo), so e.g. Cat-PO weights with mDPO's CoPO compare weighted
+log-probs throughout; ``nll`` and ``fisao_ppo`` are never weighted, ``token_kl`` by the
+configured weighting.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping
+import contextlib
+import importlib
+import pkgutil
+from typing import Any, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 
-from mmpo_jax.objectives.adapt import vag_dpo_loss
-from mmpo_jax.objectives.catpo import weighted_token_kl_loss, weighted_token_sum
-from mmpo_jax.objectives.dpo import Term, combine_terms, dpo_loss
-from mmpo_jax.objectives.fisao import fisao_ppo_loss
+from mmpo_jax.objectives import terms as terms_lib
+from mmpo_jax.objectives.catpo import weighted_token_sum
+from mmpo_jax.objectives.dpo import combine_terms
 from mmpo_jax.objectives.logprobs import sequence_logps
-from mmpo_jax.objectives.mdpo import anchor_loss, copo_loss
 from mmpo_jax.objectives.metrics import mean_metric
-from mmpo_jax.objectives.p2dpo import check_branches, p2dpo_loss
-from mmpo_jax.objectives.tpo import tpo_weighted_logps
+from mmpo_jax.objectives.terms import (Inputs, Method, Option, Options, Response, Score, Term,
+                                       TermResult, Weighting)
 
 MethodConfig = Mapping[str, Any]
-Scored = Mapping[str, jax.Array]
+Scored = Mapping[Score, jax.Array]
+Declaration = Term | Weighting | Method
 
-TOKEN_WEIGHTINGS = (None, "catpo", "tpo")
+NO_WEIGHTING = "none"
+CORE_FIELDS = ("name", "terms", "token_weights")
+"""Method-block fields that are not options."""
 
-METHODS: dict[str, dict[str, Any]] = {
-    "dpo": {"terms": {"dpo": 1.0}, "token_weights": None},
-    "mdpo": {"terms": {"dpo": 1.0, "copo": 1.0, "anchor": 1.0}, "token_weights": None},
-    "catpo": {"terms": {"dpo": 1.0, "token_kl": 0.03}, "token_weights": "catpo"},
-    "tpo": {"terms": {"dpo": 1.0}, "token_weights": "tpo"},
-    "adapt": {"terms": {"adapt_vag": 1.0}, "token_weights": None},
-    "p2dpo": {"terms": {"p2dpo": 1.0}, "token_weights": None},
-    "fisao": {"terms": {"fisao_ppo": 1.0}, "token_weights": None},
-    # SFT on the chosen responses alone: the control row of every evaluation table.
-    "sft": {"terms": {"nll": 1.0}, "token_weights": None},
-}
-"""Method name -> default ``terms`` (``{term: weight}``) and ``token_weights``."""
-
-OPTION_DEFAULTS: dict[str, Any] = {
-    # every preference term
-    "beta": 0.1,
-    "label_smoothing": 0.0,
-    "loss_type": "sigmoid",
-    "reduction": "sum",
-    # anchor
-    "anchor_delta": 0.0,
-    # nll: per-token mean over the chosen response [our choice], "sum" available
-    "nll_reduction": "mean",
-    # p2dpo
-    "lambda_calib": 0.3,
-    "calib_ref_response": "chosen",
-    "w_base": 0.5,
-    "ddw": False,
-    "branches": ("focus", "robust"),
-    # fisao_ppo
-    "beta_kl": 0.05,
-    "gamma": 1.0,
-    "clip_eps": 0.2,
-    "num_position_bins": 10,
-}
+_TERMS: dict[str, Term] = {}
+_WEIGHTINGS: dict[str, Weighting] = {}
+_METHODS: dict[str, Method] = {}
+_TABLES = {Term: _TERMS, Weighting: _WEIGHTINGS, Method: _METHODS}
 
 
-def _option(config: MethodConfig, key: str) -> Any:
-    return config.get(key, OPTION_DEFAULTS[key])
+def register(*declarations: Declaration) -> None:
+    """Adds terms, weightings and methods; a name already taken, or an option declared with
+    another default or range than an existing one of the same name, raises ``ValueError``."""
+    for declaration in declarations:
+        table = _TABLES.get(type(declaration))
+        if table is None:
+            raise TypeError(f"{declaration!r} is not a Term, Weighting or Method")
+        if declaration.name in table:
+            raise ValueError(f"a {type(declaration).__name__} named {declaration.name!r} is "
+                             "already registered")
+        if isinstance(declaration, (Term, Weighting)):
+            known = option_declarations()
+            for name, option in declaration.options.items():
+                if name in CORE_FIELDS or known.get(name, option) != option:
+                    raise ValueError(f"{declaration.name!r} declares option {name!r} as "
+                                     f"{option}, which is taken ({known.get(name)})")
+        table[declaration.name] = declaration
 
 
-def _preference_options(config: MethodConfig) -> dict[str, Any]:
-    return {key: _option(config, key) for key in ("beta", "label_smoothing", "loss_type")}
+def unregister(*declarations: Declaration) -> None:
+    for declaration in declarations:
+        _TABLES[type(declaration)].pop(declaration.name, None)
 
 
-def _token_weighting(config: MethodConfig) -> str | None:
-    name = config.get("name")
-    weighting = config.get("token_weights", METHODS[name]["token_weights"])
-    weighting = None if weighting in (None, "none") else weighting
-    if weighting not in TOKEN_WEIGHTINGS:
-        raise ValueError(
-            f"token_weights={weighting!r} is not one of {TOKEN_WEIGHTINGS} (or 'none')"
-        )
-    return weighting
+@contextlib.contextmanager
+def registered(*declarations: Declaration) -> Iterator[None]:
+    """``register`` for the duration of a ``with`` block (a method defined outside the package)."""
+    register(*declarations)
+    try:
+        yield
+    finally:
+        unregister(*declarations)
 
 
-def token_weighting(config: MethodConfig) -> str | None:
-    """The configured token weighting: ``None``, ``"catpo"`` or ``"tpo"`` (validated)."""
-    return _token_weighting(config)
+def _discover() -> None:
+    package = importlib.import_module(__package__)
+    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__package__}.{module_info.name}")
+        register(*getattr(module, "DECLARATIONS", ()))
 
 
-def _sequence_keys(config: MethodConfig, model: str, response: str) -> tuple[str, ...]:
-    keys = (f"{model}/{response}/token_logps", f"{response}/mask")
-    weighting = _token_weighting(config)
-    if weighting == "catpo" or (weighting == "tpo" and model == "policy"):
-        keys += (f"{response}/token_weights",)
-    return keys
+def terms() -> Mapping[str, Term]:
+    return dict(_TERMS)
 
 
-def _sequence(config: MethodConfig, scored: Scored, model: str, response: str) -> jax.Array:
-    """``[B]`` (weighted) log-prob of ``response`` under ``model``, per the configured weighting."""
-    keys = _sequence_keys(config, model, response)
-    token_logps, mask = scored[keys[0]], scored[keys[1]]
-    reduction = _option(config, "reduction")
-    weighting = _token_weighting(config)
-    if weighting == "catpo":
-        return weighted_token_sum(token_logps, scored[keys[2]], mask, reduction=reduction)
-    if weighting == "tpo" and model == "policy":
-        return tpo_weighted_logps(token_logps, scored[keys[2]], mask, reduction=reduction)
-    return sequence_logps(token_logps, mask, reduction=reduction)
+def weightings() -> Mapping[str, Weighting]:
+    return dict(_WEIGHTINGS)
 
 
-@dataclasses.dataclass(frozen=True)
-class TermSpec:
-    """One objective term.
-
-    Attributes:
-      sequences: ``config -> ((model, response), ...)`` the (weighted) sequence log-probs it reads.
-      extra_keys: ``config -> (key, ...)`` the other scored arrays it reads.
-      loss: ``(config, scored, sequences) -> (losses [B], metrics)`` where ``sequences`` maps
-        ``"{model}/{response}"`` to ``[B]``.
-    """
-
-    sequences: Callable[[MethodConfig], tuple[tuple[str, str], ...]]
-    extra_keys: Callable[[MethodConfig], tuple[str, ...]]
-    loss: Callable[[MethodConfig, Scored, dict[str, jax.Array]], Term]
+def methods() -> Mapping[str, Method]:
+    return dict(_METHODS)
 
 
-def _pairs(*responses: str) -> Callable[[MethodConfig], tuple[tuple[str, str], ...]]:
-    return lambda config: tuple((model, r) for r in responses for model in ("policy", "ref"))
+def option_declarations() -> dict[str, Option]:
+    """Every option any registered term or weighting declares."""
+    options: dict[str, Option] = {}
+    for declaration in (*_TERMS.values(), *_WEIGHTINGS.values()):
+        options.update(declaration.options)
+    return options
 
 
-def _no_keys(config: MethodConfig) -> tuple[str, ...]:
-    return ()
+def method(method_config: MethodConfig) -> Method:
+    name = method_config.get("name")
+    if name not in _METHODS:
+        raise ValueError(f"method name={name!r} is not one of {sorted(_METHODS)}")
+    return _METHODS[name]
 
 
-def _dpo_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    return dpo_loss(
-        seq["policy/chosen"],
-        seq["policy/rejected"],
-        seq["ref/chosen"],
-        seq["ref/rejected"],
-        **_preference_options(config),
-    )
-
-
-def _copo_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    return copo_loss(
-        seq["policy/chosen"],
-        seq["policy/chosen_corrupt"],
-        seq["ref/chosen"],
-        seq["ref/chosen_corrupt"],
-        beta=_option(config, "beta"),
-    )
-
-
-def _anchor_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    return anchor_loss(
-        seq["policy/chosen"],
-        seq["ref/chosen"],
-        beta=_option(config, "beta"),
-        delta=_option(config, "anchor_delta"),
-    )
-
-
-def _token_kl_keys(config: MethodConfig) -> tuple[str, ...]:
-    keys = ("chosen/token_kl", "rejected/token_kl", "chosen/mask", "rejected/mask")
-    if _token_weighting(config) == "catpo":
-        keys += ("chosen/token_weights", "rejected/token_weights")
-    return keys
-
-
-def _token_kl_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    chosen_mask, rejected_mask = scored["chosen/mask"], scored["rejected/mask"]
-    if _token_weighting(config) == "catpo":
-        weights = (scored["chosen/token_weights"], scored["rejected/token_weights"])
-    else:
-        weights = (jnp.ones(jnp.shape(chosen_mask)), jnp.ones(jnp.shape(rejected_mask)))
-    return weighted_token_kl_loss(
-        scored["chosen/token_kl"], scored["rejected/token_kl"], *weights, chosen_mask, rejected_mask
-    )
-
-
-def _nll_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    losses = -sequence_logps(
-        scored["policy/chosen/token_logps"],
-        scored["chosen/mask"],
-        reduction=_option(config, "nll_reduction"),
-    )
-    return losses, {"loss/nll": mean_metric(jax.lax.stop_gradient(losses))}
-
-
-def _adapt_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    return vag_dpo_loss(
-        seq["policy/chosen_ve"],
-        seq["policy/rejected_noise"],
-        seq["ref/chosen_ve"],
-        seq["ref/rejected_noise"],
-        **_preference_options(config),
-    )
-
-
-def _p2dpo_branches(config: MethodConfig) -> tuple[str, ...]:
-    return check_branches(_option(config, "branches"), ddw=bool(_option(config, "ddw")))
-
-
-def _p2dpo_sequences(config: MethodConfig) -> tuple[tuple[str, str], ...]:
-    branches = _p2dpo_branches(config)
-    pairs = _pairs(*(f"{b}_{r}" for b in branches for r in ("chosen", "rejected")))(config)
-    if "focus" in branches and _option(config, "lambda_calib") != 0:
-        calib = _option(config, "calib_ref_response")
-        pairs += (
-            ("policy", "calib_chosen_aug"),
-            ("policy", "calib_chosen_deg"),
-            ("ref", f"calib_{calib}_aug"),
-            ("ref", f"calib_{calib}_deg"),
-        )
-    return pairs
-
-
-def _p2dpo_keys(config: MethodConfig) -> tuple[str, ...]:
-    return ("p2dpo/focus_weights", "p2dpo/robust_weights") if _option(config, "ddw") else ()
-
-
-def _p2dpo_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    ddw = _option(config, "ddw")
-    return p2dpo_loss(
-        *(seq.get(f"{model}/{branch}_{response}") for branch in ("focus", "robust")
-          for model in ("policy", "ref") for response in ("chosen", "rejected")),
-        policy_calib_chosen_aug_logps=seq.get("policy/calib_chosen_aug"),
-        policy_calib_chosen_deg_logps=seq.get("policy/calib_chosen_deg"),
-        ref_calib_chosen_aug_logps=seq.get("ref/calib_chosen_aug"),
-        ref_calib_chosen_deg_logps=seq.get("ref/calib_chosen_deg"),
-        ref_calib_rejected_aug_logps=seq.get("ref/calib_rejected_aug"),
-        ref_calib_rejected_deg_logps=seq.get("ref/calib_rejected_deg"),
-        focus_weights=scored["p2dpo/focus_weights"] if ddw else None,
-        robust_weights=scored["p2dpo/robust_weights"] if ddw else None,
-        lambda_calib=_option(config, "lambda_calib"),
-        calib_ref_response=_option(config, "calib_ref_response"),
-        w_base=_option(config, "w_base"),
-        branches=_p2dpo_branches(config),
-        **_preference_options(config),
-    )
-
-
-_FISAO_KEYS = (
-    "policy/sample/token_logps",
-    "old/sample/token_logps",
-    "ref/sample/token_logps",
-    "sample/token_rewards",
-    "sample/mask",
-    "sample/group_ids",
-)
-
-
-def _fisao_term(config: MethodConfig, scored: Scored, seq: dict[str, jax.Array]) -> Term:
-    return fisao_ppo_loss(
-        *(scored[key] for key in _FISAO_KEYS),
-        **{k: _option(config, k) for k in ("beta_kl", "gamma", "clip_eps", "num_position_bins")},
-    )
-
-
-TERMS: dict[str, TermSpec] = {
-    "dpo": TermSpec(_pairs("chosen", "rejected"), _no_keys, _dpo_term),
-    "copo": TermSpec(_pairs("chosen", "chosen_corrupt"), _no_keys, _copo_term),
-    "anchor": TermSpec(_pairs("chosen"), _no_keys, _anchor_term),
-    "token_kl": TermSpec(_pairs(), _token_kl_keys, _token_kl_term),
-    "nll": TermSpec(
-        _pairs(), lambda config: ("policy/chosen/token_logps", "chosen/mask"), _nll_term
-    ),
-    "adapt_vag": TermSpec(_pairs("chosen_ve", "rejected_noise"), _no_keys, _adapt_term),
-    "p2dpo": TermSpec(_p2dpo_sequences, _p2dpo_keys, _p2dpo_term),
-    "fisao_ppo": TermSpec(_pairs(), lambda config: _FISAO_KEYS, _fisao_term),
-}
-"""Term name -> what it reads and how it computes its loss."""
+def token_weighting(method_config: MethodConfig) -> Weighting | None:
+    """The configured token weighting, or None (validated)."""
+    name = method_config.get("token_weights", None)
+    name = method(method_config).token_weights if name is None else name
+    if name in (None, NO_WEIGHTING):
+        return None
+    if name not in _WEIGHTINGS:
+        raise ValueError(f"token_weights={name!r} is not one of "
+                         f"{sorted(_WEIGHTINGS) + [NO_WEIGHTING]}")
+    return _WEIGHTINGS[name]
 
 
 def active_terms(method_config: MethodConfig) -> dict[str, float]:
     """The ``{term: weight}`` a config runs: its ``terms`` or its method's, zero weights dropped."""
-    name = method_config.get("name")
-    if name not in METHODS:
-        raise ValueError(f"method name={name!r} is not one of {sorted(METHODS)}")
-    terms = method_config.get("terms", None)
-    terms = METHODS[name]["terms"] if terms is None else terms
-    unknown = sorted(set(dict(terms.items())) - set(TERMS))
+    default = method(method_config)
+    configured = method_config.get("terms", None)
+    configured = default.terms if configured is None else configured
+    unknown = sorted(set(dict(configured.items())) - set(_TERMS))
     if unknown:
-        raise ValueError(f"unknown objective terms {unknown}; valid terms are {sorted(TERMS)}")
-    active = {term: float(weight) for term, weight in terms.items() if weight != 0}
+        raise ValueError(f"unknown objective terms {unknown}; valid terms are {sorted(_TERMS)}")
+    active = {term: float(weight) for term, weight in configured.items() if weight != 0}
     if not active:
-        raise ValueError(f"method {name!r} has no term with a non-zero weight: terms={dict(terms)}")
-    _token_weighting(method_config)  # validate early
+        raise ValueError(f"method {default.name!r} has no term with a non-zero weight: "
+                         f"terms={dict(configured)}")
+    token_weighting(method_config)  # validate early
     return active
 
 
-def required_scores(method_config: MethodConfig) -> tuple[str, ...]:
-    """Every ``scored`` name ``compute_objective`` reads for this config, sorted."""
-    keys: set[str] = set()
-    for term in active_terms(method_config):
-        spec = TERMS[term]
-        for model, response in spec.sequences(method_config):
-            keys.update(_sequence_keys(method_config, model, response))
-        keys.update(spec.extra_keys(method_config))
-    return tuple(sorted(keys))
+def options_read(method_config: MethodConfig) -> dict[str, Option]:
+    """The options the config's active terms and weighting declare, by name."""
+    options: dict[str, Option] = {}
+    weighting = token_weighting(method_config)
+    for declaration in [_TERMS[name] for name in active_terms(method_config)] + (
+            [weighting] if weighting is not None else []):
+        options.update(declaration.options)
+    return options
 
 
-def compute_objective(method_config: MethodConfig, scored: Scored) -> Term:
+def resolve_options(method_config: MethodConfig) -> dict[str, Any]:
+    """The option values the objective runs with: the config's, else the declared defaults; plus
+    ``token_weights``, the weighting's name or None. Lists become tuples."""
+    resolved = {}
+    for name, option in options_read(method_config).items():
+        value = method_config.get(name, None)
+        value = option.default if value is None else value
+        resolved[name] = tuple(value) if isinstance(value, list) else value
+    weighting = token_weighting(method_config)
+    resolved["token_weights"] = None if weighting is None else weighting.name
+    return resolved
+
+
+def couples_examples(method_config: MethodConfig) -> bool:
+    """Whether an active term's per-example losses depend on other examples of the batch."""
+    return any(_TERMS[name].couples_examples for name in active_terms(method_config))
+
+
+def _sequence_scores(model: str, response: Response, weighted: bool) -> tuple[Score, ...]:
+    scores = (terms_lib.token_logps(model, response), terms_lib.mask(response))
+    return scores + ((terms_lib.token_weights(response),) if weighted else ())
+
+
+def required_scores(method_config: MethodConfig) -> tuple[Score, ...]:
+    """Every ``Score`` ``compute_objective`` reads for this config, sorted."""
+    options = resolve_options(method_config)
+    weighted = options["token_weights"] is not None
+    scores: set[Score] = set()
+    for name in active_terms(method_config):
+        term = _TERMS[name]
+        for model, response in term.sequences(options):
+            scores.update(_sequence_scores(model, response, weighted and term.weighted))
+        scores.update(term.reads(options))
+    return tuple(sorted(scores))
+
+
+def compute_objective(method_config: MethodConfig, scored: Scored) -> TermResult:
     """Per-example loss of a configured method: ``sum_term weight * term_losses``.
 
     Args:
-      method_config: the method block (see the module doc): ``name``, optional ``terms``,
-        ``token_weights`` and hyper-parameters (``OPTION_DEFAULTS``).
-      scored: the named arrays the step produced (module doc; ``required_scores`` lists them).
+      method_config: the method block (see the module doc).
+      scored: ``{Score: array}``, at least ``required_scores(method_config)``; per-token arrays
+        ``[B, T]`` are 0 at masked positions by contract, per-example ones ``[B]``.
 
     Returns:
-      ``(losses [B] float32, metrics)``: every term's metrics (a key two terms share is kept
-      from the first and stored as ``<term>/<key>`` for later ones) plus ``loss/total``.
+      ``(losses [B] float32, metrics)``: every term's metrics (a key two terms share is kept from
+      the first and stored as ``<term>/<key>`` for later ones) plus ``loss/total``.
     """
-    terms = active_terms(method_config)
-    missing = [key for key in required_scores(method_config) if key not in scored]
+    weights = active_terms(method_config)
+    options = resolve_options(method_config)
+    missing = [score.key for score in required_scores(method_config) if score not in scored]
     if missing:
-        raise KeyError(
-            f"method {method_config.get('name')!r} with terms {terms} needs scored arrays "
-            f"{missing}; got {sorted(scored)}"
-        )
-    # Each (model, response) sequence is reduced once, however many terms read it.
-    pairs = dict.fromkeys(pair for term in terms for pair in TERMS[term].sequences(method_config))
-    sequences = {
-        f"{model}/{response}": _sequence(method_config, scored, model, response)
-        for model, response in pairs
-    }
-    weighted = {
-        term: (weight, TERMS[term].loss(method_config, scored, sequences))
-        for term, weight in terms.items()
-    }
-    losses, metrics = combine_terms(weighted)
+        raise KeyError(f"method {method_config.get('name')!r} with terms {weights} needs scored "
+                       f"arrays {missing}; got {sorted(score.key for score in scored)}")
+    reduction = options.get("reduction", "sum")
+    sequences: dict[tuple[str, Response, bool], jax.Array] = {}
+
+    def sequence_of(term: Term):
+        weighted = term.weighted and options["token_weights"] is not None
+
+        def sequence(model: str, response: Response) -> jax.Array:
+            key = (model, response, weighted)
+            if key not in sequences:  # each sequence is reduced once, however many terms read it
+                token_logps = scored[terms_lib.token_logps(model, response)]
+                response_mask = scored[terms_lib.mask(response)]
+                sequences[key] = (
+                    weighted_token_sum(token_logps, scored[terms_lib.token_weights(response)],
+                                       response_mask, reduction=reduction)
+                    if weighted else sequence_logps(token_logps, response_mask,
+                                                    reduction=reduction))
+            return sequences[key]
+
+        return sequence
+
+    results = {name: (weight, _TERMS[name].loss(Inputs(options, scored,
+                                                       sequence_of(_TERMS[name]))))
+               for name, weight in weights.items()}
+    losses, metrics = combine_terms(results)
     metrics["loss/total"] = mean_metric(jax.lax.stop_gradient(losses))
     return losses, metrics
+
+
+_discover()

@@ -2,12 +2,14 @@
 
 ``Delta_t = logit(y_t | I) - logit(y_t | I_noise)`` from the reference (the pre-softmax logit of
 the label token under the clean and the noised image); chosen ``w_t = sigma(Delta_t) + 0.5``,
-rejected ``w_t = 1 - sigma(Delta_t) + 0.5``. The weights enter as
-``logp^tpo(y) = sum_t (log pi(y_t) + log w_t)``.
+rejected ``w_t = 1 - sigma(Delta_t) + 0.5``. The weights enter as Cat-PO's do,
+``logp^w(y) = sum_t w_t log pi(y_t)`` on the policy and the reference alike, so the gradient of
+each token's log-prob is proportional to its ``w_t``. (An earlier specification,
+``sum_t (log pi(y_t) + log w_t)``, only shifted each example's margin: with ``w_t`` fixed by the
+reference every token got the same gradient.)
 
-**[our choice]** ``logp^tpo`` replaces the *policy's* summed log-prob only; the reference keeps
-its plain sum. Adding the same ``sum_t log w_t`` to both would cancel exactly in
-``h = logp_theta - logp_ref``, so a weighted reference would make the weights inert.
+``DECLARATIONS``: the ``tpo`` weighting (the reference re-reads each weighted response on the
+noised image to form ``Delta_t``) and the ``tpo`` method (``dpo`` with ``tpo`` weights).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.objectives.logprobs import sequence_logps
+from mmpo_jax.data.fields import NOISED
+from mmpo_jax.objectives.terms import Method, Weighting
 
 
 def label_token_logits(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -56,26 +59,4 @@ def tpo_token_weights(
     return jnp.where(valid, weights, 0.0)
 
 
-def tpo_weighted_logps(
-    token_logps: jax.Array,
-    token_weights: jax.Array,
-    mask: jax.Array,
-    *,
-    reduction: str = "sum",
-) -> jax.Array:
-    """``sum_t (log pi(y_t) + log w_t)`` over valid tokens, ``[B, T] -> [B]``.
-
-    The weights are constants (``stop_gradient``); masked positions contribute exactly 0 (their
-    weight may be 0 without producing ``-inf``).
-
-    Args:
-      token_logps: ``[B, T]`` per-token log-probs of the policy.
-      token_weights: ``[B, T]`` from ``tpo_token_weights``.
-      mask: ``[B, T]`` bool or 0/1.
-      reduction: ``"sum"`` or ``"mean"`` (divided by the number of valid tokens).
-    """
-    valid = jnp.asarray(mask) > 0
-    weights = jax.lax.stop_gradient(jnp.asarray(token_weights, jnp.float32))
-    log_weights = jnp.log(jnp.where(valid, weights, 1.0))
-    values = jnp.where(valid, jnp.asarray(token_logps, jnp.float32), 0.0)
-    return sequence_logps(values + log_weights, valid, reduction=reduction)
+DECLARATIONS = (Weighting("tpo", reread_on=NOISED), Method("tpo", {"dpo": 1.0}, token_weights="tpo"))

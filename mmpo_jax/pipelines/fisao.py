@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,17 +44,17 @@ from transformers import PreTrainedTokenizerBase
 
 from mmpo_jax.data import shapes_world
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.data.template import DropReason, encode_prompt
+from mmpo_jax.data.tokenizer import pad_token_id
 from mmpo_jax.evaluation import chair
 from mmpo_jax.evaluation.shapes import objects_from_json
 from mmpo_jax.generation import BanTokens, generate
+from mmpo_jax.generation.prompts import left_padded_prompts
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives.metrics import Metric, mean_metric
 from mmpo_jax.pipelines.verifier import Verifier
 from mmpo_jax.rewards import fisao as fisao_rewards
 
 Record = Mapping[str, Any]
-PROMPT_MULTIPLE = 8
 VOCABULARIES = ("shapes_world", "coco")
 
 
@@ -90,22 +89,12 @@ class ObjectVocabulary:
     def mentions(self, text: str) -> list[tuple[int, str]]:
         """``(end character, canonical name)`` of every object mention in ``text``.
 
-        Words are ``[a-z]+`` runs of the lower-cased text; scanning left to right, the longest
-        surface form starting at each word wins ("red circle" over "circle").
+        The scan is CHAIR's (``evaluation.chair.phrase_mentions``): the longest surface form
+        starting at each word wins ("red circle" over "circle").
         """
-        words = [(m.group(), m.end()) for m in re.finditer(r"[a-z]+", text.lower())]
-        found, start = [], 0
-        while start < len(words):
-            for length in range(min(self._longest, len(words) - start), 0, -1):
-                key = tuple(word for word, _ in words[start:start + length])
-                if key in self.forms:
-                    if self.forms[key] is not None:
-                        found.append((words[start + length - 1][1], self.forms[key]))
-                    start += length
-                    break
-            else:
-                start += 1
-        return found
+        return [(end, name) for end, _, name in chair.phrase_mentions(text, self.forms,
+                                                                        self._longest)
+                if name is not None]
 
 
 def _shapes_truth(record: Record) -> frozenset[str]:
@@ -130,7 +119,7 @@ def _coco_truth(record: Record) -> frozenset[str]:
 def coco_vocabulary() -> ObjectVocabulary:
     """The COCO-80 categories with CHAIR's synonyms, plurals and two-word rules
     (``evaluation.chair``'s phrase table; the canonical name is the category)."""
-    index, _ = chair._coco_phrase_index()  # one phrase table for CHAIR and FiSAO
+    index, _ = chair.coco_phrase_index()  # one phrase table for CHAIR and FiSAO
     return ObjectVocabulary("coco", dict(index), _coco_truth)
 
 
@@ -241,28 +230,6 @@ class RolloutBatch:
         return self.sequences[:, self.prompt_length:]
 
 
-def left_padded_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-                        num_image_tokens: int, pad_token_id: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Templated prompts left-padded to a multiple of 8: ``(input_ids [P, T], mask [P, T])``."""
-    encoded = [encode_prompt(tokenizer, p, num_image_tokens=num_image_tokens) for p in prompts]
-    dropped = [e for e in encoded if isinstance(e, DropReason)]
-    if dropped:
-        raise ValueError(f"prompts could not be encoded: {dropped[:3]}")
-    length = -(-max(len(e.input_ids) for e in encoded) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
-    input_ids = np.full((len(encoded), length), pad_token_id, np.int32)
-    mask = np.zeros((len(encoded), length), bool)
-    for row, e in enumerate(encoded):
-        input_ids[row, length - len(e.input_ids):] = e.input_ids
-        mask[row, length - len(e.input_ids):] = True
-    return input_ids, mask
-
-
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The tokenizer's pad id, else its EOS id."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def sample_rollouts(model: Llava, tokenizer: PreTrainedTokenizerBase,
                     images: Sequence[np.ndarray], prompts: Sequence[str], *,
                     image_config: ImageProcessorConfig, num_samples: int, max_new_tokens: int,
@@ -283,9 +250,9 @@ def sample_rollouts(model: Llava, tokenizer: PreTrainedTokenizerBase,
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one per image")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: FiSAO samples, use a temperature > 0")
-    pad = pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     prompt_ids, prompt_mask = left_padded_prompts(
-        tokenizer, prompts, num_image_tokens=model.config.num_image_tokens, pad_token_id=pad)
+        tokenizer, prompts, num_image_tokens=model.config.num_image_tokens)
     input_ids = np.repeat(prompt_ids, num_samples, axis=0)
     mask = np.repeat(prompt_mask, num_samples, axis=0)
     pixels = np.repeat(np.stack([image_config(image) for image in images]), num_samples, axis=0)

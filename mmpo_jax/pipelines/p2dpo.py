@@ -62,9 +62,11 @@ from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.data.interventions import crop_to_box
 from mmpo_jax.data.pipeline import example_key
 from mmpo_jax.models.llava import Llava
+from mmpo_jax.generation.prompts import left_pad, prompt_ids
 from mmpo_jax.objectives.logprobs import sequence_logps
+from mmpo_jax.objectives.p2dpo import PAIRS
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
-from mmpo_jax.training.reference_cache import cache_key, params_digest, tokenizer_digest
+from mmpo_jax.engine.reference_cache import cache_key, params_digest, tokenizer_digest
 
 FORMAT_VERSION = 1
 FILTER_SCORES = ("generation", "training")
@@ -149,9 +151,9 @@ class PairSettings:
         if self.batch_size < 1 or self.shard_size < 1 or self.shard_size % self.batch_size:
             problems.append(f"shard_size={self.shard_size} must be a positive multiple of "
                             f"batch_size={self.batch_size}")
-        unknown = sorted(set(self.filter_pairs) - set(pairs.PAIR_ROWS))
+        unknown = sorted(set(self.filter_pairs) - set(PAIRS))
         if unknown:
-            problems.append(f"filter_pairs has unknown pairs {unknown}; valid: {sorted(pairs.PAIR_ROWS)}")
+            problems.append(f"filter_pairs has unknown pairs {unknown}; valid: {sorted(PAIRS)}")
         if self.filter_scores not in FILTER_SCORES:
             problems.append(f"filter_scores={self.filter_scores!r} is not one of {FILTER_SCORES}")
         for name in ("enhanced_prompt", "robust_prompt"):
@@ -166,20 +168,13 @@ class PairSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | ml_collections.ConfigDict) -> PairSettings:
-        """From a ``pairs_config`` ConfigDict (or a plain mapping); unknown keys raise."""
+        """From a config's ``pairs`` section (or a plain mapping); unknown keys raise."""
         values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown P2-DPO pair settings {unknown}; valid: {sorted(names)}")
         return cls(**values)
-
-
-def pairs_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """``PairSettings`` as a ConfigDict (the generation section of ``configs/p2dpo.py``)."""
-    values = dataclasses.asdict(PairSettings.from_config(overrides))
-    values["source_builder"] = ml_collections.ConfigDict(values["source_builder"])
-    return ml_collections.ConfigDict(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +261,8 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
     images = [np.asarray(r["image"], np.uint8) for r in padded]
     pixels = np.stack([image_config(image) for image in images])
     encode = dict(num_image_tokens=model.config.num_image_tokens, template=layout.template)
-    plain_ids = pairs.prompt_ids(tokenizer, prompts, **encode)
-    input_ids, mask = pairs.left_pad(plain_ids, tokenizer.pad_token_id)
+    plain_ids = prompt_ids(tokenizer, prompts, **encode)
+    input_ids, mask = left_pad(plain_ids, tokenizer.pad_token_id)
 
     saliency = pairs.saliency_maps(model, input_ids, mask, pixels, layer=layer, mode=settings.saliency)
     boxes = pairs.crop_boxes(np.asarray(saliency), [(i.shape[1], i.shape[0]) for i in images],
@@ -279,14 +274,14 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
 
     # Both focus replies in one call: [I_aug with P_enh; I_deg with P], padded to one length.
     enhanced = [settings.enhanced_prompt.format(prompt=p) for p in prompts]
-    focus_ids, focus_mask = pairs.left_pad(pairs.prompt_ids(tokenizer, enhanced, **encode) + plain_ids,
+    focus_ids, focus_mask = left_pad(prompt_ids(tokenizer, enhanced, **encode) + plain_ids,
                                            tokenizer.pad_token_id)
     focus_pixels = np.stack([image_config(image) for image in augmented + degraded])
     focus_chosen, focus_rejected = pairs.sample_replies(
         model, tokenizer, focus_ids, focus_mask, focus_pixels,
         max_new_tokens=settings.focus_max_new_tokens).split(2)
     robust = [settings.robust_prompt.format(prompt=p) for p in prompts]
-    robust_ids, robust_mask = pairs.left_pad(pairs.prompt_ids(tokenizer, robust, **encode),
+    robust_ids, robust_mask = left_pad(prompt_ids(tokenizer, robust, **encode),
                                              tokenizer.pad_token_id)
     first = padded_indices[0]
     sampling = dict(max_new_tokens=settings.robust_max_new_tokens,
@@ -327,9 +322,9 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
                                             drop_identical=settings.drop_identical)
     shard.stats.update(stats)
     shard.stats["candidates"] += real
-    reference_sums = [np.asarray(sequence_logps(candidates.scored[f"{r}/token_logps"],
-                                                candidates.scored[f"{r}/mask"]))
-                      for r in pairs.PAIR_ROWS["focus"]]
+    reference_sums = [np.asarray(sequence_logps(candidates.scored[f"{r.name}/token_logps"],
+                                                candidates.scored[f"{r.name}/mask"]))
+                      for r in PAIRS["focus"]]
     for box, target in zip(candidates.boxes[:real], candidates.targets[:real]):
         if target is not None:
             shard.stats["questions"] += 1

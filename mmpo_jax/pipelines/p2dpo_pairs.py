@@ -12,7 +12,7 @@ The batched math of ``pipelines.p2dpo`` (which adds prompts, shards, records and
 4. ``decode``: the reference's replies (``generation.generate``; the robustness pair's chosen
    reply by ``generation.contrastive.contrastive_generate``), as text;
 5. ``score_pairs``: the reference's per-token log-probs of both pairs exactly as the trainer
-   computes them (``training.scoring.reference_scores`` on a ``Batch`` built by the training
+   computes them (``engine.scoring.reference_scores`` on a ``Batch`` built by the training
    template and buckets), for ``rewards.p2dpo.pair_filter`` and the stored reference log-probs.
 
 Shapes: ``B`` records, ``T`` prompt length (left-padded), ``G`` the patch grid side, ``H, W`` the
@@ -34,9 +34,9 @@ import numpy as np
 from flax import nnx
 
 from mmpo_jax.data import interventions, shapes_world
-from mmpo_jax.data.batch import Batch, collate, shift_for_next_token
+from mmpo_jax.data.batch import Batch, collate
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.data.template import DropReason, decode_response, encode_prompt, encode_prompt_response
+from mmpo_jax.data.template import DropReason, decode_response, encode_prompt_response
 from mmpo_jax.evaluation.chair import caption_chair_counts
 from mmpo_jax.generation import BanTokens, generate
 from mmpo_jax.generation.contrastive import contrastive_generate
@@ -45,18 +45,15 @@ from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives.logprobs import sequence_logps
 from mmpo_jax.rewards.p2dpo import (FILTER_REASONS, SALIENCY_MODES, adaptive_crop_box, pair_filter,
                                     saliency_map, saliency_objective)
-from mmpo_jax.training.scoring import RESPONSES, ScoringPlan, batch_tokens, reference_scores
-
-PAIR_ROWS = {"focus": ("focus_chosen", "focus_rejected"), "robust": ("robust_chosen", "robust_rejected")}
-"""Each generated pair -> its (chosen, rejected) response names of ``training.scoring.RESPONSES``:
-the focus pair is scored on the clean image, the robustness pair on the noise image."""
+from mmpo_jax.engine.scoring import ScoringPlan, reference_scores, response_mask
+from mmpo_jax.objectives.p2dpo import PAIRS
+from mmpo_jax.objectives.terms import REFERENCE, token_logps
 COVERAGE_THRESHOLD = 0.5
 """A crop box covers an object when at least this fraction of the object's bbox lies inside it."""
-LENGTH_MULTIPLE = 8  # prompts are left-padded to a multiple of this: few compiled shapes
 
-_SCORING_PLAN = ScoringPlan(
-    policy=("focus_chosen",), reference=PAIR_ROWS["focus"] + PAIR_ROWS["robust"], token_kl=(),
-    catpo_weights=(), tpo_weights=(), masks=(), ddw=False, options={})
+_SCORING_PLAN = ScoringPlan(policy=(), reference=PAIRS["focus"] + PAIRS["robust"])
+"""The trainer's reference reads of both pairs: the focus pair (``objectives.p2dpo.PAIRS``) on the
+clean image, the robustness pair on the noise image."""
 
 
 def saliency_layer(num_layers: int, depth: float) -> int:
@@ -68,32 +65,6 @@ def saliency_layer(num_layers: int, depth: float) -> int:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"saliency depth={depth} must lie in [0, 1] (fraction of the decoder's layers)")
     return min(num_layers - 1, int(round(depth * num_layers)))
-
-
-def left_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads 1-D id rows to ``[len, T]`` (``T`` rounded up to ``LENGTH_MULTIPLE``).
-
-    Returns:
-      ``(input_ids int32 [B, T], attention_mask bool [B, T])``; real tokens at the right end.
-    """
-    longest = max(len(row) for row in sequences)
-    length = -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-    input_ids = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), bool)
-    for row, ids in enumerate(sequences):
-        input_ids[row, length - len(ids):] = ids
-        mask[row, length - len(ids):] = True
-    return input_ids, mask
-
-
-def prompt_ids(tokenizer: Any, prompts: Sequence[str], *, num_image_tokens: int, template: str
-               ) -> list[np.ndarray]:
-    """The generation prompts (BOS + template up to "ASSISTANT:", one image) as id rows."""
-    rows = []
-    for prompt in prompts:
-        encoded = encode_prompt(tokenizer, prompt, num_image_tokens=num_image_tokens, template=template)
-        rows.append(encoded.input_ids)
-    return rows
 
 
 def focus_prompt(record: Mapping[str, Any], index: int, *, question_fraction: float, seed: int
@@ -411,16 +382,16 @@ def score_pairs(model: Llava, batch: Batch, *, image_config: ImageProcessorConfi
     """The reference's per-token log-probs and masks of both pairs, as the trainer scores them.
 
     Returns:
-      ``{"{r}/token_logps", "{r}/mask"}`` ``[B, T]`` for ``r`` in ``PAIR_ROWS``' responses
-      (focus pair on ``pixel_values``, robustness pair on ``noise_pixel_values``).
+      ``{"{r}/token_logps", "{r}/mask"}`` ``[B, T]`` for the responses ``r`` of
+      ``objectives.p2dpo.PAIRS`` (focus pair on ``pixel_values``, robustness pair on
+      ``noise_pixel_values``).
     """
     scored = reference_scores(_SCORING_PLAN, model, batch, image_config=image_config,
                               eos_token_id=eos_token_id)
     out = {}
-    for response in PAIR_ROWS["focus"] + PAIR_ROWS["robust"]:
-        input_ids, loss_mask, _ = batch_tokens(batch, RESPONSES[response][0])
-        out[f"{response}/token_logps"] = scored[f"ref/{response}/token_logps"]
-        out[f"{response}/mask"] = shift_for_next_token(input_ids, loss_mask)[2]
+    for response in _SCORING_PLAN.reference:
+        out[f"{response.name}/token_logps"] = scored[token_logps(REFERENCE, response).key]
+        out[f"{response.name}/mask"] = response_mask(batch, response)
     return out
 
 
@@ -450,7 +421,7 @@ class PairVerdict:
 
 def judge_pairs(scored: Mapping[str, Any], responses: Mapping[str, Sequence[str]], *,
                 max_perplexity: float, margin_range: tuple[float, float]) -> dict[str, PairVerdict]:
-    """``rewards.p2dpo.pair_filter`` on each pair of ``PAIR_ROWS`` (NumPy out).
+    """``rewards.p2dpo.pair_filter`` on each pair of ``objectives.p2dpo.PAIRS`` (NumPy out).
 
     Args:
       scored: ``score_pairs``' output (``{r}/token_logps``, ``{r}/mask`` ``[B, T]``).
@@ -459,9 +430,9 @@ def judge_pairs(scored: Mapping[str, Any], responses: Mapping[str, Sequence[str]
       max_perplexity, margin_range: the filter's thresholds.
     """
     verdicts = {}
-    for pair, responses_of_pair in PAIR_ROWS.items():
-        logps = [jnp.asarray(scored[f"{r}/token_logps"]) for r in responses_of_pair]
-        masks = [jnp.asarray(scored[f"{r}/mask"]) for r in responses_of_pair]
+    for pair, responses_of_pair in PAIRS.items():
+        logps = [jnp.asarray(scored[f"{r.name}/token_logps"]) for r in responses_of_pair]
+        masks = [jnp.asarray(scored[f"{r.name}/mask"]) for r in responses_of_pair]
         _, reason = pair_filter(logps[0], masks[0], logps[1], masks[1],
                                 max_perplexity=max_perplexity, margin_range=margin_range)
         verdicts[pair] = PairVerdict(
@@ -470,7 +441,7 @@ def judge_pairs(scored: Mapping[str, Any], responses: Mapping[str, Sequence[str]
             means=tuple(np.asarray(sequence_logps(l, m, reduction="mean"))
                         for l, m in zip(logps, masks)),
             identical=np.asarray([a == b for a, b in zip(
-                *(responses[RESPONSES[r][0]] for r in responses_of_pair))]))
+                *(responses[r.tokens] for r in responses_of_pair))]))
     return verdicts
 
 

@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-NORMALIZATIONS = ("minmax", "none")
+from mmpo_jax.objectives.catpo import NORMALIZATIONS
 
 
 def layer_band(num_layers: int, band: tuple[float, float] = (0.6, 0.7)) -> tuple[int, ...]:

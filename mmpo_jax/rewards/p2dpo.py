@@ -1,6 +1,7 @@
-"""P2-DPO's saliency map, adaptive crop, DDW weights and pair filter (METHODS.md §5).
+"""P2-DPO's saliency map, adaptive crop and pair filter (METHODS.md §5; its DDW weights are part
+of the loss, ``objectives.p2dpo.ddw_weights``).
 
-``saliency_map``, ``saliency_objective``, ``ddw_weights`` and ``pair_filter`` are pure ``jnp``
+``saliency_map``, ``saliency_objective`` and ``pair_filter`` are pure ``jnp``
 functions (jittable, batched). ``adaptive_crop_box`` is NumPy: it runs once per example during pair
 generation, outside any jitted step, and returns Python ints for PIL-style cropping.
 
@@ -154,29 +155,6 @@ def adaptive_crop_box(
         int(min(width, x_centre + half)),
         int(min(height, y_centre + half)),
     )
-
-
-def ddw_weights(
-    clip_crop: jax.Array,
-    clip_full: jax.Array,
-    *,
-    alpha_max: float = 0.2,
-    tau: float = 0.1,
-    w_base: float = 0.5,
-) -> tuple[jax.Array, jax.Array]:
-    """Dynamic Deficiency Weighting: ``(w_focus, w_rob)``, each ``[B]``, summing to ``2 w_base``.
-
-    ``r = clip_crop / max(clip_full, 1e-8)``, ``a = alpha_max tanh((r - 1) / tau)``,
-    ``w_focus = w_base + a``, ``w_rob = w_base - a`` (0.5 / 0.5 at ``r = 1``).
-
-    Args:
-      clip_crop: ``[B]`` CLIPScore(prompt, crop).
-      clip_full: ``[B]`` CLIPScore(prompt, full image).
-    """
-    clip_crop = jnp.asarray(clip_crop, jnp.float32)
-    ratio = clip_crop / jnp.maximum(jnp.asarray(clip_full, jnp.float32), 1e-8)
-    adjust = alpha_max * jnp.tanh((ratio - 1.0) / tau)
-    return w_base + adjust, w_base - adjust
 
 
 def pair_filter(

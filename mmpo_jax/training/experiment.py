@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,7 +31,6 @@ import jax
 import ml_collections
 from flax import nnx
 
-from mmpo_jax import convert as convert_cli
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
@@ -38,8 +38,11 @@ from mmpo_jax.evaluation.runner import evaluate_model
 from mmpo_jax.evaluation.table import format_table
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
-from mmpo_jax.training import config_checks, reference_cache, sharding
-from mmpo_jax.training.config_loading import method_defaults
+from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
+from mmpo_jax.data.builders.p2dpo_pairs import summarize
+from mmpo_jax.engine import model_io, reference_cache, sharding
+from mmpo_jax.config import checks as config_checks
+from mmpo_jax.config.schema import method_defaults
 from mmpo_jax.training.loop import train
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,9 @@ def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorCon
         image_config = image_processing.tiny(int(world["image_size"]))
     else:
         image_config = image_processing.clip_vit_l_336()
+    if data.image_size:  # the same steps at another size (e.g. the tiny model's 64 px)
+        image_config = dataclasses.replace(image_config, size=int(data.image_size),
+                                           crop_size=int(data.image_size))
     return source, tokenizer, image_config
 
 
@@ -85,6 +91,36 @@ def model_config(config: Any, tokenizer: Any) -> LlavaConfig:
     return factory(dtype=model.dtype, param_dtype=model.param_dtype)
 
 
+def check_image_size(config: Any, tokenizer: Any,
+                     image_config: image_processing.ImageProcessorConfig) -> None:
+    """Raises `config.checks.ConfigError` when ``image_config`` makes images of another size than
+    the initial model's vision tower takes; read without loading or compiling the model (the
+    checkpoint's ``config.json`` for ``model.init="checkpoint"``, else the preset's)."""
+    if config.model.init == "checkpoint":
+        stored = _expand(config.model.checkpoint) / model_io.CONFIG_FILE
+        llava_config = LlavaConfig.from_dict(json.loads(stored.read_text()))
+    else:
+        llava_config = model_config(config, tokenizer)
+    problems = config_checks.image_size_problems(config, image_config.crop_size,
+                                                 llava_config.vision_config.image_size)
+    if problems:
+        raise config_checks.ConfigError(config_checks.format_problems(config, problems))
+
+
+def with_epoch_steps(config: Any, num_records: int) -> Any:
+    """``config`` itself, or with ``train.num_steps=0`` a copy with the steps of
+    ``data.num_epochs`` passes over ``num_records`` (`config.checks.epoch_steps`), logged."""
+    if int(config.train.num_steps):
+        return config
+    steps = config_checks.epoch_steps(config, num_records, process_count=jax.process_count())
+    logger.info("%s: train.num_steps=0 -> %d steps: data.num_epochs=%d over %d records, batches "
+                "of %d (data.drop_remainder=%s)", config.name, steps, config.data.num_epochs,
+                num_records, config.data.batch_size, config.data.drop_remainder)
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.train.num_steps = steps
+    return resolved
+
+
 def with_runtime(llava_config: LlavaConfig, model: Any) -> LlavaConfig:
     """``llava_config`` with the run's ``model.dtype`` / ``param_dtype`` (both towers, projector)
     and ``model.remat`` (the decoder's layers): how to compute, never what is computed."""
@@ -99,15 +135,6 @@ def _digest(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_model(model: Llava, directory: pathlib.Path) -> None:
-    """The model's parameters (orbax) and config (JSON) under ``directory``."""
-    convert_cli.save_checkpoint(model, model.config, directory)
-
-
-def load_model(directory: pathlib.Path) -> Llava:
-    return convert_cli.load_checkpoint(directory)[0]
-
-
 def sft_base_config(config: Any) -> ml_collections.ConfigDict:
     """The training config of the cached SFT base, derived from ``config``'s sections."""
     base = ml_collections.ConfigDict(config.to_dict())
@@ -116,6 +143,7 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
     base.data.split = section.split
     base.data.batch_size = int(section.batch_size)
     base.data.num_epochs = 0
+    base.data.too_long, base.data.drop_remainder = "truncate", False  # not in the cache key
     base.train.num_steps = int(section.num_steps)
     base.optimizer.learning_rate = float(section.learning_rate)
     base.optimizer.warmup_ratio = 0.05
@@ -136,7 +164,7 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
         if not config.model.checkpoint:
             raise ValueError("model.init='checkpoint' needs model.checkpoint (an orbax directory "
                              "from `python -m mmpo_jax.convert import`)")
-        return convert_cli.load_checkpoint(  # straight into the run's shards
+        return model_io.load_model(  # straight into the run's shards
             _expand(config.model.checkpoint),
             runtime=functools.partial(with_runtime, model=config.model),
             mesh=sharding.make_mesh(dict(config.mesh)),
@@ -158,15 +186,15 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
     directory = root / key[:16]
     if (directory / "done").exists():
         logger.info("SFT base: using the cached model in %s", directory)
-        return load_model(directory / "model")
+        return model_io.load_model(directory / "model")[0]
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
     source, _, image_config = load_data(base_config)
     result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
                    tokenizer=tokenizer, source=source, image_config=image_config,
                    workdir=directory / "run")
-    save_model(result.model, directory / "model")
+    model_io.save_model(result.model, directory / "model")
     (directory / "done").write_text(json.dumps({"key": key}))
-    return load_model(directory / "model")
+    return model_io.load_model(directory / "model")[0]
 
 
 def control_config(config: Any) -> ml_collections.ConfigDict:
@@ -224,24 +252,21 @@ SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "r
 """The main job's table: greedy and sampled CHAIR, the bias probes, POPE."""
 
 
-def run_experiment(config: Any, *, pairs: Any = None) -> dict[str, dict[str, float]]:
-    """The main job (module doc); returns ``{row name: metrics}`` in table order.
-
-    Args:
-      pairs: P2-DPO's generation settings (``get_config("pairs")`` of ``configs/p2dpo.py``); with
-        ``data.dataset="p2dpo_pairs"`` the pairs are generated from the initial policy first.
-    """
+def run_experiment(config: Any) -> dict[str, dict[str, float]]:
+    """The main job (module doc); returns ``{row name: metrics}`` in table order. With
+    ``data.dataset="p2dpo_pairs"`` the pairs are generated from the initial policy first, as the
+    config's ``pairs`` section says."""
     workdir = _expand(config.workdir or f"runs/{config.name}")
-    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir,
-                        pairs=pairs)
+    return run_variants(config, {str(config.method.name): (config, workdir)}, workdir=workdir)
 
 
-def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDict:
-    """``config`` with its data section pointing at the prompt source of ``settings``.
+def prompt_source_config(config: Any) -> ml_collections.ConfigDict:
+    """``config`` with its data section pointing at the prompt source of its ``pairs`` section.
 
     ``training.experiment.load_data`` / ``initial_model`` read it: the prompt records, their
     tokenizer and image preprocessing, and the SFT base trained on that (shapes) world.
     """
+    settings = PairSettings.from_config(config.pairs)
     source = ml_collections.ConfigDict(config.to_dict())
     source.data.dataset = settings.source_dataset
     source.data.split = settings.source_split
@@ -250,35 +275,35 @@ def prompt_source_config(config: Any, settings: Any) -> ml_collections.ConfigDic
     return source
 
 
-def _generate_pairs(config: Any, pairs: Any, base: Llava, prompts: Any, tokenizer: Any,
-                    image_config: image_processing.ImageProcessorConfig) -> None:
-    """P2-DPO: pairs from ``base`` on the prompt records ``prompts`` (the source of ``pairs``,
-    loaded by the caller with its tokenizer and preprocessing), skipped where already written."""
-    from mmpo_jax.data.builders.p2dpo_pairs import summarize
-    from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
-
-    settings = PairSettings.from_config(pairs)
-    manifest = generate_pairs(
+def generate_p2dpo_pairs(config: Any, base: Llava, prompts: Any, tokenizer: Any,
+                         image_config: image_processing.ImageProcessorConfig,
+                         output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """P2-DPO: pairs from ``base`` on the prompt records ``prompts`` (the source of
+    ``config.pairs``, loaded by the caller with its tokenizer and preprocessing) into
+    ``output_dir`` (default ``data.manual_dir``), skipping shards already written; returns the
+    manifest."""
+    settings = PairSettings.from_config(config.pairs)
+    world = getattr(prompts, "metadata", {}).get("world")
+    return generate_pairs(
         base, tokenizer, prompts, image_config=image_config,
-        output_dir=str(_expand(config.data.manual_dir)), settings=settings, seed=int(config.seed),
+        output_dir=str(_expand(output_dir or config.data.manual_dir)), settings=settings,
+        seed=int(config.seed),
         layout=TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
                               config.data.template),
         source_metadata={"source_dataset": settings.source_dataset,
-                         "source_split": settings.source_split, "world": prompts.metadata["world"]})
-    logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
+                         "source_split": settings.source_split,
+                         **({"world": world} if world is not None else {})})
 
 
-def _world_config(config: Any, pairs: Any) -> Any:
+def _world_config(config: Any) -> Any:
     """The config whose data section names the world of the initial model and the evaluation:
     ``config`` itself, or for P2-DPO the prompt source its pairs are generated from."""
     if config.data.dataset != "p2dpo_pairs":
         return config
-    from mmpo_jax.pipelines.p2dpo import PairSettings
-
-    if pairs is None:
-        raise ValueError("data.dataset='p2dpo_pairs' needs the pair-generation settings "
-                         "(configs/p2dpo.py:pairs)")
-    return prompt_source_config(config, PairSettings.from_config(pairs))
+    if "pairs" not in config:
+        raise ValueError("data.dataset='p2dpo_pairs' needs the config's pairs section "
+                         "(configs/p2dpo.py)")
+    return prompt_source_config(config)
 
 
 def _train_variant(variant: Any, **kwargs: Any):
@@ -290,7 +315,7 @@ def _train_variant(variant: Any, **kwargs: Any):
 
 
 def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], *,
-                 workdir: pathlib.Path, pairs: Any = None) -> dict[str, dict[str, float]]:
+                 workdir: pathlib.Path) -> dict[str, dict[str, float]]:
     """Base row, one trained row per variant, the control row: the main job and sweeps.
 
     Args:
@@ -298,17 +323,23 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
       variants: ``{row name: (training config, its workdir)}``, all from ``config``'s data and
         initial model.
       workdir: where ``results.txt`` / ``results.json`` go.
-      pairs: P2-DPO's generation settings when ``config`` trains on generated pairs.
     """
-    world = _world_config(config, pairs)
+    world = _world_config(config)
     world_records, tokenizer, world_image_config = load_data(world)
+    check_image_size(world, tokenizer, world_image_config)  # before loading or compiling
     base = initial_model(world, tokenizer)
     if world is not config:
-        _generate_pairs(config, pairs, base, world_records, tokenizer, world_image_config)
+        manifest = generate_p2dpo_pairs(config, base, world_records, tokenizer, world_image_config)
+        logger.info("P2-DPO pairs: %s", json.dumps(summarize(manifest), sort_keys=True))
     source, _, image_config = load_data(config)
     for variant, _ in variants.values():
         config_checks.validate(variant, device_count=jax.device_count(),
-                               dataset_features=getattr(source, "fields", None))
+                               dataset_features=getattr(source, "fields", None),
+                               num_records=len(source), process_count=jax.process_count(),
+                               image_sizes=(image_config.crop_size,
+                                            base.config.vision_config.image_size))
+    variants = {name: (with_epoch_steps(variant, len(source)), variant_dir)
+                for name, (variant, variant_dir) in variants.items()}
     evaluation = bool(config.eval.enabled)
     rows: dict[str, dict[str, float]] = {}
     summaries: dict[str, Any] = {}
@@ -322,8 +353,9 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
         if evaluation:
             rows[name] = evaluate(world, result.model, tokenizer, world_image_config)
     if evaluation and config.eval.control and config.method.name != "sft":
-        control = train(control_config(config), model=base, tokenizer=tokenizer, source=source,
-                        image_config=image_config, workdir=workdir / "control")
+        control = train(with_epoch_steps(control_config(config), len(source)), model=base,
+                        tokenizer=tokenizer, source=source, image_config=image_config,
+                        workdir=workdir / "control")
         summaries["control"] = control.summary
         rows["control (SFT on chosen)"] = evaluate(world, control.model, tokenizer,
                                                    world_image_config)

@@ -50,31 +50,33 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from mmpo_jax.config import checks as config_checks
 from mmpo_jax.data import shapes_world
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.data.sources import load_split
-from mmpo_jax.models import lora
+from mmpo_jax.engine import optimizer as optimizer_lib
+from mmpo_jax.engine import reference as reference_lib
+from mmpo_jax.engine import reference_cache, sharding
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.engine.step import masked_objective
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives import registry
+from mmpo_jax.objectives import terms as terms_lib
+from mmpo_jax.objectives.fisao import PPO_READS, SAMPLE
 from mmpo_jax.objectives.logprobs import token_logprobs
 from mmpo_jax.objectives.metrics import Metric, accumulate, mean_metric
 from mmpo_jax.pipelines import fisao as rollouts
 from mmpo_jax.pipelines import verifier as verifier_lib
 from mmpo_jax.pipelines.fisao import Calibration, ObjectVocabulary, RolloutBatch
 from mmpo_jax.pipelines.verifier import Verifier, WordClipSpec
-from mmpo_jax.training import optimizer as optimizer_lib
-from mmpo_jax.training import reference_cache, sharding
-from mmpo_jax.training import state as state_lib
 from mmpo_jax.training import loop
 from mmpo_jax.training.loop import TrainResult
-from mmpo_jax.training.step import masked_objective
 
 logger = logging.getLogger(__name__)
 
 SHAPES_WORLD = "shapes_world"
 CALIBRATION_RECORDS = 256
 VERIFIER_HOLDOUT = 512
-REFERENCE_MODES = ("copy", "lora_base")
 
 
 # ----------------------------------------------------------------------------- jitted pieces
@@ -93,7 +95,7 @@ def response_token_logps(model: Llava, batch: RolloutBatch,
 
 
 def _merge(graphdef: Any, *states: Any) -> nnx.Module:
-    # Fresh Variables at this trace level, as training.step does.
+    # Fresh Variables at this trace level, as engine.step does.
     return nnx.merge(graphdef, *(jax.tree.map(lambda x: x, s) for s in states))
 
 
@@ -104,14 +106,15 @@ def make_rollout_scorer(graphdef: Any, *, reference_mode: str, reference_graphde
     ``reference_mode``: "copy" (``reference`` is the frozen copy's state) or "lora_base" (the
     policy with its adapters off; ``reference`` is None).
     """
-    if reference_mode not in REFERENCE_MODES:
-        raise ValueError(f"FiSAO's reference.mode={reference_mode!r}; valid: {REFERENCE_MODES}")
+    if reference_mode not in reference_lib.ON_POLICY_MODES:
+        raise ValueError(f"FiSAO's reference.mode={reference_mode!r}; valid: "
+                         f"{reference_lib.ON_POLICY_MODES}")
 
     @jax.jit
     def score(trainable, frozen, reference_state, batch, banned):
         policy = _merge(graphdef, trainable, frozen)
-        reference = (lora.without_adapters(policy) if reference_mode == "lora_base"
-                     else _merge(reference_graphdef, reference_state))
+        reference = reference_lib.reference_model(reference_mode, policy, reference_graphdef,
+                                                  reference_state)
         old = response_token_logps(policy, batch, banned)
         ref = response_token_logps(reference, batch, banned)
         return old, jax.lax.stop_gradient(ref)
@@ -124,11 +127,10 @@ def make_ppo_update(graphdef: Any, method_config: Mapping[str, Any],
     """``update(trainable, opt_state, frozen, batch, fixed, banned) -> (trainable, opt_state,
     metrics)``, jitted with ``trainable`` and ``opt_state`` donated.
 
-    ``fixed`` holds the scored arrays that do not change over the epochs on a batch:
-    ``old/sample/token_logps``, ``ref/sample/token_logps``, ``sample/token_rewards``,
-    ``sample/mask`` (all ``[B, M]``) and ``sample/group_ids`` ``[B]``; the update adds
-    ``policy/sample/token_logps`` and reads ``registry.compute_objective`` through
-    ``step.masked_objective``. The loss is the mean over the batch's samples.
+    ``fixed`` holds the scored arrays that do not change over the epochs on a batch
+    (``fixed_scores``); the update adds the policy's ``token_logps(POLICY, SAMPLE)`` and reads
+    ``registry.compute_objective`` through ``step.masked_objective``. The loss is the mean over
+    the batch's samples.
     """
     method_config = dict(method_config)
     if "fisao_ppo" not in registry.active_terms(method_config):
@@ -137,8 +139,8 @@ def make_ppo_update(graphdef: Any, method_config: Mapping[str, Any],
 
     def loss_fn(trainable, frozen, batch, fixed, banned):
         policy = _merge(graphdef, trainable, frozen)
-        scored = dict(fixed, **{"policy/sample/token_logps":
-                                response_token_logps(policy, batch, banned)})
+        scored = {**fixed, terms_lib.token_logps(terms_lib.POLICY, SAMPLE):
+                  response_token_logps(policy, batch, banned)}
         loss_sum, metrics = masked_objective(method_config, scored, batch.example_mask)
         count = jnp.maximum(jnp.sum(batch.example_mask), 1.0)
         return loss_sum / count, metrics
@@ -156,11 +158,12 @@ def make_ppo_update(graphdef: Any, method_config: Mapping[str, Any],
 
 
 def fixed_scores(batch: RolloutBatch, token_rewards: jax.Array, old: jax.Array,
-                 ref: jax.Array) -> dict[str, jax.Array]:
-    """The scored arrays of ``make_ppo_update`` that stay fixed over a batch's epochs."""
-    return {"old/sample/token_logps": old, "ref/sample/token_logps": ref,
-            "sample/token_rewards": token_rewards, "sample/mask": batch.response_mask,
-            "sample/group_ids": batch.group_ids}
+                 ref: jax.Array) -> dict[terms_lib.Score, jax.Array]:
+    """The scored arrays of ``make_ppo_update`` that stay fixed over a batch's epochs: every
+    ``objectives.fisao.PPO_READS`` but the policy's log-probs (``[B, M]``; group ids ``[B]``)."""
+    _, sampler, reference, rewards, response_mask, group_ids = PPO_READS
+    return {sampler: old, reference: ref, rewards: token_rewards,
+            response_mask: batch.response_mask, group_ids: batch.group_ids}
 
 
 # ----------------------------------------------------------------------------- data
@@ -254,34 +257,6 @@ def policy_calibration(config: Any, model: Llava, tokenizer: Any, verifier: Veri
 # ----------------------------------------------------------------------------- the loop
 
 
-def _check(config: Any) -> None:
-    if "rollout" not in config:
-        raise ValueError("FiSAO needs the config's rollout section (configs/fisao.py)")
-    samples, batch = int(config.rollout.num_samples), int(config.data.batch_size)
-    if batch % samples:
-        raise ValueError(f"data.batch_size={batch} (samples per rollout step) must be a multiple "
-                         f"of rollout.num_samples={samples}")
-    if samples < 2:
-        raise ValueError(f"rollout.num_samples={samples}: the group baseline needs >= 2 samples "
-                         "per prompt")
-    if config.reference.mode not in REFERENCE_MODES:
-        raise ValueError(f"reference.mode={config.reference.mode!r}: FiSAO's reference scores "
-                         f"fresh samples every step; use one of {REFERENCE_MODES}")
-    if config.reference.mode == "lora_base" and state_lib.lora_config(config.model) is None:
-        raise ValueError("reference.mode='lora_base' needs model.lora.enabled")
-
-
-def _reference(config: Any, policy: Llava, mesh: Mesh, rules: Any) -> tuple[Any, Any]:
-    if config.reference.mode == "lora_base":
-        return None, None
-    copy = state_lib.copy_model(policy)
-    if lora.lora_layers(copy):
-        lora.merge_lora(copy)
-    copy.eval()
-    graphdef, state = nnx.split(copy)
-    return graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules))
-
-
 def _verifier_and_calibration(config: Any, model: Llava, tokenizer: Any,
                               vocabulary: ObjectVocabulary, image_config: ImageProcessorConfig, *,
                               workdir: pathlib.Path, verifier: Verifier | None,
@@ -348,7 +323,7 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
     Returns:
       ``training.loop.TrainResult`` (``steps`` = rollout steps run).
     """
-    _check(config)
+    config_checks.validate(config, device_count=jax.device_count())
     workdir = pathlib.Path(workdir) if workdir is not None else _expand(
         config.workdir or f"runs/{config.name}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -370,7 +345,9 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
     policy = state_lib.prepare_policy(state_lib.copy_model(model), config.model,
                                       seed=int(config.seed))
     policy.eval()  # [our choice] no dropout in FiSAO (module doc)
-    reference_graphdef, reference_state = _reference(config, policy, mesh, rules)
+    reference_graphdef, reference_state = (
+        (None, None) if config.reference.mode == "lora_base"
+        else reference_lib.placed_copy(policy, mesh, rules))
     split = state_lib.split_policy(policy, config.model)
     trainable, frozen = loop.place_policy(split, mesh, rules)
     num_updates = num_steps * ppo_epochs

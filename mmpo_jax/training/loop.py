@@ -21,22 +21,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmpo_jax.config import checks as config_checks
 from mmpo_jax.data import pipeline
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.models import lora
+from mmpo_jax.engine import optimizer as optimizer_lib
+from mmpo_jax.engine import reference as reference_lib
+from mmpo_jax.engine import reference_cache, sharding
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.engine.checkpointing import Checkpointer, abstract_target, export_policy
+from mmpo_jax.engine.scoring import ScoringPlan, plan_scoring, reference_scores
+from mmpo_jax.engine.step import make_train_step
 from mmpo_jax.models.llava import Llava
-from mmpo_jax.training import optimizer as optimizer_lib
-from mmpo_jax.training import reference_cache, sharding
-from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.checkpointing import Checkpointer, abstract_target, export_policy
 from mmpo_jax.training.logging import MetricLogger
-from mmpo_jax.training.scoring import ScoringPlan, plan_scoring, reference_scores
-from mmpo_jax.training.step import make_train_step
 
 logger = logging.getLogger(__name__)
-
-RANDOMISED_IMAGES = ("corrupt_pixel_values", "noise_pixel_values")
-"""Images drawn per (seed, epoch, record): a reference cache built over one epoch cannot hold them."""
 
 
 @dataclasses.dataclass
@@ -49,29 +47,16 @@ class TrainResult:
     workdir: pathlib.Path
 
 
-def pipeline_extras(plan: ScoringPlan) -> tuple[str, ...]:
-    """The ``preference_pipeline`` extras whose fields the plan reads."""
-    images = set(plan.images)
-    rows = set(plan.policy + plan.reference)
-    extras = [name for name in ("corrupt_pixel_values", "noise_pixel_values") if name in images]
-    if {"focus_aug_pixel_values", "focus_deg_pixel_values"} & images:
-        extras.append("focus_images")
-    if {"robust_chosen", "robust_rejected"} & rows:
-        extras.append("robust_pair")
-    if plan.ddw:
-        extras.append("ddw_clip")
-    return tuple(extras)
-
-
 def is_sft(method_config: Mapping[str, Any]) -> bool:
     return method_config["name"] == "sft"
 
 
 def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: ImageProcessorConfig,
                   num_image_tokens: int, plan: ScoringPlan, num_epochs: int | None = None,
-                  shuffle: bool | None = None, shard_by_process: bool = True
-                  ) -> pipeline.PipelineIterator:
-    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows)."""
+                  shuffle: bool | None = None, shard_by_process: bool = True,
+                  drop_remainder: bool | None = None) -> pipeline.PipelineIterator:
+    """The run's batch iterator (per process: ``data.batch_size / process_count`` rows); None
+    arguments come from ``config.data``."""
     data = config.data
     per_process, remainder = divmod(int(data.batch_size), jax.process_count())
     if remainder:
@@ -83,11 +68,12 @@ def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: Ima
         num_epochs=(int(data.num_epochs) or None) if num_epochs is None else num_epochs,
         shuffle=bool(data.shuffle) if shuffle is None else shuffle,
         max_length=int(data.max_length) or None, template=data.template,
-        shard_by_process=shard_by_process)
+        shard_by_process=shard_by_process, too_long=data.too_long,
+        drop_remainder=bool(data.drop_remainder) if drop_remainder is None else drop_remainder)
     if is_sft(config.method):
         field = "response" if "response" in source[0] else "chosen"
         return pipeline.sft_pipeline(source, response_field=field, **common)
-    return pipeline.preference_pipeline(source, extras=pipeline_extras(plan), **common)
+    return pipeline.preference_pipeline(source, extras=plan.pipeline_extras, **common)
 
 
 def _global(tree: Any, mesh: Mesh, rules: Any) -> Any:
@@ -110,18 +96,8 @@ class _Reference:
                  image_config: ImageProcessorConfig, eos_token_id: int, workdir: pathlib.Path):
         self.mode = config.reference.mode if plan.reference_rows else "none"
         self.graphdef, self.state, self.cache = None, None, None
-        if self.mode == "lora_base" and state_lib.lora_config(config.model) is None:
-            raise ValueError("reference.mode='lora_base' needs model.lora.enabled")
-        if self.mode == "lora_base" and config.model.train_projector:
-            raise ValueError("reference.mode='lora_base' with model.train_projector: the reference "
-                             "would move with the trained projector; use mode 'copy'")
         if self.mode in ("copy", "cache"):
-            copy = state_lib.copy_model(model)
-            if lora.lora_layers(copy):
-                lora.merge_lora(copy)
-            copy.eval()
-            self.graphdef, state = nnx.split(copy)
-            self.state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+            self.graphdef, self.state = reference_lib.placed_copy(model, mesh, rules)
         if self.mode == "cache":
             self._build_cache(config, plan, mesh=mesh, make_batches=make_batches,
                               source_length=source_length, tokenizer=tokenizer,
@@ -131,14 +107,6 @@ class _Reference:
 
     def _build_cache(self, config, plan, *, mesh, make_batches, source_length, tokenizer,
                      image_config, eos_token_id, workdir):
-        randomised = sorted(set(plan.images) & set(RANDOMISED_IMAGES))
-        if randomised or plan.token_kl or plan.needs_anchor:
-            raise ValueError(
-                f"reference.mode='cache' cannot serve method {config.method.name!r}: "
-                + ("its token KL needs the reference's full logits every step" if plan.token_kl
-                   else "its images are redrawn every epoch " + str(randomised) if randomised
-                   else "ADAPT's enhanced image is built from the reference's attention")
-                + "; use reference.mode='copy' (or 'lora_base')")
         graphdef = self.graphdef
 
         @jax.jit
@@ -152,11 +120,12 @@ class _Reference:
             params=reference_cache.params_digest(self.state),
             tokenizer=reference_cache.tokenizer_digest(tokenizer),
             model=config.model.to_dict(), data=config.data.to_dict(), seed=int(config.seed),
-            method=config.method.to_dict(), names=list(plan.reference_outputs))
+            method=config.method.to_dict(), names=[s.key for s in plan.reference_outputs])
         directory = pathlib.Path(os.path.expanduser(config.reference.cache_dir
                                                     or workdir / "reference_cache"))
         self.cache = reference_cache.open_or_build(
-            directory, key, names=plan.reference_outputs, num_records=source_length,
+            directory, key, names=[s.key for s in plan.reference_outputs],
+            num_records=source_length,
             max_length=max(config.data.buckets), batches_fn=make_batches,
             compute_fn=lambda batch: compute(self.state, _global(batch, mesh, rules)),
             progress=bool(config.train.progress_bar))
@@ -224,9 +193,7 @@ def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end
     final = nnx.merge(split.graphdef, trainable, frozen)
     final.eval()
     if config.checkpoint.export_hf:
-        exported = state_lib.copy_model(final)
-        if lora.lora_layers(exported):
-            lora.merge_lora(exported)
+        exported = reference_lib.merged_copy(final)
         export_policy(exported, exported.config, workdir / "hf")
     return TrainResult(model=final, steps=end, summary=summary, workdir=workdir)
 
@@ -249,6 +216,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
       stop_at: leave after this step (checkpointed) as a pre-empted run would; a later call
         resumes from it. None runs to ``train.num_steps``.
     """
+    config_checks.validate(config, device_count=jax.device_count())
     workdir = pathlib.Path(workdir) if workdir is not None else _workdir(config)
     workdir.mkdir(parents=True, exist_ok=True)
     method = config.method.to_dict()
@@ -267,7 +235,8 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
                                       seed=int(config.seed))
     reference = _Reference(
         config, plan, policy, mesh=mesh, rules=rules, source_length=len(source),
-        make_batches=lambda: iterator(num_epochs=1, shuffle=False, shard_by_process=False),
+        make_batches=lambda: iterator(num_epochs=1, shuffle=False, shard_by_process=False,
+                                      drop_remainder=False),  # a row for every record
         tokenizer=tokenizer, image_config=image_config, eos_token_id=eos_token_id,
         workdir=workdir)
     split = state_lib.split_policy(policy, config.model)

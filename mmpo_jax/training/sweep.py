@@ -13,7 +13,7 @@ import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
-from mmpo_jax.training.config_loading import config_module, load_config
+from mmpo_jax.config.loading import config_module, load_config
 from mmpo_jax.training.experiment import _expand, run_variants
 
 

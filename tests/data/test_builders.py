@@ -86,7 +86,7 @@ _TRUNCATED_PNG = fx.image_bytes(size=(20, 20))[:80]  # header intact, pixel data
 
 def _bad_lines(manual) -> dict[str, tuple[bytes, str]]:
     """{case: (jsonl line, reason it is skipped with)}."""
-    base = fx.make_pairs(9, prefix="bad")
+    base = fx.make_pairs(10, prefix="bad")
     return {
         "undecodable": (fx.jsonl_line(base[0], image=base64.b64encode(b"not an image at all" * 8).decode()),
                         "undecodable_image"),
@@ -100,6 +100,9 @@ def _bad_lines(manual) -> dict[str, tuple[bytes, str]]:
                       "image_too_large"),
         "missing_file": (fx.jsonl_line(base[8], image="img/nowhere.png"), "missing_image_file"),
         "malformed_json": (b'{"id": "x", "prompt": ', "malformed_json"),
+        # valid JSON (an escaped lone surrogate) that no UTF-8 string can hold
+        "lone_surrogate": (fx.jsonl_line(base[9], chosen="a @ cat").replace(b"@", b"\\udc80"),
+                           "unencodable_text"),
     }
 
 
@@ -132,6 +135,8 @@ def test_generic_jsonl_bad_records_are_skipped_and_counted(tmp_path):
     assert report["converted"] == {**{name: 1 for _, name in _CONVERSIONS.values()},
                                    "image_token_removed_from_prompt": len(converted)}
     assert any("pairs.jsonl:8" in example for example in report["skipped_examples"]["duplicate_id"])
+    assert report["skipped_examples"]["unencodable_text"] == [
+        "pairs.jsonl:12 (id '9'): chosen: surrogates not allowed ('\\udc80' at character 2)"]
 
 
 def test_converted_images_are_rgb_with_the_expected_pixels(tmp_path):
@@ -152,7 +157,7 @@ def test_converted_images_are_rgb_with_the_expected_pixels(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["undecodable", "missing_field", "same", "non_utf8", "duplicate", "too_large",
-                                  "malformed_json"])
+                                  "malformed_json", "lone_surrogate"])
 def test_strict_raises_naming_the_record(tmp_path, case):
     line, reason = _bad_lines(tmp_path / "manual")[case]
     fx.write_jsonl(str(tmp_path / "manual"), [fx.jsonl_line(_GOOD), line])
@@ -175,11 +180,13 @@ def test_rlhf_v_bad_rows_and_image_paths(tmp_path):
     no_image = fx.rlhf_v_row(pairs[3])
     no_image["image"] = {"bytes": None, "path": None}
     rows = [fx.rlhf_v_row(pairs[0]), path_only, fx.rlhf_v_row(pairs[2], text="{not json"), no_image,
-            fx.rlhf_v_row(pairs[2], text=json.dumps({"question": "q", "chosen": "a"}))]
+            fx.rlhf_v_row(pairs[2], text=json.dumps({"question": "q", "chosen": "a"})),
+            fx.rlhf_v_row(pairs[3], text=json.dumps({"question": "q", "chosen": "a", "rejected": "b \udc80"}))]
     fx.write_rlhf_v(manual, rows)
     source = load_split("rlhf_v", "train", data_dir=tmp_path / "data", manual_dir=manual)
     _check_round_trip(source, pairs[:2])
-    assert source.bad_records["train"]["skipped"] == {"malformed_json": 1, "missing_image": 1, "missing_field": 1}
+    assert source.bad_records["train"]["skipped"] == {"malformed_json": 1, "missing_image": 1, "missing_field": 1,
+                                                      "unencodable_text": 1}
     with pytest.raises(BadRecordError, match=r"RLHF-V-Dataset.parquet:2.*malformed_json"):
         load_split("rlhf_v", "train", data_dir=tmp_path / "strict", manual_dir=manual, strict=True)
 

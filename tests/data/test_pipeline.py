@@ -157,6 +157,47 @@ def test_dropped_examples_become_counted_padding_rows(tokenizer, image_config, c
     assert it.stats.examples == 8 and it.stats.padding_rows == 2
 
 
+@pytest.mark.parametrize("too_long", ["truncate", "skip"])
+def test_responses_longer_than_max_length_are_counted_either_way(tokenizer, image_config, caplog,
+                                                                 too_long):
+    records = make_records(4)
+    records[2] = dict(records[2], chosen=_caption(np.random.default_rng(0), 25))  # ~100 tokens
+    it = _pipeline(records, tokenizer, image_config, shuffle=False, too_long=too_long)
+    with caplog.at_level("INFO", logger="mmpo_jax.data.pipeline"):
+        (batch,) = list(it)
+    reason = pipeline.RESPONSE_TOO_LONG
+    assert batch.chosen_input_ids.shape[1] == BUCKETS[-1]  # max_length defaults to the bucket
+    if too_long == "truncate":
+        np.testing.assert_array_equal(batch.example_mask, [1, 1, 1, 1])
+        assert batch.chosen_loss_mask[2, -1] == 1  # cut at max_length: supervised to the end,
+        assert batch.chosen_input_ids[2, -1] != tokenizer.eos_token_id  # with no EOS
+        assert (it.stats.truncated, it.stats.dropped) == ({reason: 1}, {})
+    else:
+        np.testing.assert_array_equal(batch.example_mask, [1, 1, 0, 1])
+        assert (it.stats.truncated, it.stats.dropped) == ({}, {reason: 1})
+    assert it.stats.examples == 4
+    assert f"epoch 1 read; so far 4 examples, dropped {dict(it.stats.dropped)}" in caplog.text
+    with pytest.raises(ValueError, match=r"too_long='cut'; valid: \('truncate', 'skip'\)"):
+        _pipeline(records, tokenizer, image_config, too_long="cut")
+
+
+def test_sft_pipeline_skips_too_long_responses_when_asked(tokenizer, image_config):
+    records = make_records(2)
+    records[0] = dict(records[0], chosen=_caption(np.random.default_rng(0), 25))
+    it = pipeline.sft_pipeline(records, tokenizer=tokenizer, image_config=image_config,
+                               num_image_tokens=NUM_IMAGE_TOKENS, batch_size=2, buckets=BUCKETS,
+                               seed=0, shuffle=False, response_field="chosen",
+                               shard_by_process=False, too_long="skip")
+    (batch,) = list(it)
+    np.testing.assert_array_equal(batch.example_mask, [0, 1])
+    assert it.stats.dropped == {pipeline.RESPONSE_TOO_LONG: 1}
+
+
+def test_drop_stats_of_older_states_restore():
+    state = {"examples": 3, "dropped": {"x": 1}, "padding_rows": 1}  # saved before "truncated"
+    assert pipeline.DropStats.from_json(state) == pipeline.DropStats(3, {"x": 1}, 1, {})
+
+
 def test_jit_compiles_at_most_once_per_bucket(tokenizer, image_config):
     traces = []
 
@@ -328,3 +369,9 @@ def test_frequent_bucket_overflow_is_reported(tokenizer, image_config, caplog):
     assert it.stats.dropped == {pipeline.LONGER_THAN_BUCKETS: 10}
     assert sum(int(b.example_mask.sum()) for b in batches) == 90
     assert "10 of 100 examples were longer than the largest bucket" in caplog.text
+    truncating = _pipeline(records, tokenizer, image_config, batch_size=20)  # max_length = 64
+    with caplog.at_level("WARNING"):
+        list(truncating)
+    assert truncating.stats.truncated == {pipeline.RESPONSE_TOO_LONG: 10}
+    assert ("10 of 100 examples had a response longer than max_length and were truncated "
+            "(too_long='truncate')") in caplog.text

@@ -1,24 +1,17 @@
 """LLaVA-1.5 template encoding with the word-level tokenizer and LLaVA-shaped Llama BPE ones."""
 
-import json
-
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 from mmpo_jax.data import template as tp
 from mmpo_jax.data.tokenizer import build_word_tokenizer
+from tests.models.hf_fixtures import CORPUS, llama_bpe_tokenizer
 
 PROMPT = "What is in the image?"
 RESPONSE = "there is a red circle and a blue square"  # decodes back verbatim with every tokenizer
 NUM_IMAGE_TOKENS = 5
-CORPUS = [
-    "USER: What is in the image? ASSISTANT: There is a red circle and a blue square.",
-    "A chat between a curious human and an artificial intelligence assistant.",
-    "Describe the picture in detail. The green triangle is left of the yellow star.",
-    "Is there a cat in the image? Yes, there is a cat on the mat. How many shapes? Three.",
-]
 
 
 def word_level_tokenizer() -> PreTrainedTokenizerFast:
@@ -27,24 +20,6 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
     for mark in "?.,:":
         spaced = spaced.replace(mark, f" {mark} ")
     return build_word_tokenizer(sorted(set(spaced.split())), model_max_length=512)
-
-
-def llama_bpe_tokenizer(legacy: bool) -> LlamaTokenizer:
-    """A Llama tokenizer like LLaVA-1.5's: sentencepiece-style BPE over "▁"-prefixed words, byte
-    fallback tokens <0x00>..<0xFF>, <unk>/<s>/</s> = 0/1/2, `<image>` as an added special token."""
-    trainer_backend = Tokenizer(models.BPE())
-    trainer_backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
-    trainer_backend.train_from_iterator(
-        CORPUS * 4, trainers.BpeTrainer(vocab_size=150, show_progress=False)
-    )
-    learned = json.loads(trainer_backend.to_str())["model"]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
-    for token in sorted(learned["vocab"], key=learned["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
-    return tokenizer
 
 
 TOKENIZERS = {

@@ -91,12 +91,26 @@ def test_question_file_in_the_published_format(tmp_path):
     questions = read_pope_questions(path)
     assert [(q.question_id, q.label) for q in questions] == [(1, "yes"), (2, "no")]
     records = pope_records(path, images)
-    assert len(records) == 2 and records.category == "adversarial"
+    assert len(records) == 2
     first, second = records[0], records[1]
     assert first["question"] == "Is there a snowboard in the image?" and first["answer"] == "yes"
     assert first["category"] == "adversarial" and first["id"] == "1"
     np.testing.assert_array_equal(first["image"], pixels)
     assert second["image"].shape == (4, 5, 3)  # grey images come back as RGB
+    suffixed = pope_records(path, images, question_suffix=" Answer yes or no.")
+    assert suffixed[1]["question"] == "Is there a dog in the image? Answer yes or no."
+    with pytest.raises(FileNotFoundError, match="POPE image folder .* is not a directory"):
+        pope_records(path, tmp_path / "missing")
+
+
+def test_no_as_the_positive_class_flips_the_confusion_counts():
+    answers, labels = ["Yes", "No", "No", "Yes, there is.", "no"], ["yes", "no", "yes", "no", "no"]
+    assert pope_counts(answers, labels) == PopeCounts(true_positives=1, false_positives=1, true_negatives=2,
+                                                      false_negatives=1)
+    assert pope_counts(answers, labels, positive="no") == PopeCounts(true_positives=2, false_positives=1,
+                                                                     true_negatives=1, false_negatives=1)
+    with pytest.raises(ValueError, match="positive='maybe'"):
+        pope_counts(answers, labels, positive="maybe")
 
 
 def test_bad_question_lines_name_file_and_line(tmp_path):

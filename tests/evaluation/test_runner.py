@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmpo_jax.convert import save_checkpoint
+from mmpo_jax.engine.model_io import save_model
 from mmpo_jax.data import image_processing, shapes_world
 from mmpo_jax.data.template import encode_prompt
 from mmpo_jax.data.tokenizer import build_word_tokenizer
@@ -88,7 +88,7 @@ def test_scorer_matches_a_plain_forward_one_row_at_a_time(setup):
     images = [record["image"] for record in setup["captions"]]
     prompt = encode_prompt(tokenizer, shapes_world.CAPTION_PROMPT, num_image_tokens=config.num_image_tokens).input_ids
     continuations = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10, 11, 12, 13, 14, 15, 16, 17])]
-    score = model_scorer(model, setup["image_config"], pad_token_id=tokenizer.pad_token_id, batch_size=BATCH)
+    score = model_scorer(model, setup["image_config"], pad_id=tokenizer.pad_token_id, batch_size=BATCH)
     together = score(images, [prompt] * 3, continuations)
     for image, continuation, scored in zip(images, continuations, together):
         ids = np.concatenate([prompt, continuation])[None]
@@ -124,7 +124,7 @@ def test_summarise_passes_mean_and_spread():
 
 @pytest.mark.slow
 def test_evaluate_cli_on_a_small_shapes_world(setup, tmp_path, capsys):
-    save_checkpoint(setup["model"], setup["config"], tmp_path / "model")
+    save_model(setup["model"], tmp_path / "model")
     world = [f"--world={key}={value}" for key, value in
              dict(sft_size=2, preference_size=2, test_caption_size=3, test_pope_images=1, seed=3).items()]
     output = tmp_path / "metrics.json"
@@ -145,7 +145,7 @@ def test_evaluate_cli_offers_the_adapt_decodings(tmp_path):
 
 
 def test_evaluate_cli_rejects_incomplete_real_data_flags(tmp_path):
-    with pytest.raises(SystemExit, match="--tokenizer, --preprocessor_config, --pope_images"):
+    with pytest.raises(SystemExit, match="--pope_questions needs --pope_images"):
         evaluate_main(["--checkpoint", str(tmp_path), "--pope_questions", str(tmp_path / "q.json")])
     with pytest.raises(SystemExit, match="'p0.5'"):
         evaluate_main(["--checkpoint", str(tmp_path), "--world", "p0.5"])

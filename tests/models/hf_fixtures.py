@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -25,10 +26,18 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlamaTokenizer,
 )
 
 IMAGE_TOKEN_ID = 100
 VOCAB_SIZE = 120
+# The training text of `llama_bpe_tokenizer`.
+CORPUS = [
+    "USER: What is in the image? ASSISTANT: There is a red circle and a blue square.",
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "Describe the picture in detail. The green triangle is left of the yellow star.",
+    "Is there a cat in the image? Yes, there is a cat on the mat. How many shapes? Three.",
+]
 
 
 def tiny_clip_vision_config(**overrides) -> CLIPVisionConfig:
@@ -50,6 +59,25 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**fields, **overrides})
 
 
+def llama_bpe_tokenizer(legacy: bool) -> LlamaTokenizer:
+    """A Llama tokenizer like LLaVA-1.5's: sentencepiece-style BPE over "▁"-prefixed words, byte
+    fallback tokens <0x00>..<0xFF>, <unk>/<s>/</s> = 0/1/2 (BOS prepended), `<image>` as an added special
+    token."""
+    trainer_backend = Tokenizer(models.BPE())
+    trainer_backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
+    trainer_backend.train_from_iterator(
+        CORPUS * 4, trainers.BpeTrainer(vocab_size=150, show_progress=False)
+    )
+    learned = json.loads(trainer_backend.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy, add_bos_token=True)  # as Llama adds BOS
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
+    return tokenizer
+
+
 def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
     """Redraws every parameter: N(0, 0.15) for weights and biases, N(1, 0.15) for norm scales."""
     generator = torch.Generator().manual_seed(seed)
@@ -68,6 +96,9 @@ def save_tiny_llava(
     vision_feature_layer: int | list[int] = -2,
     vision_feature_select_strategy: str = "default",
     tie_word_embeddings: bool = False,
+    vocab_size: int = VOCAB_SIZE,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    pad_token_id: int | None = None,
 ) -> LlavaForConditionalGeneration:
     """Builds a random tiny `LlavaForConditionalGeneration` (eager attention, eval mode) and saves it.
 
@@ -78,12 +109,14 @@ def save_tiny_llava(
     config = LlavaConfig(
         vision_config=tiny_clip_vision_config().to_dict(),
         text_config=tiny_llama_config(
-            num_key_value_heads=num_key_value_heads, tie_word_embeddings=tie_word_embeddings
+            num_key_value_heads=num_key_value_heads, tie_word_embeddings=tie_word_embeddings,
+            vocab_size=vocab_size, pad_token_id=pad_token_id,
         ).to_dict(),
-        image_token_index=IMAGE_TOKEN_ID,
+        image_token_index=image_token_id,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=pad_token_id,
     )
     model = LlavaForConditionalGeneration(config)
     randomize_parameters(model, seed)
@@ -93,6 +126,46 @@ def save_tiny_llava(
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+def tiny_llava_processor(*, do_pad: bool = False):
+    """A `LlavaProcessor` for `save_tiny_llava`'s tower: `llama_bpe_tokenizer` and a CLIP image
+    processor at the tower's 30 px (resize to 36, centre crop 30; `LlavaImageProcessor` with
+    `do_pad`), 25 image tokens per image."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
+
+    vision = tiny_clip_vision_config()
+    settings = dict(size={"shortest_edge": 36}, crop_size={"height": vision.image_size, "width": vision.image_size})
+    image_processor = LlavaImageProcessor(do_pad=True, **settings) if do_pad else CLIPImageProcessor(**settings)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=llama_bpe_tokenizer(legacy=False),
+                          patch_size=vision.patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1)
+
+
+def save_tiny_llava_hf(directory: pathlib.Path, *, seed: int = 0, do_pad: bool = False,
+                       layout: str = "v5") -> tuple[LlavaForConditionalGeneration, object]:
+    """A tiny llava-hf checkpoint as a user has it: `save_tiny_llava` with the vocabulary and
+    special ids of `tiny_llava_processor`'s tokenizer, plus the processor's files.
+
+    `layout` "v5" keeps what transformers 5's `save_pretrained` writes (`processor_config.json`
+    with the image processor nested); "v4" rewrites it as transformers 4 and the llava-hf hub
+    repositories have it (`preprocessor_config.json` beside a flat `processor_config.json`).
+    Returns (torch model, processor).
+    """
+    processor = tiny_llava_processor(do_pad=do_pad)
+    tokenizer = processor.tokenizer
+    model = save_tiny_llava(directory, seed=seed, vocab_size=len(tokenizer),
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id)
+    processor.save_pretrained(directory)
+    if layout == "v4":
+        settings = json.loads((directory / "processor_config.json").read_text())
+        image_processor = settings.pop("image_processor")
+        (directory / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
+        (directory / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    elif layout != "v5":
+        raise ValueError(f"layout={layout!r}; valid: 'v4', 'v5'")
+    return model, processor
 
 
 def save_tiny_clip(directory: pathlib.Path, *, seed: int = 0) -> CLIPModel:

@@ -25,7 +25,8 @@ from safetensors.numpy import save_file
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
-from mmpo_jax import convert as cli
+from mmpo_jax import convert as convert_cli
+from mmpo_jax.engine import model_io
 from mmpo_jax.models import presets
 from mmpo_jax.models.convert import (
     config_from_hf,
@@ -180,9 +181,9 @@ def test_command_line_round_trip(saved, tmp_path):
         check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=pathlib.Path(__file__).parents[2],
     )
     assert (orbax_dir / "config.json").exists() and (orbax_dir / "params").is_dir()
-    loaded, config = cli.load_checkpoint(orbax_dir)
+    loaded, config = model_io.load_model(orbax_dir)
     assert config == load_hf_llava(directory)[1]
-    cli.main(["export", str(orbax_dir), str(tmp_path / "hf")])
+    convert_cli.main(["export", str(orbax_dir), str(tmp_path / "hf")])
     exported = read_safetensors(tmp_path / "hf")
     expected = hub_tensors(directory)
     assert sorted(exported) == sorted(expected)
@@ -191,7 +192,7 @@ def test_command_line_round_trip(saved, tmp_path):
     exported_config = HFLlavaConfig(**json.loads((tmp_path / "hf" / "config.json").read_text()))
     assert exported_config.text_config.num_key_value_heads == 2
     with pytest.raises(FileExistsError, match="already exists"):
-        cli.save_checkpoint(loaded, config, orbax_dir)
+        model_io.save_model(loaded, orbax_dir)
 
 
 def test_hub_config_parses_to_the_7b_preset_and_agrees_with_transformers():

@@ -109,6 +109,17 @@ def assert_close(actual, expected, rtol=RTOL):
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
 
 
+def projected_visual_tokens(reference, width: int) -> np.ndarray:
+    """transformers' projected visual tokens of all images, in batch order, as rows: [N_images * n, D].
+
+    The contract is the projector's output per image; its container is incidental and has changed
+    within transformers 5 (a flat [N*n, D] tensor, then a list of per-image [n, D] tensors in 5.25),
+    so every element is flattened to rows of D. `image_outputs.pooler_output` is the name 5.25 asks
+    for: `image_hidden_states`, its deprecated alias, is announced to mean something else from 5.30.
+    """
+    return np.concatenate([np.asarray(image).reshape(-1, width) for image in reference.image_outputs.pooler_output])
+
+
 def channels_last(pixels: np.ndarray) -> jax.Array:
     return jnp.asarray(pixels.transpose(0, 2, 3, 1))
 
@@ -123,13 +134,8 @@ def test_parity_with_transformers(pair):
     assert len(output.hidden_states) == len(reference.hidden_states) == config.text_config.num_hidden_layers + 1
     for ours, theirs in zip(output.hidden_states, reference.hidden_states):
         assert_close(ours, theirs)
-    # transformers' image_hidden_states are the projected visual tokens of all images (one flat tensor in
-    # some transformers versions, a sequence of per-image tensors in others)
-    width = output.visual_tokens.shape[-1]
-    theirs = reference.image_hidden_states
-    theirs = np.concatenate([np.asarray(t).reshape(-1, width) for t in (theirs if isinstance(theirs, (list, tuple))
-                                                                          else [theirs])])
-    assert_close(output.visual_tokens.reshape(-1, width), theirs)
+    width = config.text_config.hidden_size
+    assert_close(output.visual_tokens.reshape(-1, width), projected_visual_tokens(reference, width))
     image_positions = np.asarray(output.image_positions)
     assert image_positions.shape == (2, 2 * config.num_image_tokens)
     np.testing.assert_array_equal(input_ids[np.arange(2)[:, None], image_positions], IMAGE)

@@ -27,7 +27,7 @@ from mmpo_jax.models.lora import (
     trainable_filter,
     without_adapters,
 )
-from mmpo_jax.training.sharding import make_mesh, state_shardings
+from mmpo_jax.engine.sharding import make_mesh, state_shardings
 
 VOCAB, IMAGE_TOKEN = 64, 63
 TEXT = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from mmpo_jax.objectives import metrics as metric_lib
-from mmpo_jax.objectives.catpo import catpo_loss, weighted_dpo_loss
+from mmpo_jax.objectives import registry
 from mmpo_jax.objectives.dpo import dpo_loss
+from tests.objectives.scores import pair_scores
 
 
 def numpy_catpo(pw, pl, rw, rl, ww, wl, mw, ml, kw, kl, beta, lambda_kl):
@@ -44,8 +45,10 @@ def _case(seed=0, batch=3, seq=9):
     return logps, weights, masks, kls
 
 
-def _call(logps, weights, masks, kls, **kw):
-    return catpo_loss(*logps, *weights, *masks, *kls, **kw)
+def _call(logps, weights, masks, kls, *, beta=0.1, lambda_kl=0.03):
+    """Cat-PO through the registry: the ``catpo`` method (weighted DPO + lambda_kl * token KL)."""
+    method = {"name": "catpo", "beta": beta, "terms": {"dpo": 1.0, "token_kl": lambda_kl}}
+    return registry.compute_objective(method, pair_scores(logps, masks, weights, kls))
 
 
 def test_matches_numpy_transcription():
@@ -60,10 +63,8 @@ def test_matches_numpy_transcription():
 def test_hand_case():
     # One token each: w_w = 2, w_l = 0.5; pi_w - ref_w = 1, pi_l - ref_l = -2 => h^w = 2, -1.
     one = lambda x: jnp.array([[x]], jnp.float32)
-    losses, m = catpo_loss(
-        one(-1.0), one(-3.0), one(-2.0), one(-1.0), one(2.0), one(0.5), one(1.0), one(1.0),
-        one(0.4), one(2.0), beta=0.5, lambda_kl=0.1,
-    )
+    losses, m = _call([one(-1.0), one(-3.0), one(-2.0), one(-1.0)], [one(2.0), one(0.5)],
+                      [one(1.0), one(1.0)], [one(0.4), one(2.0)], beta=0.5, lambda_kl=0.1)
     z = 0.5 * (2.0 - (-1.0))
     np.testing.assert_allclose(losses, [math.log1p(math.exp(-z)) + 0.1 * (2.0 * 0.4 + 0.5 * 2.0)], rtol=1e-6)
     np.testing.assert_allclose(metric_lib.finalize(m)["rewards/chosen"], 1.0, rtol=1e-6)
@@ -72,18 +73,20 @@ def test_hand_case():
 def test_unit_weights_without_kl_is_plain_dpo():
     logps, weights, masks, _ = _case(1)
     ones = [np.ones_like(w) for w in weights]
-    losses, _ = catpo_loss(*logps, *ones, *masks, lambda_kl=0.0)
+    losses, _ = _call(logps, ones, masks, (None, None), lambda_kl=0.0)
     sums = [np.where(masks[i % 2], logps[i], 0).sum(-1) for i in range(4)]
     np.testing.assert_allclose(losses, dpo_loss(*sums)[0], rtol=1e-5)
-    with pytest.raises(ValueError, match="lambda_kl=0.03"):
-        catpo_loss(*logps, *ones, *masks)
+    with pytest.raises(KeyError, match="chosen/token_kl"):
+        _call(logps, ones, masks, (None, None))
 
 
 def test_gradient_is_weights_times_dpo_gradient():
     logps, weights, masks, _ = _case(2)
     beta = 0.2
+    method = {"name": "catpo", "beta": beta, "terms": {"dpo": 1.0}}
     grads = jax.grad(
-        lambda pw, pl: jnp.sum(weighted_dpo_loss(pw, pl, *logps[2:], *weights, *masks, beta=beta)[0]),
+        lambda pw, pl: jnp.sum(registry.compute_objective(
+            method, pair_scores([pw, pl, *logps[2:]], masks, weights))[0]),
         argnums=(0, 1),
     )(jnp.asarray(logps[0]), jnp.asarray(logps[1]))
     sums = [np.sum(np.where(masks[i % 2], weights[i % 2] * logps[i], 0), -1) for i in range(4)]
@@ -107,7 +110,7 @@ def test_padding_with_garbage_changes_nothing_and_grads_stay_finite():
     padded_kls = [pad(k, np.inf) for k in kls]
     losses, _ = _call(padded_logps, padded_weights, padded_masks, padded_kls)
     np.testing.assert_allclose(losses, base, rtol=1e-6)
-    grads = jax.grad(lambda *a: jnp.sum(catpo_loss(*a, *padded_weights, *padded_masks, *padded_kls)[0]), argnums=(0, 1))(
+    grads = jax.grad(lambda *a: jnp.sum(_call(a, padded_weights, padded_masks, padded_kls)[0]), argnums=(0, 1))(
         *[jnp.asarray(a) for a in padded_logps[:2]], *[jnp.asarray(a) for a in padded_logps[2:]]
     )
     for g in grads:
@@ -138,5 +141,5 @@ def test_extreme_gaps_are_finite():
 def test_jit_equals_eager():
     logps, weights, masks, kls = _case(6)
     eager, _ = _call(logps, weights, masks, kls)
-    jitted, _ = jax.jit(lambda *a: catpo_loss(*a))(*logps, *weights, *masks, *kls)
+    jitted, _ = jax.jit(lambda *a: _call(a[:4], a[4:6], a[6:8], a[8:]))(*logps, *weights, *masks, *kls)
     np.testing.assert_allclose(jitted, eager, rtol=1e-6)

@@ -6,8 +6,21 @@ import numpy as np
 import pytest
 
 from mmpo_jax.objectives import metrics as metric_lib
+from mmpo_jax.objectives import registry
 from mmpo_jax.objectives.dpo import dpo_loss
-from mmpo_jax.objectives.mdpo import anchor_loss, copo_loss, mdpo_loss
+from mmpo_jax.objectives.mdpo import CHOSEN_CORRUPT, anchor_loss, copo_loss
+from mmpo_jax.objectives.terms import CHOSEN, REJECTED
+from tests.objectives.scores import summed_scores
+
+
+def mdpo_loss(pw, pl, rw, rl, pc, rc, *, beta=0.1, dpo_weight=1.0, copo_weight=1.0,
+              anchor_weight=1.0, anchor_delta=0.0, label_smoothing=0.0):
+    """The ``mdpo`` method through the registry, on summed log-probs ``[B]``."""
+    method = {"name": "mdpo", "beta": beta, "anchor_delta": anchor_delta,
+              "label_smoothing": label_smoothing,
+              "terms": {"dpo": dpo_weight, "copo": copo_weight, "anchor": anchor_weight}}
+    return registry.compute_objective(method, summed_scores(
+        chosen=(CHOSEN, pw, rw), rejected=(REJECTED, pl, rl), corrupt=(CHOSEN_CORRUPT, pc, rc)))
 
 
 def log_sigmoid(x):

@@ -9,8 +9,10 @@ import pytest
 
 from mmpo_jax.objectives.dpo import dpo_loss
 from mmpo_jax.objectives.metrics import finalize
-from mmpo_jax.objectives.p2dpo import p2dpo_loss
-from mmpo_jax.rewards.p2dpo import ddw_weights
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmpo_jax.objectives.p2dpo import ddw_weights, p2dpo_loss
 
 NAMES = [
     "policy_focus_chosen", "policy_focus_rejected", "ref_focus_chosen", "ref_focus_rejected",
@@ -170,3 +172,18 @@ def test_bad_branch_selections_are_refused(branches, ddw, match):
     weights = dict(focus_weights=np.full(5, 0.5), robust_weights=np.full(5, 0.5)) if ddw else {}
     with pytest.raises(ValueError, match=match):
         call(x, branches=branches, **weights)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.floats(0.0, 2.0), min_size=1, max_size=6), st.floats(0.01, 2.0))
+def test_ddw_weights_sum_to_one(crop_scores, full_score):
+    w_focus, w_rob = ddw_weights(np.array(crop_scores), np.full(len(crop_scores), full_score))
+    np.testing.assert_allclose(np.asarray(w_focus) + np.asarray(w_rob), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(w_focus) >= 0.3 - 1e-6) and np.all(np.asarray(w_focus) <= 0.7 + 1e-6)
+
+
+def test_ddw_hand_cases():
+    w_focus, w_rob = ddw_weights(jnp.array([0.3, 0.33, 0.27, 0.5]), jnp.array([0.3, 0.3, 0.3, 0.0]))
+    a = 0.2 * math.tanh(0.1 / 0.1)
+    np.testing.assert_allclose(w_focus, [0.5, 0.5 + a, 0.5 - a, 0.7], rtol=1e-5)
+    np.testing.assert_allclose(w_rob, [0.5, 0.5 - a, 0.5 + a, 0.3], rtol=1e-5)

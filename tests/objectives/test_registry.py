@@ -4,44 +4,47 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mmpo_jax.data.fields import CORRUPTED
 from mmpo_jax.objectives import metrics as metric_lib
-from mmpo_jax.objectives import registry
-from mmpo_jax.objectives.adapt import vag_dpo_loss
-from mmpo_jax.objectives.catpo import catpo_loss, weighted_token_kl_loss, weighted_token_sum
+from mmpo_jax.objectives import registry, terms
+from mmpo_jax.objectives.adapt import CHOSEN_VE, REJECTED_NOISE, vag_dpo_loss
+from mmpo_jax.objectives.catpo import weighted_token_kl_loss, weighted_token_sum
 from mmpo_jax.objectives.dpo import dpo_loss
-from mmpo_jax.objectives.fisao import fisao_ppo_loss
+from mmpo_jax.objectives.fisao import PPO_READS, fisao_ppo_loss
 from mmpo_jax.objectives.logprobs import sequence_logps
-from mmpo_jax.objectives.mdpo import anchor_loss, copo_loss, mdpo_loss
-from mmpo_jax.objectives.p2dpo import p2dpo_loss
-from mmpo_jax.objectives.tpo import tpo_weighted_logps
+from mmpo_jax.objectives.mdpo import CHOSEN_CORRUPT, anchor_loss, copo_loss
+from mmpo_jax.objectives.p2dpo import CALIB, PAIRS, ddw_weights, p2dpo_loss
+from mmpo_jax.objectives.terms import CHOSEN, POLICY, REFERENCE, REJECTED
 
 B, T = 4, 7
 
 
-def fabricate(keys, seed=0):
-    """Random arrays for the given scored names, respecting the per-token contracts."""
+def fabricate(scores, seed=0):
+    """Random arrays for the given ``Score`` s, respecting the per-token contracts."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for key in sorted(keys, key=lambda k: not k.endswith("/mask")):  # masks first
-        if key.endswith("/mask"):
+    masks = {}
+    for score in scores:
+        if score.kind == terms.MASK:
             mask = np.ones((B, T), bool)
             mask[rng.integers(B), : rng.integers(1, 3)] = False
             mask[rng.integers(B), T - rng.integers(1, 4):] = False
-            out[key] = mask
-        elif key.endswith("/group_ids"):
-            out[key] = np.array([0, 0, 1, 1])
-        elif key.startswith("p2dpo/"):
-            out[key] = rng.uniform(0.3, 0.7, size=B).astype(np.float32)
-        else:
-            response = key.split("/")[-2]
-            value = {
-                "token_logps": lambda: -rng.exponential(1.5, size=(B, T)),
-                "token_weights": lambda: rng.uniform(0.5, 1.5, size=(B, T)),
-                "token_kl": lambda: rng.exponential(0.2, size=(B, T)),
-                "token_rewards": lambda: rng.uniform(-1, 1, size=(B, T)),
-            }[key.split("/")[-1]]()
-            mask = out.get(f"{response}/mask")
-            out[key] = np.where(mask, value, 0.0).astype(np.float32) if mask is not None else value.astype(np.float32)
+            masks[score.response] = mask
+    out = {terms.mask(r): m for r, m in masks.items()}
+    for score in scores:
+        if score.kind == terms.MASK:
+            continue
+        if score.kind == terms.EXAMPLE_VALUE:
+            out[score] = (np.array([0, 0, 1, 1]) if score.name == "group_ids"
+                          else rng.uniform(0.3, 0.7, size=B).astype(np.float32))
+            continue
+        value = {
+            terms.TOKEN_LOGPS: lambda: -rng.exponential(1.5, size=(B, T)),
+            terms.TOKEN_WEIGHTS: lambda: rng.uniform(0.5, 1.5, size=(B, T)),
+            terms.TOKEN_KL: lambda: rng.exponential(0.2, size=(B, T)),
+            terms.TOKEN_VALUE: lambda: rng.uniform(-1, 1, size=(B, T)),
+        }[score.kind]()
+        mask = masks.get(score.response)
+        out[score] = (np.where(mask, value, 0.0) if mask is not None else value).astype(np.float32)
     return out
 
 
@@ -85,44 +88,38 @@ def test_every_config_reads_exactly_its_required_scores(config):
     scored = RecordingScores(fabricate(required))
     losses, metrics = registry.compute_objective(config, scored)
     assert scored.read == set(required)
+    assert len({score.key for score in required}) == len(required)  # keys name scores uniquely
     assert losses.shape == (B,) and losses.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(losses)))
     np.testing.assert_allclose(metric_lib.finalize(metrics)["loss/total"], jnp.mean(losses), rtol=1e-6)
 
 
 def _seq(s, model, response, **kw):
-    return sequence_logps(s[f"{model}/{response}/token_logps"], s[f"{response}/mask"], **kw)
+    return sequence_logps(s[terms.token_logps(model, response)], s[terms.mask(response)], **kw)
 
 
-def test_dpo_and_mdpo_equal_their_direct_functions():
-    cfg = {"name": "mdpo", "beta": 0.3, "label_smoothing": 0.1, "anchor_delta": 0.2, "terms": {"dpo": 1.0, "copo": 0.5, "anchor": 2.0}}
+def _wseq(s, model, response):
+    return weighted_token_sum(s[terms.token_logps(model, response)],
+                              s[terms.token_weights(response)], s[terms.mask(response)])
+
+
+def test_mdpo_equals_its_terms():
+    cfg = {"name": "mdpo", "beta": 0.3, "label_smoothing": 0.1, "anchor_delta": 0.2,
+           "terms": {"dpo": 1.0, "copo": 0.5, "anchor": 2.0}}
     s = fabricate(registry.required_scores(cfg), seed=1)
     got, m = registry.compute_objective(cfg, s)
-    seq = {f"{mo}/{r}": _seq(s, mo, r) for mo in ("policy", "ref") for r in ("chosen", "rejected", "chosen_corrupt")}
-    expected, expected_m = mdpo_loss(
-        seq["policy/chosen"], seq["policy/rejected"], seq["ref/chosen"], seq["ref/rejected"],
-        seq["policy/chosen_corrupt"], seq["ref/chosen_corrupt"],
-        beta=0.3, label_smoothing=0.1, copo_weight=0.5, anchor_weight=2.0, anchor_delta=0.2,
-    )
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    assert set(expected_m) <= set(m)
-    dpo_only, _ = registry.compute_objective({"name": "dpo"}, s)
-    np.testing.assert_allclose(
-        dpo_only, dpo_loss(seq["policy/chosen"], seq["policy/rejected"], seq["ref/chosen"], seq["ref/rejected"])[0], rtol=1e-6
-    )
-
-
-def test_catpo_method_equals_catpo_loss():
-    cfg = ml_collections.ConfigDict({"name": "catpo", "beta": 0.2, "terms": {"dpo": 1.0, "token_kl": 0.05}})
-    s = fabricate(registry.required_scores(cfg), seed=2)
-    got, _ = registry.compute_objective(cfg, s)
-    expected, _ = catpo_loss(
-        s["policy/chosen/token_logps"], s["policy/rejected/token_logps"], s["ref/chosen/token_logps"],
-        s["ref/rejected/token_logps"], s["chosen/token_weights"], s["rejected/token_weights"],
-        s["chosen/mask"], s["rejected/mask"], s["chosen/token_kl"], s["rejected/token_kl"],
-        beta=0.2, lambda_kl=0.05,
-    )
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    seq = {(mo, r): _seq(s, mo, r) for mo in (POLICY, REFERENCE)
+           for r in (CHOSEN, REJECTED, CHOSEN_CORRUPT)}
+    parts = [
+        (1.0, dpo_loss(seq[POLICY, CHOSEN], seq[POLICY, REJECTED], seq[REFERENCE, CHOSEN],
+                       seq[REFERENCE, REJECTED], beta=0.3, label_smoothing=0.1)),
+        (0.5, copo_loss(seq[POLICY, CHOSEN], seq[POLICY, CHOSEN_CORRUPT], seq[REFERENCE, CHOSEN],
+                        seq[REFERENCE, CHOSEN_CORRUPT], beta=0.3)),
+        (2.0, anchor_loss(seq[POLICY, CHOSEN], seq[REFERENCE, CHOSEN], beta=0.3, delta=0.2)),
+    ]
+    np.testing.assert_allclose(got, sum(w * part[0] for w, part in parts), rtol=1e-6)
+    for _, (_, part_metrics) in parts:
+        assert set(part_metrics) <= set(m)
 
 
 def test_composition_is_the_weighted_sum_of_separate_terms():
@@ -130,19 +127,17 @@ def test_composition_is_the_weighted_sum_of_separate_terms():
     cfg = {"name": "catpo", "terms": weights}
     s = fabricate(registry.required_scores(cfg), seed=3)
     got, metrics = registry.compute_objective(cfg, s)
-
-    def wseq(model, response):
-        return weighted_token_sum(s[f"{model}/{response}/token_logps"], s[f"{response}/token_weights"], s[f"{response}/mask"])
-
     parts = {
-        "dpo": dpo_loss(wseq("policy", "chosen"), wseq("policy", "rejected"), wseq("ref", "chosen"), wseq("ref", "rejected"))[0],
+        "dpo": dpo_loss(_wseq(s, POLICY, CHOSEN), _wseq(s, POLICY, REJECTED),
+                        _wseq(s, REFERENCE, CHOSEN), _wseq(s, REFERENCE, REJECTED))[0],
         "token_kl": weighted_token_kl_loss(
-            s["chosen/token_kl"], s["rejected/token_kl"], s["chosen/token_weights"], s["rejected/token_weights"],
-            s["chosen/mask"], s["rejected/mask"],
-        )[0],
-        "copo": copo_loss(wseq("policy", "chosen"), wseq("policy", "chosen_corrupt"), wseq("ref", "chosen"), wseq("ref", "chosen_corrupt"))[0],
-        "anchor": anchor_loss(wseq("policy", "chosen"), wseq("ref", "chosen"))[0],
-        "nll": -sequence_logps(s["policy/chosen/token_logps"], s["chosen/mask"], reduction="mean"),
+            *(s[terms.token_kl(r)] for r in (CHOSEN, REJECTED)),
+            *(s[terms.token_weights(r)] for r in (CHOSEN, REJECTED)),
+            *(s[terms.mask(r)] for r in (CHOSEN, REJECTED)))[0],
+        "copo": copo_loss(_wseq(s, POLICY, CHOSEN), _wseq(s, POLICY, CHOSEN_CORRUPT),
+                          _wseq(s, REFERENCE, CHOSEN), _wseq(s, REFERENCE, CHOSEN_CORRUPT))[0],
+        "anchor": anchor_loss(_wseq(s, POLICY, CHOSEN), _wseq(s, REFERENCE, CHOSEN))[0],
+        "nll": -_seq(s, POLICY, CHOSEN, reduction="mean"),
     }
     np.testing.assert_allclose(got, sum(w * parts[k] for k, w in weights.items()), rtol=1e-5)
     finalized = metric_lib.finalize(metrics)
@@ -150,48 +145,49 @@ def test_composition_is_the_weighted_sum_of_separate_terms():
         np.testing.assert_allclose(finalized[f"loss/{term}"], jnp.mean(part), rtol=1e-5)
 
 
-def test_tpo_weights_the_policy_only():
+def test_tpo_weights_policy_and_reference_alike():
     cfg = {"name": "tpo"}
     s = fabricate(registry.required_scores(cfg), seed=4)
     got, _ = registry.compute_objective(cfg, s)
-    pol = {r: tpo_weighted_logps(s[f"policy/{r}/token_logps"], s[f"{r}/token_weights"], s[f"{r}/mask"]) for r in ("chosen", "rejected")}
-    np.testing.assert_allclose(got, dpo_loss(pol["chosen"], pol["rejected"], _seq(s, "ref", "chosen"), _seq(s, "ref", "rejected"))[0], rtol=1e-6)
+    expected = dpo_loss(_wseq(s, POLICY, CHOSEN), _wseq(s, POLICY, REJECTED),
+                        _wseq(s, REFERENCE, CHOSEN), _wseq(s, REFERENCE, REJECTED))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_adapt_p2dpo_and_fisao_equal_their_functions():
     s = fabricate(registry.required_scores({"name": "adapt"}), seed=5)
     np.testing.assert_allclose(
         registry.compute_objective({"name": "adapt", "beta": 0.2}, s)[0],
-        vag_dpo_loss(*(_seq(s, m, r) for m, r in [("policy", "chosen_ve"), ("policy", "rejected_noise"), ("ref", "chosen_ve"), ("ref", "rejected_noise")]), beta=0.2)[0],
-        rtol=1e-6,
-    )
+        vag_dpo_loss(_seq(s, POLICY, CHOSEN_VE), _seq(s, POLICY, REJECTED_NOISE),
+                     _seq(s, REFERENCE, CHOSEN_VE), _seq(s, REFERENCE, REJECTED_NOISE),
+                     beta=0.2)[0],
+        rtol=1e-6)
     cfg = {"name": "p2dpo", "calib_ref_response": "rejected", "ddw": True, "lambda_calib": 0.4}
     s = fabricate(registry.required_scores(cfg), seed=6)
-    pairs = [(m, f"{kind}_{r}") for kind in ("focus", "robust") for r in ("chosen", "rejected") for m in ("policy", "ref")]
-    main = {f"{m}/{r}": _seq(s, m, r) for m, r in pairs}
+    main = [_seq(s, model, r) for branch in ("focus", "robust") for model in (POLICY, REFERENCE)
+            for r in PAIRS[branch]]
+    focus_weights, robust_weights = ddw_weights(s[terms.example_value("ddw_clip_crop")],
+                                                s[terms.example_value("ddw_clip_full")])
     expected = p2dpo_loss(
-        main["policy/focus_chosen"], main["policy/focus_rejected"], main["ref/focus_chosen"], main["ref/focus_rejected"],
-        main["policy/robust_chosen"], main["policy/robust_rejected"], main["ref/robust_chosen"], main["ref/robust_rejected"],
-        policy_calib_chosen_aug_logps=_seq(s, "policy", "calib_chosen_aug"),
-        policy_calib_chosen_deg_logps=_seq(s, "policy", "calib_chosen_deg"),
-        ref_calib_rejected_aug_logps=_seq(s, "ref", "calib_rejected_aug"),
-        ref_calib_rejected_deg_logps=_seq(s, "ref", "calib_rejected_deg"),
-        focus_weights=s["p2dpo/focus_weights"], robust_weights=s["p2dpo/robust_weights"],
+        *main,
+        policy_calib_chosen_aug_logps=_seq(s, POLICY, CALIB["chosen", "augmented"]),
+        policy_calib_chosen_deg_logps=_seq(s, POLICY, CALIB["chosen", "degraded"]),
+        ref_calib_rejected_aug_logps=_seq(s, REFERENCE, CALIB["rejected", "augmented"]),
+        ref_calib_rejected_deg_logps=_seq(s, REFERENCE, CALIB["rejected", "degraded"]),
+        focus_weights=focus_weights, robust_weights=robust_weights,
         lambda_calib=0.4, calib_ref_response="rejected",
     )[0]
     np.testing.assert_allclose(registry.compute_objective(cfg, s)[0], expected, rtol=1e-6)
     cfg = {"name": "fisao", "clip_eps": 0.1, "beta_kl": 0.02}
     s = fabricate(registry.required_scores(cfg), seed=7)
-    expected = fisao_ppo_loss(
-        s["policy/sample/token_logps"], s["old/sample/token_logps"], s["ref/sample/token_logps"],
-        s["sample/token_rewards"], s["sample/mask"], s["sample/group_ids"], clip_eps=0.1, beta_kl=0.02,
-    )[0]
+    expected = fisao_ppo_loss(*(s[score] for score in PPO_READS), clip_eps=0.1, beta_kl=0.02)[0]
     np.testing.assert_allclose(registry.compute_objective(cfg, s)[0], expected, rtol=1e-6)
 
 
 def test_zero_weight_terms_need_no_inputs():
-    assert "chosen/token_kl" not in registry.required_scores({"name": "catpo", "terms": {"dpo": 1.0, "token_kl": 0.0}})
-    assert "chosen/token_kl" in registry.required_scores({"name": "catpo"})
+    no_kl = registry.required_scores({"name": "catpo", "terms": {"dpo": 1.0, "token_kl": 0.0}})
+    assert terms.token_kl(CHOSEN) not in no_kl
+    assert terms.token_kl(CHOSEN) in registry.required_scores({"name": "catpo"})
 
 
 def test_jit_equals_eager():
@@ -214,3 +210,47 @@ def test_errors_name_the_offending_value():
     s = fabricate(registry.required_scores({"name": "dpo"}))
     with pytest.raises(KeyError, match="chosen_corrupt"):
         registry.compute_objective({"name": "mdpo"}, s)
+
+
+def test_every_builtin_module_is_discovered():
+    assert set(registry.methods()) == {"dpo", "mdpo", "catpo", "tpo", "adapt", "p2dpo", "fisao",
+                                       "sft"}
+    assert set(registry.terms()) == {"dpo", "copo", "anchor", "token_kl", "nll", "adapt_vag",
+                                     "p2dpo", "fisao_ppo"}
+    assert set(registry.weightings()) == {"catpo", "tpo"}
+    # one declaration per option name, shared by every term that reads it
+    assert registry.option_declarations()["beta"] is registry.terms()["dpo"].options["beta"]
+
+
+def _toy_loss(inputs):
+    h = inputs.sequence(POLICY, TOY) - inputs.sequence(REFERENCE, TOY)
+    losses = jnp.square(h - inputs.options["toy_target"])
+    return losses, {"loss/toy": metric_lib.mean_metric(losses)}
+
+
+TOY = terms.Response("toy_chosen_corrupt", tokens="chosen", image=CORRUPTED)
+TOY_TERM = terms.Term("toy", _toy_loss, {"toy_target": terms.Option(1.0)}, terms.pairs(TOY))
+
+
+def test_registered_declarations_are_used_and_removed():
+    with registry.registered(TOY_TERM, terms.Method("toy", {"toy": 1.0, "dpo": 0.5})):
+        cfg = {"name": "toy", "toy_target": 0.5}
+        required = registry.required_scores(cfg)
+        assert terms.token_logps(POLICY, TOY) in required
+        s = fabricate(required, seed=9)
+        got, metrics = registry.compute_objective(cfg, s)
+        h = _seq(s, POLICY, TOY) - _seq(s, REFERENCE, TOY)
+        dpo = dpo_loss(_seq(s, POLICY, CHOSEN), _seq(s, POLICY, REJECTED),
+                       _seq(s, REFERENCE, CHOSEN), _seq(s, REFERENCE, REJECTED))[0]
+        np.testing.assert_allclose(got, jnp.square(h - 0.5) + 0.5 * dpo, rtol=1e-6)
+        assert "loss/toy" in metrics
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(TOY_TERM)
+    assert "toy" not in registry.terms() and "toy" not in registry.methods()
+
+
+def test_an_option_is_declared_once():
+    clash = terms.Term("clash", _toy_loss, {"beta": terms.Option(0.5)})
+    with pytest.raises(ValueError, match="'beta'"):
+        registry.register(clash)
+    assert "clash" not in registry.terms()

@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmpo_jax.objectives.tpo import label_token_logits, tpo_token_weights, tpo_weighted_logps
+from mmpo_jax.objectives import registry
+from mmpo_jax.objectives.tpo import label_token_logits, tpo_token_weights
+from tests.objectives.scores import pair_scores
 
 
 def numpy_tpo(clean, noisy, logps, mask, chosen):
-    """METHODS.md §7 with loops: weights, then sum_t (log pi + log w)."""
+    """METHODS.md §7 with loops: weights, then the weighted log-prob sum_t w_t log pi."""
     weights = np.zeros(clean.shape)
     totals = np.zeros(clean.shape[0])
     for b in range(clean.shape[0]):
@@ -16,8 +18,14 @@ def numpy_tpo(clean, noisy, logps, mask, chosen):
             if mask[b, t]:
                 s = 1 / (1 + math.exp(-(clean[b, t] - noisy[b, t])))
                 weights[b, t] = s + 0.5 if chosen else 1 - s + 0.5
-                totals[b] += logps[b, t] + math.log(weights[b, t])
+                totals[b] += weights[b, t] * logps[b, t]
     return weights, totals
+
+
+def tpo_loss(logps, masks, weights, beta=0.1):
+    """The ``tpo`` method (DPO on TPO-weighted log-probs) through the registry."""
+    return registry.compute_objective({"name": "tpo", "beta": beta},
+                                      pair_scores(logps, masks, weights))[0]
 
 
 def _case(seed=0):
@@ -33,11 +41,36 @@ def _case(seed=0):
 
 def test_matches_numpy_transcription_both_sides():
     clean, noisy, logps, mask = _case()
+    weights, totals = {}, {}
     for chosen in (True, False):
-        w = tpo_token_weights(clean, noisy, mask, chosen=chosen)
-        expected_w, expected_total = numpy_tpo(clean, noisy, logps, mask, chosen)
-        np.testing.assert_allclose(w, expected_w, rtol=1e-6)
-        np.testing.assert_allclose(tpo_weighted_logps(logps, w, mask), expected_total, rtol=1e-5)
+        weights[chosen] = tpo_token_weights(clean, noisy, mask, chosen=chosen)
+        expected_w, totals[chosen] = numpy_tpo(clean, noisy, logps, mask, chosen)
+        np.testing.assert_allclose(weights[chosen], expected_w, rtol=1e-6)
+    # policy and reference alike: h^w = sum_t w_t (pi_t - ref_t)
+    ref = logps - 0.25
+    losses = tpo_loss([logps, logps, ref, ref], [mask, mask], [weights[True], weights[False]],
+                      beta=0.5)
+    ref_totals = {c: numpy_tpo(clean, noisy, ref, mask, c)[1] for c in (True, False)}
+    z = 0.5 * ((totals[True] - ref_totals[True]) - (totals[False] - ref_totals[False]))
+    np.testing.assert_allclose(losses, np.log1p(np.exp(-z)), rtol=1e-5)
+
+
+def test_token_gradients_are_proportional_to_the_weights():
+    """METHODS.md §7 as corrected: each token's log-prob gets w_t times the example's gradient,
+    so tokens with different weights get different gradients (the old additive form gave every
+    token the same one)."""
+    clean, noisy, logps, mask = _case(4)
+    weights = [tpo_token_weights(clean, noisy, mask, chosen=c) for c in (True, False)]
+    ref = [logps - 0.5, logps + 0.3]
+    grads = jax.grad(lambda pw, pl: jnp.sum(tpo_loss([pw, pl, *ref], [mask, mask], weights)),
+                     argnums=(0, 1))(jnp.asarray(logps), jnp.asarray(logps))
+    for grad, w in zip(grads, weights):
+        grad, w = np.asarray(grad), np.asarray(w)
+        assert np.all(grad[~mask] == 0.0)
+        for row in range(mask.shape[0]):
+            ratio = grad[row][mask[row]] / w[row][mask[row]]
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)  # one factor per example
+            assert np.ptp(grad[row][mask[row]]) > 1e-4  # the tokens differ
 
 
 def test_hand_case_and_mirror():
@@ -56,11 +89,11 @@ def test_extreme_logit_gaps_and_padding_are_safe():
     clean[0, 0] = 1e4  # masked position holding garbage
     logps[0, 1] = -np.inf
     clean[1, 3], noisy[1, 3] = -1e4, 1e4  # valid, Delta = -2e4: rejected-side weight 1.5, chosen 0.5
-    for chosen in (True, False):
-        w = tpo_token_weights(clean, noisy, mask, chosen=chosen)
-        value, grad = jax.value_and_grad(lambda x: jnp.sum(tpo_weighted_logps(x, w, mask)))(jnp.asarray(logps))
-        assert np.isfinite(value) and np.all(np.isfinite(np.asarray(grad)))
-        np.testing.assert_allclose(grad, mask.astype(np.float32))
+    weights = [tpo_token_weights(clean, noisy, mask, chosen=c) for c in (True, False)]
+    value, grad = jax.value_and_grad(
+        lambda x: jnp.sum(tpo_loss([x, logps, logps, logps], [mask, mask], weights)))(
+        jnp.asarray(logps))
+    assert np.isfinite(value) and np.all(np.isfinite(np.asarray(grad)))
     np.testing.assert_allclose(tpo_token_weights(clean, noisy, mask, chosen=True)[1, 3], 0.5)
 
 
@@ -73,5 +106,9 @@ def test_label_token_logits_gathers_and_masks():
 
 def test_jit_equals_eager():
     clean, noisy, logps, mask = _case(3)
-    f = lambda c, n, l, m: tpo_weighted_logps(l, tpo_token_weights(c, n, m, chosen=False), m)
+
+    def f(c, n, l, m):
+        weights = [tpo_token_weights(c, n, m, chosen=side) for side in (True, False)]
+        return tpo_loss([l, l - 1.0, l - 0.5, l], [m, m], weights)
+
     np.testing.assert_allclose(jax.jit(f)(clean, noisy, logps, mask), f(clean, noisy, logps, mask), rtol=1e-6)

@@ -12,10 +12,11 @@ from transformers import PreTrainedTokenizerFast
 
 from mmpo_jax.data import shapes_world
 from mmpo_jax.evaluation.shapes import objects_from_json
+from mmpo_jax.generation.prompts import left_padded_prompts
 from mmpo_jax.pipelines import fisao
 from mmpo_jax.rewards.fisao import object_reward
 from tests.pipelines.test_verifier import random_word_clip, sft_records
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 SHAPES = fisao.shapes_world_vocabulary()
 
@@ -93,9 +94,8 @@ def rollout():
 def test_sampled_batches_have_fixed_shapes_and_consistent_masks(rollout):
     batch, lengths = rollout
     tok = fx.tokenizer()
-    prompt_ids, prompt_mask = fisao.left_padded_prompts(
-        tok, [shapes_world.CAPTION_PROMPT] * 3, num_image_tokens=16,
-        pad_token_id=tok.pad_token_id)
+    prompt_ids, prompt_mask = left_padded_prompts(
+        tok, [shapes_world.CAPTION_PROMPT] * 3, num_image_tokens=16)
     length = batch.prompt_length
     assert length % 8 == 0 and batch.sequences.shape == (6, length + 10)
     np.testing.assert_array_equal(batch.sequences[:, :length], np.repeat(prompt_ids, 2, axis=0))

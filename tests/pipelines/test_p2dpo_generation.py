@@ -14,11 +14,11 @@ from mmpo_jax.data.builders.p2dpo_pairs import missing_shards, read_manifest, sh
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
-from mmpo_jax.training import config_checks
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config import checks as config_checks
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.loop import train
-from mmpo_jax.training.scoring import plan_scoring, reference_scores
-from tests.training import step_fixtures as fx
+from mmpo_jax.engine.scoring import plan_scoring, reference_scores
+from tests.engine import step_fixtures as fx
 
 pytestmark = pytest.mark.slow
 

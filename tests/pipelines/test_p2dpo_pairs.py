@@ -11,17 +11,19 @@ from mmpo_jax.data import image_processing
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
+from mmpo_jax.objectives.p2dpo import PAIRS
 from mmpo_jax.pipelines import p2dpo as driver
+from mmpo_jax.generation.prompts import left_pad
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.rewards.p2dpo import saliency_map, saliency_objective
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 
 def _prompts(count: int = 4):
     records = fx.records(count)
     prompts = [pairs.focus_prompt(r, i, question_fraction=0.5, seed=0)[0] for i, r in enumerate(records)]
     ids = pairs.prompt_ids(fx.tokenizer(), prompts, num_image_tokens=16, template="llava_1_5")
-    input_ids, mask = pairs.left_pad(ids, fx.tokenizer().pad_token_id)
+    input_ids, mask = left_pad(ids, fx.tokenizer().pad_token_id)
     pixels = np.stack([fx.IMAGE_CONFIG(r["image"]) for r in records])
     return input_ids, mask, pixels
 
@@ -113,9 +115,9 @@ def _scored(chosen_means, rejected_means, length=4, empty=()):
         return logps, mask
 
     scored = {}
-    for pair in pairs.PAIR_ROWS.values():
+    for pair in PAIRS.values():
         for response, means in zip(pair, (chosen_means, rejected_means)):
-            scored[f"{response}/token_logps"], scored[f"{response}/mask"] = rows(means)
+            scored[f"{response.name}/token_logps"], scored[f"{response.name}/mask"] = rows(means)
     return scored
 
 

@@ -1,4 +1,4 @@
-"""P2-DPO saliency, adaptive crop, DDW weights and pair filter (METHODS.md §5)."""
+"""P2-DPO saliency, adaptive crop and pair filter (METHODS.md §5)."""
 
 import math
 
@@ -6,8 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mmpo_jax.rewards import p2dpo
 
@@ -110,23 +108,8 @@ def test_saliency_objective_is_minus_ce_of_the_argmax_and_differentiates():
 
 
 # ---------------------------------------------------------------------------------------------
-# DDW and filtering
+# Filtering
 # ---------------------------------------------------------------------------------------------
-
-
-@settings(max_examples=20, deadline=None)
-@given(st.lists(st.floats(0.0, 2.0), min_size=1, max_size=6), st.floats(0.01, 2.0))
-def test_ddw_weights_sum_to_one(crop_scores, full_score):
-    w_focus, w_rob = p2dpo.ddw_weights(np.array(crop_scores), np.full(len(crop_scores), full_score))
-    np.testing.assert_allclose(np.asarray(w_focus) + np.asarray(w_rob), 1.0, rtol=1e-6)
-    assert np.all(np.asarray(w_focus) >= 0.3 - 1e-6) and np.all(np.asarray(w_focus) <= 0.7 + 1e-6)
-
-
-def test_ddw_hand_cases():
-    w_focus, w_rob = p2dpo.ddw_weights(jnp.array([0.3, 0.33, 0.27, 0.5]), jnp.array([0.3, 0.3, 0.3, 0.0]))
-    a = 0.2 * math.tanh(0.1 / 0.1)
-    np.testing.assert_allclose(w_focus, [0.5, 0.5 + a, 0.5 - a, 0.7], rtol=1e-5)
-    np.testing.assert_allclose(w_rob, [0.5, 0.5 - a, 0.5 + a, 0.3], rtol=1e-5)
 
 
 def pair(mean_w, mean_l, length=4, total=6):

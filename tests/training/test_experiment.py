@@ -1,23 +1,30 @@
 """The main job's initial model: a converted checkpoint takes the run's dtypes and remat, and is
-restored straight into the run's shards."""
+restored straight into the run's shards; an image size the model does not take is refused before
+anything compiles; a run's length follows its split."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 from flax import nnx
 
-from mmpo_jax import convert as convert_cli
-from mmpo_jax.training import sharding
-from mmpo_jax.training.config_loading import load_config
-from mmpo_jax.training.experiment import initial_model, run_experiment
-from mmpo_jax.training.loop import train
-from tests.training import step_fixtures as fx
+from mmpo_jax.engine import model_io
+from mmpo_jax.engine import sharding
+from mmpo_jax.config.checks import ConfigError, epoch_steps
+from mmpo_jax.config.loading import load_config
+from mmpo_jax.data.tokenizer import build_word_tokenizer
+from mmpo_jax.engine.scoring import plan_scoring
+from mmpo_jax.training.experiment import (check_image_size, initial_model, load_data,
+                                          run_experiment, with_epoch_steps)
+from mmpo_jax.training.loop import make_iterator, train
+from tests.data import fixtures as data_fx
+from tests.engine import step_fixtures as fx
 
 
 def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     saved = fx.base_model()  # float32 compute and storage, no remat
-    convert_cli.save_checkpoint(saved, saved.config, tmp_path / "orbax")
+    model_io.save_model(saved, tmp_path / "orbax")
     config = load_config("configs/dpo.py", (
         "model.init=checkpoint", f"model.checkpoint={tmp_path / 'orbax'}",
         "model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.remat=true",
@@ -42,7 +49,7 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     assert all(got.is_equivalent_to(want, p.ndim) for got, want, p in zip(placed, wanted, params))
     assert any(not s.is_fully_replicated for s in placed)
     # the stored config is untouched: loading it plainly gives the float32 model back
-    plain, stored_config = convert_cli.load_checkpoint(tmp_path / "orbax")
+    plain, stored_config = model_io.load_model(tmp_path / "orbax")
     assert stored_config == saved.config and not stored_config.text_config.remat
     # and it trains from there
     result = train(config, model=model, tokenizer=fx.tokenizer(), source=list(fx.records(8)),
@@ -50,8 +57,61 @@ def test_checkpoint_init_runs_with_the_configs_dtypes_and_remat(tmp_path):
     assert result.steps == 1 and np.isfinite(result.summary["metrics"]["loss/total"]["last"])
 
 
-def test_p2dpo_without_generation_settings_is_refused_before_any_work(tmp_path):
-    config = load_config("configs/p2dpo.py", (f"data.data_dir={tmp_path}",))
-    with pytest.raises(ValueError, match=r"needs the pair-generation settings"):
-        run_experiment(config)
+def test_p2dpo_without_its_pairs_section_is_refused_before_any_work(tmp_path):
+    config = load_config("configs/p2dpo.py", (f"data.data_dir={tmp_path}",)).to_dict()
+    del config["pairs"]
+    with pytest.raises(ValueError, match="needs the config's pairs section"):
+        run_experiment(ml_collections.ConfigDict(config))
     assert not any(tmp_path.iterdir())  # nothing loaded, built or trained
+
+
+def test_real_format_data_with_the_tiny_model_is_refused_before_compiling(tmp_path):
+    data_fx.write_jsonl(str(tmp_path / "manual"), [data_fx.jsonl_line(p)
+                                                    for p in data_fx.make_pairs(3)])
+    build_word_tokenizer(["a", "cat"], model_max_length=64).save_pretrained(str(tmp_path / "tok"))
+    overrides = ("data.dataset=generic_jsonl", "data.split=train", "model.init=random",
+                 f"data.manual_dir={tmp_path / 'manual'}", f"data.tokenizer={tmp_path / 'tok'}",
+                 f"data.data_dir={tmp_path / 'data'}", "eval.enabled=false",
+                 f"workdir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=r"preprocessed to 336 px but the vision tower of "
+                                          r"model.preset='tiny' takes 64 px; set data.image_size=64"):
+        run_experiment(load_config("configs/dpo.py", overrides))
+    assert not (tmp_path / "run").exists()  # nothing trained
+    resized = load_config("configs/dpo.py", overrides + ("data.image_size=64",))
+    _, tokenizer, image_config = load_data(resized)
+    assert (image_config.size, image_config.crop_size, image_config.pad_to_square) == (64, 64, True)
+    check_image_size(resized, tokenizer, image_config)
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_the_runs_length_is_the_pipelines_epochs(drop_remainder):
+    """``train.num_steps=0``: exactly the batches ``data.num_epochs`` passes yield."""
+    config = load_config("configs/dpo.py", (
+        "train.num_steps=0", "data.num_epochs=2", "data.batch_size=4", "data.buckets=(64,96)",
+        f"data.drop_remainder={str(drop_remainder).lower()}"))
+    source = list(fx.records(10))
+    batches = list(make_iterator(config, source, tokenizer=fx.tokenizer(),
+                                 image_config=fx.IMAGE_CONFIG, num_image_tokens=16,
+                                 plan=plan_scoring(config.method.to_dict())))
+    steps = epoch_steps(config, len(source))
+    assert len(batches) == steps == (4 if drop_remainder else 6)
+    examples = sum(int(b.example_mask.sum()) for b in batches)
+    assert examples == (16 if drop_remainder else 20)
+    resolved = with_epoch_steps(config, len(source))
+    assert resolved.train.num_steps == steps and config.train.num_steps == 0
+    assert with_epoch_steps(resolved, len(source)) is resolved
+
+
+def test_a_cached_reference_holds_every_record_when_batches_drop_the_remainder(tmp_path):
+    """The cache is built over one whole epoch: records a training epoch drops (another each
+    epoch, as the permutation changes) are still scored when a later epoch reads them."""
+    config = load_config("configs/dpo.py", (
+        "train.num_steps=0", "data.num_epochs=3", "data.batch_size=8", "data.buckets=(64,96)",
+        "data.drop_remainder=true", "reference.mode=cache", "train.progress_bar=false",
+        "checkpoint.async_save=false", "eval.enabled=false"))
+    source = list(fx.records(12))
+    config = with_epoch_steps(config, len(source))
+    result = train(config, model=fx.base_model(), tokenizer=fx.tokenizer(), source=source,
+                   image_config=fx.IMAGE_CONFIG, workdir=tmp_path)
+    assert result.steps == 3  # one full batch of 8 per epoch
+    assert np.isfinite(result.summary["metrics"]["loss/total"]["last"])

@@ -15,14 +15,14 @@ from flax import nnx
 
 from mmpo_jax.pipelines import fisao
 from mmpo_jax.pipelines.verifier import WordClipSpec
-from mmpo_jax.training import config_checks
+from mmpo_jax.config import checks as config_checks
 from mmpo_jax.training import fisao_loop
-from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.logging import read_metrics
 from tests.pipelines.test_fisao import rollout as sampled  # noqa: F401 (a fixture)
 from tests.pipelines.test_verifier import random_word_clip
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 BANNED = jnp.asarray([fx.base_model().config.image_token_id])
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmpo_jax.training import config_checks
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config import checks as config_checks
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.experiment import run_experiment
 from mmpo_jax.training.logging import read_metrics
 from mmpo_jax.training.loop import train
-from tests.training import step_fixtures as fx
+from tests.engine import step_fixtures as fx
 
 SMALL = ("train.progress_bar=false", "train.log_every=1", "data.batch_size=8",
          "data.buckets=(64,96)", "checkpoint.async_save=false", "eval.enabled=false")

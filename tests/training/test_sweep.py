@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.sweep import file_overrides, grid_overrides
 
 
@@ -22,7 +22,7 @@ def test_file_sweep_overrides_load(tmp_path):
     path = tmp_path / "swept.py"
     path.write_text(
         "import pathlib\n"
-        f"from mmpo_jax.training.config_loading import config_module\n"
+        f"from mmpo_jax.config.loading import config_module\n"
         f"_dpo = config_module('{pathlib_path()}')\n"
         "def get_config(arg=None):\n    return _dpo.get_config()\n"
         "def get_sweep():\n"

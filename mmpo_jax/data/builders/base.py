@@ -83,6 +83,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = VERSION
     OPTIONS: ClassVar[dict[str, Any]]  # {keyword option of load_split: default}
+    SHIPS_TOKENIZER: ClassVar[bool] = False  # saves a tokenizer with the data (`tokenizer_path`)
 
     @classmethod
     def config_from_options(cls, **options: Any) -> tfds.core.BuilderConfig:

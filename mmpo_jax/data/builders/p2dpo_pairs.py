@@ -103,6 +103,7 @@ class P2dpoPairs(Builder):
     """P2-DPO focus and robustness pairs generated on-policy (read from manual_dir)."""
 
     name = "p2dpo_pairs"
+    SHIPS_TOKENIZER = True  # the generation's (its prompt source's) tokenizer
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=DEFAULT_CONFIG_NAME)]
     OPTIONS: dict[str, Any] = {}
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Generate the pairs with `python -m mmpo_jax.generate_pairs "

@@ -13,8 +13,9 @@ Conversions (counted, record kept):
 - leading/trailing whitespace of text fields is stripped.
 Skips (counted, record dropped): undecodable or truncated images, images above `max_pixels`
 [our choice: skip rather than downscale; such files are usually corrupt or pathological and a
-silent resize would hide it], missing or empty fields, non-UTF-8 text, chosen == rejected,
-duplicate ids (the first valid occurrence wins).
+silent resize would hide it], missing or empty fields, non-UTF-8 text, text that cannot be
+stored as UTF-8 (`unencodable_text`: a JSON-escaped lone surrogate such as "\\udc80" is valid
+JSON but no UTF-8 string), chosen == rejected, duplicate ids (the first valid occurrence wins).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class RawPreference:
 
 
 def as_text(value: Any, field: str) -> str:
-    """Returns `value` as stripped unicode text; raises `SkipRecord` if missing, empty or not UTF-8."""
+    """Returns `value` as stripped unicode text; raises `SkipRecord` if missing, empty, not UTF-8
+    bytes, or a string UTF-8 cannot encode (lone surrogates, which TFDS could not store)."""
     if value is None:
         raise SkipRecord("missing_field", field)
     if isinstance(value, bytes):
@@ -85,6 +87,11 @@ def as_text(value: Any, field: str) -> str:
     value = value.strip()
     if not value:
         raise SkipRecord("empty_field", field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SkipRecord("unencodable_text", f"{field}: {error.reason} "
+                         f"({value[error.start:error.end]!r} at character {error.start})") from None
     return value
 
 

@@ -51,6 +51,7 @@ class ShapesWorld(Builder):
 
     name = "shapes_world"
     SPLIT_FIELDS = SPLIT_FIELDS
+    SHIPS_TOKENIZER = True
     BUILDER_CONFIGS = [ShapesWorldConfig(name=DEFAULT_CONFIG_NAME)]
 
     OPTIONS = own_options(shapes_world.WorldSpec)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from mmpo_jax.models import lora
 from mmpo_jax.models.llava import Llava
-from mmpo_jax.training import sharding
+from mmpo_jax.engine import sharding
 
 VISION_TOWER = "vision_tower"
 PROJECTOR = "multi_modal_projector"

@@ -27,24 +27,25 @@ import optax
 from flax import nnx
 
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.models import lora
+from mmpo_jax.engine.reference import MODES, reference_model
+from mmpo_jax.engine.scoring import ScoringPlan, score_batch
 from mmpo_jax.objectives import registry
 from mmpo_jax.objectives.metrics import Metric, accumulate
-from mmpo_jax.training.scoring import ScoringPlan, score_batch
-
-REFERENCE_MODES = ("copy", "lora_base", "cache")
 
 
-def masked_objective(method_config: Mapping[str, Any], scored: Mapping[str, jax.Array],
+def masked_objective(method_config: Mapping[str, Any], scored: Mapping[Any, jax.Array],
                      example_mask: jax.Array) -> tuple[jax.Array, dict[str, Metric]]:
     """``(sum of real examples' losses, metrics over real examples)`` of a method.
+
+    Each example is evaluated on its own (``vmap``), so no statistic of padding rows reaches a
+    real one, unless a term couples the examples (a group baseline), which sees the whole batch.
 
     Args:
       scored: ``registry.compute_objective``'s inputs, every array batch-major ``[B, ...]``.
       example_mask: ``[B]``, 1 on real examples.
     """
     mask = jnp.asarray(example_mask, jnp.float32)
-    if "fisao_ppo" in registry.active_terms(method_config):  # group statistics span examples
+    if registry.couples_examples(method_config):
         losses, metrics = registry.compute_objective(method_config, scored)
         return jnp.sum(losses * mask), metrics
     single = jax.tree.map(lambda x: x[:, None], dict(scored))
@@ -113,23 +114,19 @@ def make_train_step(
         reference, batch, cached, key)`` and ``(trainable, opt_state, metrics)``; None lets jit
         infer them from the arguments.
     """
-    if reference_mode not in REFERENCE_MODES:
-        raise ValueError(f"reference mode {reference_mode!r} is not one of {REFERENCE_MODES}")
+    if reference_mode not in MODES:
+        raise ValueError(f"reference mode {reference_mode!r} is not one of {MODES}")
     method_config = dict(method_config)
 
     def loss_fn(trainable, frozen, reference_state, batch, cached, key, count):
         # Fresh Variables at this trace level: dropout streams advance their counts in place.
         policy = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
-        if reference_mode == "copy":
-            reference = nnx.merge(reference_graphdef, jax.tree.map(lambda x: x, reference_state))
-        elif reference_mode == "lora_base":
-            reference = lora.without_adapters(policy)
-        else:
-            reference = None
+        reference = reference_model(reference_mode, policy, reference_graphdef, reference_state)
         scored = score_batch(plan, policy, reference, batch, image_config=image_config,
                              eos_token_id=eos_token_id, vision_frozen=vision_frozen,
                              cached=cached)
-        loss_sum, metrics = masked_objective(method_config, scored, batch.example_mask)
+        with jax.named_scope("loss"):
+            loss_sum, metrics = masked_objective(method_config, scored, batch.example_mask)
         return loss_sum / count, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -159,8 +156,9 @@ def make_train_step(
             zeros = (jax.tree.map(jnp.zeros_like, trainable),
                      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_metrics))
             (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        with jax.named_scope("update"):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
         metrics = dict(metrics)
         one = jnp.asarray(1.0, jnp.float32)
         metrics["optim/grad_norm"] = (optax.tree.norm(grads), one)

@@ -21,8 +21,8 @@ from mmpo_jax.models.clip import CLIPVisionConfig
 from mmpo_jax.models.llama import LlamaConfig
 from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.models.partitioning import logical
-from mmpo_jax.training import sharding
-from mmpo_jax.training.checkpointing import Checkpointer, abstract_target, export_policy
+from mmpo_jax.engine import sharding
+from mmpo_jax.engine.checkpointing import Checkpointer, abstract_target, export_policy
 from tests.data.test_pipeline import BUCKETS, IMAGE_SIZE, NUM_IMAGE_TOKENS, WORDS, make_records
 
 TMP_SUFFIX = atomicity.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp" in orbax-checkpoint 0.12.8

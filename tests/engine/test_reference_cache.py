@@ -12,8 +12,8 @@ from ml_collections import ConfigDict
 from mmpo_jax.data import image_processing, pipeline, shapes_world
 from mmpo_jax.data.batch import shift_for_next_token
 from mmpo_jax.data.tokenizer import build_word_tokenizer
-from mmpo_jax.training import reference_cache
-from mmpo_jax.training.reference_cache import ReferenceCache, open_or_build
+from mmpo_jax.engine import reference_cache
+from mmpo_jax.engine.reference_cache import ReferenceCache, open_or_build
 
 NUM_RECORDS = 14
 NUM_IMAGE_TOKENS = 4

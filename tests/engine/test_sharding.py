@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mmpo_jax.models.partitioning import logical
-from mmpo_jax.training import sharding
+from mmpo_jax.engine import sharding
 
 
 class _TwoLayer(nnx.Module):

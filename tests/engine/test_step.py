@@ -1,4 +1,4 @@
-"""The jitted train step: sharding equality, accumulation, padding, compile counts, scoring."""
+"""The jitted train step: sharding equality, accumulation, padding, compile counts."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
-from mmpo_jax.training import scoring, sharding
-from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.step import make_train_step, masked_objective
-from tests.training import step_fixtures as fx
+from mmpo_jax.engine import scoring, sharding
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.engine.step import make_train_step, masked_objective
+from mmpo_jax.objectives import terms
+from tests.engine import step_fixtures as fx
 
 CATPO = {"name": "catpo"}
 DPO = {"name": "dpo"}
@@ -90,55 +90,10 @@ def test_step_compiles_once_per_length_bucket():
 
 
 def test_masked_objective_weights_only_real_examples():
-    scored = {"policy/chosen/token_logps": jnp.array([[-1.0, -2.0], [-3.0, 0.0], [-50.0, 0.0]]),
-              "chosen/mask": jnp.array([[1, 1], [1, 0], [1, 0]])}
+    scored = {terms.token_logps(terms.POLICY, terms.CHOSEN):
+              jnp.array([[-1.0, -2.0], [-3.0, 0.0], [-50.0, 0.0]]),
+              terms.mask(terms.CHOSEN): jnp.array([[1, 1], [1, 0], [1, 0]])}
     loss_sum, metrics = masked_objective({"name": "sft"}, scored, jnp.array([1, 1, 0]))
     # nll with per-token mean: 1.5 and 3.0; the third row is padding.
     np.testing.assert_allclose(loss_sum, 4.5)
     np.testing.assert_allclose(metrics["loss/nll"][0] / metrics["loss/nll"][1], 2.25)
-
-
-def test_catpo_weights_lie_in_range_and_eos_has_weight_one():
-    plan = scoring.plan_scoring(CATPO)
-    batch = jax.tree.map(jnp.asarray, _first_batch(plan))
-    model = fx.base_model()
-    scored = scoring.score_batch(plan, model, model, batch, image_config=fx.IMAGE_CONFIG,
-                                 eos_token_id=fx.tokenizer().eos_token_id)
-    for response in ("chosen", "rejected"):
-        weights = np.asarray(scored[f"{response}/token_weights"])
-        mask = np.asarray(scored[f"{response}/mask"]) > 0
-        _, labels, _ = scoring.shift_for_next_token(*scoring.batch_tokens(batch, response)[:2])
-        eos = np.asarray(labels) == fx.tokenizer().eos_token_id
-        assert np.all(weights[~mask] == 0)
-        np.testing.assert_allclose(weights[mask & eos], 1.0)
-        inner = weights[mask & ~eos]
-        assert inner.min() >= 0.5 - 1e-6 and inner.max() <= 1.5 + 1e-6
-        assert inner.std() > 0  # the weights vary with the tokens
-
-
-def test_adapt_enhanced_image_lies_between_the_image_and_white():
-    plan = scoring.plan_scoring({"name": "adapt"})
-    assert plan.images[-1] == "ve_pixel_values" and plan.needs_anchor
-    batch = jax.tree.map(jnp.asarray, _first_batch(plan, extras=("noise_pixel_values",)))
-    model = fx.base_model()
-    visual = {"pixel_values": model.encode_images(batch.pixel_values)}
-    enhanced = np.asarray(scoring.enhanced_images(model, batch, visual, fx.IMAGE_CONFIG,
-                                                  anchor_steps=5, threshold_percentile=0.4))
-    pixels = np.asarray(batch.pixel_values)
-    white = 1.0  # (1 - 0.5) / 0.5 with the tiny preprocessing
-    low, high = np.minimum(pixels, white), np.maximum(pixels, white)
-    assert enhanced.shape == pixels.shape
-    assert np.all(enhanced >= low - 1e-5) and np.all(enhanced <= high + 1e-5)
-    assert np.any(np.abs(enhanced - pixels) > 1e-3)  # the mask whitens something
-    assert np.any(np.abs(enhanced - pixels) < 1e-4)  # and keeps something
-
-
-def test_plan_of_every_preference_method():
-    assert scoring.plan_scoring({"name": "mdpo"}).images == ("corrupt_pixel_values",
-                                                             "pixel_values")
-    tpo = scoring.plan_scoring({"name": "tpo"})
-    assert tpo.reference_rows == ("chosen", "rejected", "chosen@noise", "rejected@noise")
-    p2 = scoring.plan_scoring({"name": "p2dpo", "ddw": True})
-    assert p2.ddw and {"robust_chosen", "calib_chosen_aug"} <= set(p2.policy)
-    with pytest.raises(NotImplementedError, match="rollouts"):
-        scoring.plan_scoring({"name": "fisao"})

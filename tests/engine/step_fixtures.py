@@ -15,9 +15,9 @@ from mmpo_jax.data import image_processing, pipeline, shapes_world
 from mmpo_jax.data.tokenizer import build_word_tokenizer
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava
-from mmpo_jax.training import sharding
-from mmpo_jax.training import state as state_lib
-from mmpo_jax.training.step import make_train_step
+from mmpo_jax.engine import sharding
+from mmpo_jax.engine import state as state_lib
+from mmpo_jax.engine.step import make_train_step
 
 IMAGE_CONFIG = image_processing.tiny(64)
 MODEL_CONFIG = {"lora": {"enabled": False}, "freeze_vision": True, "train_projector": True}

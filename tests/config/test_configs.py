@@ -1,7 +1,8 @@
-"""configs/*.py, `config_loading` (schema, files, overrides) and `config_checks.validate`."""
+"""configs/*.py, `config.schema`, `config.loading` (files, overrides) and `config.checks.validate`."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import math
@@ -12,15 +13,18 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from mmpo_jax.config import loading as config_loading
+from mmpo_jax.config import schema
+from mmpo_jax.config.checks import ConfigError, epoch_steps, samples_rollouts, validate
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.data.builders.shapes_world import SPLIT_FIELDS
+from mmpo_jax.data.fields import ROLLOUTS
 from mmpo_jax.data.pipeline import EXTRAS
+from mmpo_jax.engine.scoring import plan_scoring
 from mmpo_jax.objectives import registry
-from mmpo_jax.training import config_checks, config_loading
-from mmpo_jax.training.config_checks import required_extras, required_record_fields, validate
-from mmpo_jax.training.config_loading import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-METHOD_FILES = sorted(registry.METHODS)
+METHOD_FILES = sorted(registry.methods())
 LLAVA_FILES = ("llava_1_5_7b_tpu.py", "llava_1_5_7b_gpu.py")
 PREFERENCE_FEATURES = SPLIT_FIELDS["preference"]
 
@@ -33,6 +37,14 @@ def elsewhere(tmp_path, monkeypatch):
 
 def _load(name: str, *overrides: str) -> ml_collections.ConfigDict:
     return load_config(str(CONFIGS / name), overrides)
+
+
+def required_extras(method) -> tuple[str, ...]:
+    return (ROLLOUTS,) if samples_rollouts(method) else plan_scoring(method).pipeline_extras
+
+
+def required_record_fields(method) -> tuple[str, ...]:
+    return ("image", "prompt") if samples_rollouts(method) else plan_scoring(method).record_fields
 
 
 def _problems(config, **kwargs) -> str:
@@ -76,8 +88,16 @@ def test_llava_presets_build_every_method(name, method):
     assert config.data.buckets == (1024, 2048)
     settings = tiny.reference_settings
     assert config.optimizer.learning_rate == settings.learning_rate
-    assert config.train.num_steps == math.ceil(settings.get("num_epochs", 1) * 5733 / 32)
+    # the paper's epochs over whatever the prepared split holds: 5,733 pairs for RLHF-V
+    assert (config.train.num_steps, config.data.num_epochs) == (0, settings.get("num_epochs", 1))
+    epochs = settings.get("num_epochs", 1)
+    assert epoch_steps(config, 5733) == (  # batches never straddle epochs; rollouts stream
+        math.ceil(epochs * 5733 / (32 // config.rollout.num_samples)) if method == "fisao"
+        else epochs * math.ceil(5733 / 32))
     assert config.data.split == "train"
+    if method == "fisao":  # its verifier and calibration exist for the shapes world only
+        assert "method 'fisao' on data.dataset='rlhf_v'" in _problems(config, device_count=1)
+        return
     validate(config, device_count=1)
     if name.endswith("tpu.py"):
         validate(config, device_count=8)
@@ -93,7 +113,8 @@ def test_llava_catpo_takes_the_papers_settings():
     assert (config.optimizer.learning_rate, config.optimizer.warmup_ratio) == (1.4e-6, 0.03)
     assert dict(config.mesh) == {"data": 1, "fsdp": -1, "tensor": 1}
     mdpo = _load("llava_1_5_7b_gpu.py:mdpo")
-    assert (mdpo.model.lora.rank, mdpo.optimizer.b2, mdpo.train.num_steps) == (64, 0.98, 538)
+    assert (mdpo.model.lora.rank, mdpo.optimizer.b2, mdpo.data.num_epochs) == (64, 0.98, 3)
+    assert epoch_steps(mdpo, 5733) == 540  # 3 x ceil(5733 / 32): each epoch's last batch padded
 
 
 def test_unknown_llava_method_names_the_valid_ones():
@@ -145,7 +166,8 @@ def test_configs_are_locked():
     config = _load("dpo.py")
     with pytest.raises(AttributeError):
         config.method.betaa = 0.2
-    with pytest.raises(FileNotFoundError, match="nope.py"):
+    with pytest.raises(ConfigError,
+                       match=r"nope.py: no such config file .*; the configs in .*adapt"):
         _load("nope.py")
 
 
@@ -175,14 +197,18 @@ def test_batch_splits():
 
 def test_reference_modes():
     lora_base = _load("mdpo.py", "reference.mode=lora_base")
-    assert "needs model.lora.enabled=True" in _problems(lora_base)
-    validate(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true"))
+    assert "needs model.lora.enabled=true" in _problems(lora_base)
+    projector = _problems(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true"))
+    assert "set model.train_projector=false" in projector
+    validate(_load("mdpo.py", "reference.mode=lora_base", "model.lora.enabled=true",
+                   "model.train_projector=false"))
+    assert "on-policy" in _problems(_load("fisao.py", "reference.mode=cache"))
     catpo = _problems(_load("catpo.py", "reference.mode=cache"))
     assert "cannot serve the token_kl term" in catpo and "whole next-token distribution" in catpo
     # Cat-PO's token weights come from the reference once per record: the cache holds them.
     validate(_load("catpo.py", "reference.mode=cache", "method.terms.token_kl=0"))
-    assert "corrupt_pixel_values" in _problems(_load("mdpo.py", "reference.mode=cache"))
-    assert "noise_pixel_values" in _problems(_load("tpo.py", "reference.mode=cache"))
+    assert "['corrupted']" in _problems(_load("mdpo.py", "reference.mode=cache"))
+    assert "['noised']" in _problems(_load("tpo.py", "reference.mode=cache"))
     assert "enhanced image" in _problems(_load("adapt.py", "reference.mode=cache"))
     validate(_load("dpo.py", "reference.mode=cache"))
 
@@ -203,7 +229,7 @@ def test_dataset_features():
 
 def test_p2dpo_branch_ablations_read_only_their_pair():
     without_feps = _load("p2dpo.py", "method.branches=('robust',)").method
-    assert required_extras(without_feps) == ("robust_pair",)
+    assert required_extras(without_feps) == ("noise_pixel_values", "robust_pair")
     assert required_record_fields(without_feps) == ("image", "prompt", "robust_chosen",
                                                     "robust_rejected")
     without_vrps = _load("p2dpo.py", "method.branches=('focus',)").method
@@ -217,7 +243,7 @@ def test_p2dpo_branch_ablations_read_only_their_pair():
 EXPECTED_EXTRAS = {
     "sft": (), "dpo": (), "catpo": (), "mdpo": ("corrupt_pixel_values",),
     "tpo": ("noise_pixel_values",), "adapt": ("noise_pixel_values",),
-    "p2dpo": ("focus_images", "robust_pair"), "fisao": (config_checks.ROLLOUTS,),
+    "p2dpo": ("focus_images", "noise_pixel_values", "robust_pair"), "fisao": (ROLLOUTS,),
 }
 
 
@@ -235,26 +261,28 @@ def test_extras_follow_the_registrys_scores(method):
     block = _load(f"{method}.py").method
     extras = required_extras(block)
     assert extras == EXPECTED_EXTRAS[method]
-    assert set(extras) <= {*EXTRAS, config_checks.ROLLOUTS}
+    assert set(extras) <= {*EXTRAS, ROLLOUTS}
     assert required_record_fields(block) == EXPECTED_FIELDS[method]
 
 
 def test_extras_follow_the_options():
     p2dpo = dict(_load("p2dpo.py").method.to_dict())
-    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images", "robust_pair")
-    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("robust_pair",)
+    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images",
+                                                       "noise_pixel_values", "robust_pair")
+    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("noise_pixel_values", "robust_pair")
     catpo = _load("catpo.py").method.to_dict()
     assert required_extras({**catpo, "token_weights": "tpo"}) == ("noise_pixel_values",)
     mixed = {**catpo, "terms": {"dpo": 1.0, "copo": 1.0}}
     assert required_extras(mixed) == ("corrupt_pixel_values",)
 
 
-def test_schema_tables_match_the_registry():
-    assert set(config_loading.TERM_OPTIONS) == set(registry.TERMS)
-    assert set(registry.OPTION_DEFAULTS) <= set(config_loading.METHOD_OPTION_DEFAULTS)
-    used = {o for options in config_loading.TERM_OPTIONS.values() for o in options}
-    used |= {o for options in config_loading.WEIGHTING_OPTIONS.values() for o in options}
-    assert used == set(config_loading.METHOD_OPTION_DEFAULTS)
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_method_blocks_hold_the_options_their_declarations_read(method):
+    block = schema.method_defaults(method)
+    read = registry.options_read(block)
+    assert set(block) == {*schema.METHOD_CORE, *read}
+    assert all(block[name] == option.default for name, option in read.items())
+    assert set(read) <= set(schema.method_option_defaults())
 
 
 def test_hand_built_config_lists_every_problem():
@@ -315,3 +343,101 @@ def test_the_train_cli_names_an_unknown_field_in_one_line():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "FATAL Flags parsing error: unknown config field 'bta' Did you mean \"beta\" instead of \"bta\"?"]
+
+
+# ----------------------------------------------------------------------------- run length
+
+
+def test_run_length_follows_the_splits_size():
+    config = _load("dpo.py", "train.num_steps=0", "data.num_epochs=3")
+    assert epoch_steps(config, 100) == 3 * 4  # ceil(100 / 32): the last batch is padded
+    assert epoch_steps(config, 100, process_count=2) == 3 * 4  # 50 records in 16s per process
+    dropping = _load("dpo.py", "train.num_steps=0", "data.num_epochs=3", "data.drop_remainder=true")
+    assert epoch_steps(dropping, 100) == 3 * 3
+    validate(config, device_count=8, num_records=100)
+    assert "no full batch of data.batch_size=32 in the 20 records" in _problems(
+        dropping, device_count=8, num_records=20)
+    fisao = _load("fisao.py", "train.num_steps=0", "data.num_epochs=2")
+    assert epoch_steps(fisao, 100) == math.ceil(2 * 100 / (32 // fisao.rollout.num_samples))
+    # a fixed step count the epochs cannot feed (the iterator would run dry mid-run)
+    message = _problems(_load("dpo.py", "train.num_steps=13", "data.num_epochs=3"),
+                        device_count=8, num_records=100)
+    assert ("train.num_steps=13 needs 13 batches, but data.num_epochs=3 over the 100 records of "
+            "shapes_world/preference gives 12") in message
+    validate(_load("dpo.py", "train.num_steps=12", "data.num_epochs=3"), num_records=100)
+    validate(_load("dpo.py", "train.num_steps=13"), num_records=100)  # num_epochs=0: endless
+    assert "set train.num_steps=N or data.num_epochs=E" in _problems(
+        _load("dpo.py", "train.num_steps=0"))
+
+
+def test_combinations_the_loop_refuses_are_config_problems():
+    message = _problems(_load(
+        "catpo.py", "data.dataset=rlhf_v", "model.lora.enabled=true",
+        "model.freeze_vision=false", "model.train_projector=false"), device_count=8)
+    for expected in ("model.init='sft_base' trains the tiny SFT base on the shapes world, not "
+                     "'rlhf_v'; set model.init='checkpoint'",
+                     "set model.freeze_vision=true, or model.lora.enabled=false",
+                     "eval.enabled=true evaluates on the shapes world's 'test_caption'/'test_pope' "
+                     "splits, which 'rlhf_v' lacks; set eval.enabled=false"):
+        assert expected in message
+    assert "method 'fisao' on data.dataset='generic_jsonl'" in _problems(_load(
+        "fisao.py", "data.dataset=generic_jsonl", "model.init=random", "eval.enabled=false"))
+    # P2-DPO's world is its prompt source
+    assert "not 'rlhf_v'" in _problems(_load("p2dpo.py", "pairs.source_dataset=rlhf_v"))
+
+
+def test_an_image_size_the_model_does_not_take_names_the_fix():
+    config = _load("dpo.py", "data.dataset=generic_jsonl", "model.init=random",
+                   "eval.enabled=false")
+    message = _problems(config, image_sizes=(336, 64))
+    assert ("the images of data.dataset='generic_jsonl' are preprocessed to 336 px but the vision "
+            "tower of model.preset='tiny' takes 64 px; set data.image_size=64, or use a model "
+            "(preset or checkpoint) whose vision tower takes 336-px images") in message
+    validate(config, image_sizes=(64, 64))
+    assert "data.image_size=-1 must lie in [0, inf]" in _problems(_load("dpo.py",
+                                                                        "data.image_size=-1"))
+    assert "data.too_long='cut' is not one of ('truncate', 'skip')" in _problems(
+        _load("dpo.py", "data.too_long=cut"))
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("def get_config(:\n", r"bad.py: cannot be executed: SyntaxError: .* \(bad.py:1\)"),
+    ("import nothing_here\n", r"bad.py: cannot be executed: ModuleNotFoundError: No module named "
+                              r"'nothing_here' \(bad.py:1\)"),
+    ("x = 1\n", r"bad.py: defines no get_config\(\) function"),
+    ("def get_config(arg=None):\n    return {}[arg]\n",
+     r"bad.py:key: get_config\('key'\) raised KeyError: 'key' \(bad.py:2\)"),
+    ("def get_config(arg=None):\n    return 3\n",
+     r"bad.py: get_config\(\) returned int, not a ConfigDict"),
+])
+def test_an_unloadable_config_file_is_one_line_naming_it(tmp_path, text, expected):
+    (tmp_path / "bad.py").write_text(text)
+    path = "bad.py:key" if "[arg]" in text else "bad.py"
+    with pytest.raises(ConfigError) as error:
+        config_loading.load_config_file(path)
+    assert "\n" not in str(error.value)
+    assert re.fullmatch(expected, str(error.value)), str(error.value)
+
+
+def test_a_missing_config_file_names_the_closest_one(tmp_path):
+    near = str(CONFIGS / "dppo.py")
+    with pytest.raises(ConfigError, match=rf"^{near}: no such config file \(cwd .*\); did you "
+                                          rf"mean {CONFIGS / 'dpo.py'}\?$"):
+        config_loading.load_config_file(near)
+    with pytest.raises(ConfigError, match="is a directory"):
+        config_loading.load_config_file(str(CONFIGS))
+    with pytest.raises(ConfigError, match="no folder 'nowhere'"):
+        config_loading.load_config_file("nowhere/dpo.py")
+
+
+def test_config_file_arguments_are_found_in_every_flag_form():
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    flags.DEFINE_string("output_dir", "", "", flag_values=flag_values)
+    argv = ["prog", "--config=a.py:x", "--output_dir=b.py", "-config", "c.py",
+            "--config.seed=1", "--", "--config=d.py"]
+    assert config_loading.config_file_arguments(argv, flag_values) == [
+        ("config", "a.py:x"), ("config", "c.py")]

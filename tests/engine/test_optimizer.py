@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mmpo_jax.training.optimizer import (
+from mmpo_jax.engine.optimizer import (
     default_weight_decay_mask,
     learning_rate_schedule,
     make_optimizer,
