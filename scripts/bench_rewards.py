@@ -8,8 +8,20 @@ Both sides compute, on the same inputs, in the same process (float32):
 The batch holds B sequences: the first half chosen responses, the second half the rejected
 responses of the same pairs (as a concatenated chosen||rejected forward produces them).
 
-Prints the agreement (max |jax - torch| / max |torch| per output) and the throughput of each side.
-A benchmark, not a test: nothing is asserted about time. Run:
+What it measures: the loss computation downstream of the models, from given [B, T, V] logits. Both
+sides are bound by passes over the two logits tensors (717 MB each at the default shapes): PyTorch
+makes ~10 full-size passes and allocates ~3.5 GB; ours computes the two log-softmaxes, the label
+log-probs and the KL in one chunked pass per chunk of positions (`logprobs.token_logprobs_and_kl`).
+[It came out 0.77-0.88x before because the JAX side called `token_logprobs` twice and `token_kl`
+once: three chunk loops, the policy and reference log-softmax each computed twice, which XLA does not
+merge across loops.] In training the logits are not materialised at all any more (the LM head runs on
+gathered response positions, `logprobs.hidden_token_logprobs_and_kl`); this script keeps the
+logits-level comparison of the formulas.
+
+Prints the agreement (max |jax - torch| / max |torch| per output), the medians of `--repeats`
+interleaved calls with the ratio torch/jax (> 1: JAX faster) beside the machine's load, and each
+side's peak RSS growth for one call, each alone in a fresh process (see `benchlib`). A benchmark,
+not a test: nothing is asserted about time. Run:
   python scripts/bench_rewards.py            # LLaVA-1.5-7B shapes (B=8, T=700, 576 image tokens,
                                              # 4 probed layers, V=32000, D=4096)
   python scripts/bench_rewards.py --small    # a quick run at tiny shapes
@@ -19,18 +31,19 @@ PyTorch is used here as a reference only; the package never imports it.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import time
 from typing import Callable
 
+import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
 from mmpo_jax.objectives import registry, terms
+from mmpo_jax.objectives.logprobs import token_logprobs_and_kl
 from mmpo_jax.objectives.terms import CHOSEN, POLICY, REFERENCE, REJECTED
-from mmpo_jax.objectives.logprobs import token_kl, token_logprobs
 from mmpo_jax.rewards.catpo import token_weights
 
 EPS = 1e-8
@@ -44,7 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="probed layers averaged (the band)")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dim", type=int, default=4096, help="LLM embedding dimension")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory runs")
+    benchlib.add_thread_option(parser)
     parser.add_argument("--chunk-size", type=int, default=128, help="log-softmax chunk (positions)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lambda-kl", type=float, default=0.03)
@@ -108,9 +123,8 @@ def jax_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, jax.Array]
                 for part, chosen in ((slice(None, half), True), (slice(half, None), False))
             ]
         )
-        policy_logps = token_logprobs(policy_logits, labels, mask, chunk_size=args.chunk_size)
-        ref_logps = token_logprobs(ref_logits, labels, mask, chunk_size=args.chunk_size)
-        kl = token_kl(policy_logits, ref_logits, mask, chunk_size=args.chunk_size)
+        policy_logps, ref_logps, kl = token_logprobs_and_kl(policy_logits, ref_logits, labels, mask,
+                                                            chunk_size=args.chunk_size)
         scored = {}
         for response, part in ((CHOSEN, slice(None, half)), (REJECTED, slice(half, None))):
             scored.update({terms.token_logps(POLICY, response): policy_logps[part],
@@ -128,33 +142,14 @@ def jax_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, jax.Array]
 def torch_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, torch.Tensor]]:
     """The same formulas written directly in PyTorch eager, full-size tensors, no chunking."""
     half = args.batch // 2
-
-    def minmax(signal, valid):
-        low = torch.where(valid, signal, torch.inf).amin(-1, keepdim=True)
-        high = torch.where(valid, signal, -torch.inf).amax(-1, keepdim=True)
-        constant = ~((high - low) > EPS)
-        scaled = (signal - torch.where(constant, 0.0, low)) / torch.where(constant, 1.0, high - low)
-        return torch.where(valid, torch.where(constant, 0.5, scaled), 0.0)
+    is_chosen = torch.arange(args.batch) < half
 
     @torch.no_grad()
     def run(attention_layers, token_embeddings, visual_tokens, labels, mask, special,
             policy_logits, ref_logits):
-        attention = attention_layers.mean(0)
-        s_global = attention.sum(-1)
-        p = attention / (attention.sum(-1, keepdim=True) + EPS)
-        s_local = 1 - (-(p * torch.log(p + EPS)).sum(-1)) / math.log(attention.shape[-1])
-        v_c = torch.einsum("btn,bnd->btd", p, visual_tokens)
-        cos = (token_embeddings * v_c).sum(-1) / torch.clamp(
-            token_embeddings.norm(dim=-1) * v_c.norm(dim=-1), min=EPS
-        )
-        s_semantic = (1 + cos) / 2
-        scored = mask & ~special
-        s_global, s_local, s_semantic = (minmax(x, scored) for x in (s_global, s_local, s_semantic))
-        fused = args.alpha * (0.5 * s_global + 0.5 * s_local) + (1 - args.alpha) * s_semantic
-        relevance = torch.tanh(fused)
-        is_chosen = (torch.arange(args.batch) < half)[:, None]
-        weights = args.lambda_ref + torch.where(is_chosen, relevance, 1 - relevance)
-        weights = torch.where(mask, torch.where(special, 1.0, weights), 0.0)
+        weights = benchlib.torch_catpo_token_weights(
+            attention_layers.mean(0), token_embeddings, visual_tokens, mask, special, is_chosen,
+            alpha=args.alpha, lambda_ref=args.lambda_ref, eps=EPS)
 
         policy_logp_all = torch.log_softmax(policy_logits, -1)
         ref_logp_all = torch.log_softmax(ref_logits, -1)
@@ -177,18 +172,24 @@ def torch_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, torch.Te
     return run
 
 
-def timed(fn: Callable[[], object], repeats: int, sync: Callable[[object], object]) -> float:
-    """Best wall time of ``repeats`` calls, seconds."""
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
+def make_side(side: str, args: argparse.Namespace) -> Callable[[], dict]:
+    """The zero-argument call of ``side`` ("jax" or "torch") on fresh inputs, warmed up (compiled)."""
+    benchlib.use_threads(args)
+    inputs = make_inputs(args)
+    if side == "jax":
+        arrays, run = [jnp.asarray(inputs[k]) for k in inputs], jax_pipeline(args)
+        call = lambda: jax.block_until_ready(run(*arrays))  # noqa: E731
+    else:
+        arrays, run = [torch.from_numpy(inputs[k]) for k in inputs], torch_pipeline(args)
+        call = lambda: run(*arrays)  # noqa: E731
+    del inputs
+    call()
+    return call
 
 
 def main() -> None:
     args = parse_args()
+    benchlib.use_threads(args)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     print(
@@ -196,15 +197,17 @@ def main() -> None:
         f"layers={args.layers} vocab={args.vocab} dim={args.dim}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
+    if not args.no_memory:  # first, before this process holds its own copies of the inputs
+        for side in ("jax", "torch"):
+            growth = benchlib.peak_rss_growth(functools.partial(make_side, side, args))
+            print(f"peak RSS growth of one call, {side:5s}: {growth:8.0f} MiB")
     inputs = make_inputs(args)
     names = list(inputs)
     jax_inputs = [jnp.asarray(inputs[k]) for k in names]
     torch_inputs = [torch.from_numpy(inputs[k]) for k in names]
 
     jax_run = jax_pipeline(args)
-    start = time.perf_counter()
     jax_out = jax.block_until_ready(jax_run(*jax_inputs))
-    print(f"jax compile + first run: {time.perf_counter() - start:.2f} s")
     torch_run = torch_pipeline(args)
     torch_out = torch_run(*torch_inputs)
 
@@ -222,16 +225,11 @@ def main() -> None:
     for name, value in (("jax", np.asarray(jax_out["token_kl"][row])), ("torch", torch_out["token_kl"][row].numpy())):
         error = np.max(np.abs(value - exact)) / np.max(np.abs(exact))
         print(f"token_kl of sequence 0 vs float64: {name:5s} max rel error {error:.2e}")
-    del log_p, log_q
+    del log_p, log_q, jax_out, torch_out
 
-    jax_time = timed(lambda: jax_run(*jax_inputs), args.repeats, jax.block_until_ready)
-    torch_time = timed(lambda: torch_run(*torch_inputs), args.repeats, lambda out: out)
-    for name, seconds in (("jax (jit)", jax_time), ("torch (eager)", torch_time)):
-        print(
-            f"{name:14s}: {seconds * 1e3:9.1f} ms/batch  {args.batch / seconds:8.2f} sequences/s  "
-            f"{args.batch * args.tokens / seconds:10.0f} tokens/s"
-        )
-    print(f"speed-up jax over torch: {torch_time / jax_time:.2f}x (best of {args.repeats})")
+    contenders = {"jax (jit)": lambda: jax_run(*jax_inputs), "torch (eager)": lambda: torch_run(*torch_inputs)}
+    times, loads = benchlib.interleaved(contenders, args.repeats, sync=jax.block_until_ready)
+    benchlib.report(times, loads, baseline="torch (eager)", work=args.batch * args.tokens, work_unit="tokens")
 
 
 if __name__ == "__main__":

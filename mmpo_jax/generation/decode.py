@@ -306,9 +306,12 @@ def _generate(
     # Hooks and probes of the decode steps read the image positions of the prompts.
     needs_positions = hooks is not None or probe is not None or controller.yields_hooks
     image_positions = _image_positions(model, input_ids, pixel_values, visual_tokens) if needs_positions else None
+    # Only the last prompt token's outputs are read: the prefill's LM head (and any probe) runs there.
+    last_position = jnp.full((rows, 1), prompt_length - 1, jnp.int32)
     prefill = model(
         input_ids, pixel_values=pixel_values, visual_tokens=visual_tokens, attention_mask=window_mask,
-        cache=cache, image_positions=image_positions, hooks=hooks, probe=probe,
+        cache=cache, image_positions=image_positions, hooks=hooks, probe=probe, output_positions=last_position,
+        prefill=True,
     )
     first_rows = None if image_positions is None else image_positions[:batch]
     processor_state = processor.init_state(

@@ -77,3 +77,12 @@ def partitioned_layer_norm(
         bias_init=logical(nnx.initializers.zeros_init(), ("embed",)),
         rngs=rngs,
     )
+
+
+def head_logits(hidden: Array, table: Array) -> Array:
+    """An LM head: ``hidden [..., D] @ table [D, V]`` -> float32 logits ``[..., V]``.
+
+    Multiplies in ``hidden``'s dtype (the compute dtype) with float32 accumulation and output: a
+    log-softmax downstream needs the logits' low bits.
+    """
+    return jnp.einsum("...d,dv->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)

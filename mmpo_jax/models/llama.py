@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmpo_jax.models.attention import AttentionHooks, ProbeSpec, attend
-from mmpo_jax.models.layers import activation, partitioned_linear
+from mmpo_jax.models.attention import ATTENTION_IMPLS, AttentionHooks, ProbeSpec, attend, resolve_attention_impl
+from mmpo_jax.models.layers import activation, head_logits, partitioned_linear
 from mmpo_jax.models.partitioning import logical
 
 _EMBED_INIT_STD = 0.02  # transformers' initializer_range default for Llama
@@ -32,7 +32,8 @@ class LlamaConfig:
 
     ``head_dim=None`` becomes ``hidden_size // num_attention_heads``. ``dtype`` is the compute dtype,
     ``param_dtype`` the storage dtype (names accepted by ``jnp.dtype``). ``remat`` rematerialises
-    each decoder layer in the backward pass.
+    each decoder layer in the backward pass. ``attention_impl`` computes unprobed attention (one of
+    ``attention.ATTENTION_IMPLS``; ``"auto"`` picks per platform, see ``attention.py``).
     """
 
     vocab_size: int
@@ -52,8 +53,11 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "auto"
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -72,18 +76,21 @@ class LlamaConfig:
 
 
 Cache = dict
-"""``{"layers": [{"k": [B, S_max, K, D_h], "v": [B, S_max, K, D_h]}, ...], "end_index": int32 []}``:
-keys (after RoPE) and values of every layer; ``end_index`` is the first free slot."""
+"""``{"layers": [{"k": [B, K, S_max, D_h], "v": [B, K, S_max, D_h]}, ...], "end_index": int32 []}``:
+keys (after RoPE) and values of every layer; ``end_index`` is the first free slot. Heads before
+slots: the layout the attention dots read in place, so a decode step writes one slot per layer and
+copies nothing cache-sized."""
 
 
 class DecoderOutput(NamedTuple):
     """What ``LlamaModel`` returns.
 
     Attributes:
-      last_hidden_state: ``[B, T, D]`` after the final norm.
+      last_hidden_state: ``[B, T, D]`` after the final norm (``[B, P, D]`` at ``output_positions``).
       hidden_states: None, or a tuple of ``L + 1`` arrays ``[B, T, D]``: the input embeddings, the
         outputs of layers ``0 .. L-2``, and ``last_hidden_state`` (transformers' convention).
-      probes: decoder layer index -> probe array (see ``ProbeSpec``); empty without a probe.
+      probes: decoder layer index -> probe array (see ``ProbeSpec``; the query axis holds the
+        ``output_positions`` when given); empty without a probe.
       cache: the updated cache (``end_index`` advanced by ``T``), or None without one.
     """
 
@@ -98,14 +105,15 @@ class _LayerInputs(NamedTuple):
 
     cos: jax.Array  # [B, T, D_h] float32
     sin: jax.Array  # [B, T, D_h] float32
-    allowed: jax.Array  # [B, T, S] bool
+    allowed: jax.Array  # [B, T, S] bool; [B, T, T] in a prefill: attend the new tokens' own keys
     end_index: jax.Array  # int32 [] first cache slot written by this call
     image_positions: jax.Array | None  # [B, N_img] int32
+    probe_queries: jax.Array | None  # [B, P] int32, the queries probes report (None: all)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: jnp.dtype | str = jnp.float32) -> Cache:
     """An empty KV cache of ``max_length`` slots per example (``end_index = 0``)."""
-    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
     return {"layers": layers, "end_index": jnp.zeros((), jnp.int32)}
 
@@ -190,6 +198,8 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.layer_index = layer_index
+        self.attention_impl = config.attention_impl
+        self.compute_dtype = config.dtype
         dim, bias = config.hidden_size, config.attention_bias
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = _linear(config, dim, q_dim, ("embed", "heads"), use_bias=bias, rngs=rngs)
@@ -204,35 +214,51 @@ class LlamaAttention(nnx.Module):
         kv: dict | None,
         hooks: AttentionHooks | None,
         probe_form: str | None,
+        query_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, dict | None]:
-        """``x [B, T, D]`` -> ``(output [B, T, D], probe or None, updated kv or None)``.
+        """``x [B, T, D]`` -> ``(output [B, T', D], probe or None, updated kv or None)``.
 
         With ``kv`` (this layer's cache entry) the new keys/values are written at
-        ``inputs.end_index`` and attention runs over the whole cache window.
+        ``inputs.end_index`` and attention runs over the whole cache window. ``query_rows [B, P]``:
+        keys and values of every token, queries (and so the output, ``T' = P``, and the probe) at
+        these rows only.
         """
         batch, length, _ = x.shape
-        query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        query, key = apply_rope(query, inputs.cos, inputs.sin), apply_rope(key, inputs.cos, inputs.sin)
+        key = apply_rope(key, inputs.cos, inputs.sin)
+        allowed, probe_queries, causal_self = inputs.allowed, inputs.probe_queries, True
+        cos, sin = inputs.cos, inputs.sin
+        if query_rows is not None:
+            rows = query_rows[..., None]
+            x, cos, sin, allowed = (jnp.take_along_axis(a, rows, axis=1) for a in (x, cos, sin, allowed))
+            probe_queries, causal_self = None, False  # every remaining query is reported
+        query = self.q_proj(x).reshape(batch, x.shape[1], self.num_heads, self.head_dim)
+        query = apply_rope(query, cos, sin)
+        # [B, K, T, D_h]: the cache's layout, which the attention dots read without a transpose.
+        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
         if kv is not None:
-            start = (0, inputs.end_index, 0, 0)
+            start = (0, 0, inputs.end_index, 0)
             kv = {
                 "k": jax.lax.dynamic_update_slice(kv["k"], key.astype(kv["k"].dtype), start),
                 "v": jax.lax.dynamic_update_slice(kv["v"], value.astype(kv["v"].dtype), start),
             }
-            key, value = kv["k"].astype(query.dtype), kv["v"].astype(query.dtype)
+            if inputs.allowed.shape[-1] != length:  # a prefill reads its own keys, not the empty cache's
+                key, value = kv["k"].astype(query.dtype), kv["v"].astype(query.dtype)
         output, probe = attend(
             query,
             key,
             value,
-            inputs.allowed,
+            allowed,
+            impl=resolve_attention_impl(self.attention_impl, self.compute_dtype),
+            causal_self=causal_self and (kv is None or inputs.allowed.shape[-1] == length),
             probe_form=probe_form,
+            probe_queries=probe_queries,
             image_positions=inputs.image_positions,
             hooks=hooks,
             layer_index=self.layer_index,
         )
-        return self.o_proj(output.reshape(batch, length, self.num_heads * self.head_dim)), probe, kv
+        return self.o_proj(output.reshape(batch, x.shape[1], self.num_heads * self.head_dim)), probe, kv
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -251,20 +277,42 @@ class LlamaDecoderLayer(nnx.Module):
         kv: dict | None,
         hooks: AttentionHooks | None,
         probe_form: str | None,
+        query_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, dict | None]:
-        """``x [B, T, D]`` -> ``(x [B, T, D], probe or None, updated kv or None)``."""
-        attended, probe, kv = self.self_attn(self.input_layernorm(x), inputs, kv, hooks, probe_form)
+        """``x [B, T, D]`` -> ``(x [B, T', D], probe or None, updated kv or None)``; ``T' = P`` with
+        ``query_rows [B, P]`` (the block's output at those rows only; keys and values of every row)."""
+        attended, probe, kv = self.self_attn(self.input_layernorm(x), inputs, kv, hooks, probe_form, query_rows)
+        if query_rows is not None:
+            x = jnp.take_along_axis(x, query_rows[..., None], axis=1)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), probe, kv
 
 
 def _layer_runner(probe_form: str | None, remat: bool):
-    """``run(layer, x, inputs, kv, hooks)``; the static probe form is closed over so remat sees arrays only."""
+    """``run(layer, x, inputs, kv, hooks, query_rows)``; the static probe form is closed over so remat sees
+    arrays only.
 
-    def run(layer: LlamaDecoderLayer, x, inputs, kv, hooks):
-        return layer(x, inputs, kv, hooks, probe_form)
+    Remat is ``jax.checkpoint`` of a pure function of the layer's state, not ``nnx.remat``: a decoder
+    layer changes none of its variables, and ``nnx.remat`` writes them back after the call, which
+    fails (``TraceContextError``) when the model was captured from an outer trace, as in the body of
+    ``generate``'s ``while_loop``.
+    """
 
-    return nnx.remat(run) if remat else run
+    def run(layer: LlamaDecoderLayer, x, inputs, kv, hooks, query_rows):
+        return layer(x, inputs, kv, hooks, probe_form, query_rows)
+
+    if not remat:
+        return run
+
+    def rematerialised(layer: LlamaDecoderLayer, x, inputs, kv, hooks, query_rows):
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, x, inputs, kv, hooks, query_rows):
+            return nnx.merge(graphdef, state)(x, inputs, kv, hooks, probe_form, query_rows)
+
+        return jax.checkpoint(pure)(state, x, inputs, kv, hooks, query_rows)
+
+    return rematerialised
 
 
 class LlamaModel(nnx.Module):
@@ -294,6 +342,8 @@ class LlamaModel(nnx.Module):
         image_positions: jax.Array | None = None,
         hooks: AttentionHooks | None = None,
         output_hidden_states: bool = False,
+        output_positions: jax.Array | None = None,
+        prefill: bool = False,
     ) -> DecoderOutput:
         """Run the decoder on ``inputs_embeds [B, T, D]``.
 
@@ -309,6 +359,12 @@ class LlamaModel(nnx.Module):
             cache is used); required by the ``"image"`` probe forms and by hooks.
           hooks: decode-time attention interventions for ``hooks.layers``.
           output_hidden_states: also return every layer's hidden states.
+          output_positions: ``[B, P]`` int32 indices into the ``T`` new tokens: return
+            ``last_hidden_state`` (hence logits) and the probes at these positions only (``"image_last"``
+            probes still report the last token). Positions may repeat (e.g. padding a bucket).
+          prefill: static; the ``cache`` is empty (``end_index`` 0, as from ``init_cache``): attention
+            reads the new tokens' own keys (causal self-attention, by the configured implementation)
+            instead of the whole cache window, and writes them to slots ``[0, T)``.
         """
         batch, length, _ = inputs_embeds.shape
         num_layers = self.config.num_hidden_layers
@@ -316,7 +372,7 @@ class LlamaModel(nnx.Module):
         hooks = hooks.resolve(num_layers) if hooks is not None else None
         if image_positions is None and (probe.needs_image_positions or hooks is not None):
             raise ValueError(f"image_positions [B, N_img] is required for probe {probe} and hooks {hooks}")
-        window = length if cache is None else cache["layers"][0]["k"].shape[1]
+        window = length if cache is None else cache["layers"][0]["k"].shape[2]
         if length > window:
             raise ValueError(f"{length} new tokens do not fit a cache of {window} slots")
         end_index = jnp.zeros((), jnp.int32) if cache is None else cache["end_index"]
@@ -330,22 +386,40 @@ class LlamaModel(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = positions_from_mask(attention_mask, end_index, length)
+        if prefill and cache is None:
+            raise ValueError("prefill=True fills a cache; pass the empty cache (init_cache) to fill")
         query_slots = end_index + jnp.arange(length, dtype=jnp.int32)
         causal = jnp.arange(window, dtype=jnp.int32)[None, :] <= query_slots[:, None]
+        if prefill:  # the slots after the new tokens are empty: only the first T keys exist
+            causal, attention_mask = causal[:, :length], attention_mask[:, :length]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
-        inputs = _LayerInputs(cos, sin, attention_mask[:, None, :] & causal[None], end_index, image_positions)
+        if output_positions is not None:
+            output_positions = jnp.asarray(output_positions, jnp.int32)
+            if output_positions.ndim != 2 or output_positions.shape[0] != batch:
+                raise ValueError(f"output_positions has shape {output_positions.shape}; expected [B, P] with B={batch}")
+        inputs = _LayerInputs(cos, sin, attention_mask[:, None, :] & causal[None], end_index, image_positions,
+                              output_positions)
 
         x = inputs_embeds.astype(jnp.dtype(self.config.dtype))
         hidden_states, probes, new_layers = [], {}, []
         for index, layer in enumerate(self.layers):
             hidden_states.append(x)
-            run = _layer_runner(probe.form if index in probe.layers else None, self.config.remat)
+            form = probe.form if index in probe.layers else None
+            run = _layer_runner(form, self.config.remat)
             kv = None if cache is None else cache["layers"][index]
             layer_hooks = hooks if hooks is not None and index in hooks.layers else None
-            x, layer_probe, kv = run(layer, x, inputs, kv, layer_hooks)
+            # Only the kept positions of the last layer's output are read: its queries, attention
+            # output and MLP run there (keys and values, which the cache keeps, for every token).
+            # Not under hooks or an "image_last" probe, which are defined on every query.
+            query_rows = None
+            if index == num_layers - 1 and layer_hooks is None and form != "image_last":
+                query_rows = output_positions
+            x, layer_probe, kv = run(layer, x, inputs, kv, layer_hooks, query_rows)
             new_layers.append(kv)
             if layer_probe is not None:
                 probes[index] = layer_probe
+        if output_positions is not None and query_rows is None:
+            x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         x = self.norm(x)
         new_cache = None if cache is None else {"layers": new_layers, "end_index": end_index + length}
         hidden = tuple(hidden_states) + (x,) if output_hidden_states else None
@@ -365,18 +439,18 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, **kwargs) -> tuple[jax.Array, DecoderOutput]:
         """``input_ids [B, T]`` -> ``(logits [B, T, V] float32, DecoderOutput)``.
 
-        Keywords are those of ``LlamaModel.__call__``.
+        Keywords are those of ``LlamaModel.__call__``; with ``output_positions [B, P]`` the logits
+        are ``[B, P, V]``.
         """
         output = self.model(self.model.embed_tokens(input_ids), **kwargs)
         return self.logits(output.last_hidden_state), output
 
+    def lm_head_table(self) -> jax.Array:
+        """The LM head as ``[D, V]`` (the embedding table, transposed, when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., D]`` (after the final norm) -> float32 logits ``[..., V]``."""
-        if self.config.tie_word_embeddings:
-            table = self.model.embed_tokens.embedding[...].T
-        else:
-            table = self.lm_head.kernel[...]
-        dtype = jnp.dtype(self.config.dtype)
-        # float32 accumulation and output: log-softmax downstream needs the logits' low bits.
-        hidden, table = hidden.astype(dtype), table.astype(dtype)
-        return jnp.einsum("...d,dv->...v", hidden, table, preferred_element_type=jnp.float32)
+        return head_logits(hidden.astype(jnp.dtype(self.config.dtype)), self.lm_head_table())

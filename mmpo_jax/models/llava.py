@@ -105,12 +105,15 @@ class LlavaConfig:
 
 @struct.dataclass
 class LlavaOutput:
-    """logits [B, T, V]; probes {layer: [B, T, N_img] | [B, H, T, N_img] | [B, H, T, T_kv]};
-    visual_tokens [N_images, n, D] or None; input_embeddings [B, T, D] (after image scattering);
-    image_positions [B, N_img] int32 or None; hidden_states: L+1 arrays [B, T, D] or None;
-    cache: the updated KV cache or None."""
+    """logits [B, T, V] float32 (or None when not asked for); last_hidden_state [B, T, D] after the
+    final norm; probes {layer: [B, T, N_img] | [B, H, T, N_img] | [B, H, T, T_kv]}; visual_tokens
+    [N_images, n, D] or None; input_embeddings [B, T, D] (after image scattering); image_positions
+    [B, N_img] int32 or None; hidden_states: L+1 arrays [B, T, D] or None; cache: the updated KV
+    cache or None. With `output_positions [B, P]`, logits, last_hidden_state and the probes' query
+    axis hold P positions instead of T."""
 
-    logits: Array
+    logits: Array | None
+    last_hidden_state: Array
     probes: dict
     visual_tokens: Array | None
     input_embeddings: Array
@@ -269,6 +272,9 @@ class Llava(nnx.Module):
         probe: ProbeSpec | None = None,
         hooks: AttentionHooks | None = None,
         output_hidden_states: bool = False,
+        output_positions: Array | None = None,
+        return_logits: bool = True,
+        prefill: bool = False,
     ) -> LlavaOutput:
         """Forward pass: input_ids [B, T] int -> LlavaOutput.
 
@@ -279,6 +285,14 @@ class Llava(nnx.Module):
         tokens (both defaults are the decoder's, see `LlamaModel`). image_positions [B, N_img]
         default to the placeholder positions in input_ids (probes and hooks need the same N_img in
         every row; under jit it is derived as images x tokens / B).
+
+        output_positions [B, P] int32 (indices into the T tokens) keeps the outputs a consumer reads:
+        the final norm, the LM head and the probes run at those positions only (e.g. a response's
+        positions, padded to a bucket by repeating one; or the last prompt token of a decode
+        prefill). return_logits=False skips the LM head (logits None): a caller that computes
+        log-probabilities from `last_hidden_state` and `language_model.lm_head_table()` chunk by
+        chunk (`objectives.logprobs.hidden_token_logprobs`) never holds [B, P, V]. prefill=True: the
+        cache is empty and attention reads the new tokens' own keys (see `LlamaModel`).
         """
         if pixel_values is not None and visual_tokens is not None:
             raise ValueError("pass at most one of pixel_values and visual_tokens, got both")
@@ -303,9 +317,12 @@ class Llava(nnx.Module):
             image_positions=image_positions,
             hooks=hooks,
             output_hidden_states=output_hidden_states,
+            output_positions=output_positions,
+            prefill=prefill,
         )
         return LlavaOutput(
-            logits=self.language_model.logits(output.last_hidden_state),
+            logits=self.language_model.logits(output.last_hidden_state) if return_logits else None,
+            last_hidden_state=output.last_hidden_state,
             probes=output.probes,
             visual_tokens=visual_tokens,
             input_embeddings=embeddings,

@@ -10,6 +10,9 @@ compared at 1e-4 relative.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mmpo_jax.generation import (
+    AdaptDecoding,
     BanTokens,
     LogitsProcessor,
     ProcessorChain,
@@ -29,6 +33,7 @@ from mmpo_jax.generation import (
 from mmpo_jax.models.attention import AttentionHooks
 from mmpo_jax.models.convert import load_hf_llava
 from mmpo_jax.models.llama import init_cache
+from mmpo_jax.models.llava import Llava
 from tests.generation.helpers import PAD, TRACES, CountTraces, left_padded_prompts
 from tests.models import hf_fixtures
 
@@ -290,3 +295,55 @@ def test_argument_errors_name_the_bad_value(setup):
         generate(model, input_ids, pixels, attention_mask=setup["mask"], top_p=0.0, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1; got 0"):
         generate(model, input_ids, pixels, attention_mask=setup["mask"], **{**kwargs, "max_new_tokens": 0})
+
+
+def test_generation_under_remat_equals_generation_without(setup):
+    """The LLaVA presets set `remat=True`; generate (greedy, and ADAPT's probed and hooked steps) must run
+    under it and give the plain model's tokens (remat changes the backward pass only)."""
+    model = setup["model"]
+    config = model.config
+    remat_config = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config, remat=True))
+    remat_model = Llava(remat_config, rngs=nnx.Rngs(1))
+    nnx.update(remat_model, nnx.state(model))
+    kwargs = dict(attention_mask=setup["mask"], max_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=PAD)
+    for controller in (None, AdaptDecoding("steer", anchor_steps=2, tau=2.0)):
+        plain = setup["greedy"] if controller is None else generate(
+            model, setup["input_ids"], setup["pixels"], controller=controller, **kwargs)
+        remat = generate(remat_model, setup["input_ids"], setup["pixels"], controller=controller, **kwargs)
+        np.testing.assert_array_equal(remat.new_tokens, plain.new_tokens)
+        np.testing.assert_allclose(remat.token_logps, plain.token_logps, rtol=1e-5, atol=1e-6)
+
+
+def _cache_sized_copies(hlo: str, cache_shape: tuple[int, ...]) -> dict[str, list[str]]:
+    """HLO computation name -> its copy / transpose instructions whose result has `cache_shape`'s dims in any order."""
+    found, computation = {}, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0]
+            continue
+        match = re.search(r"= \w+\[([\d,]*)\]\{[\d,]*\} (copy|transpose)\(", line)
+        if match and sorted(int(d) for d in match.group(1).split(",") if d) == sorted(cache_shape):
+            found.setdefault(computation, []).append(line.strip())
+    return found
+
+
+def test_decode_loop_copies_nothing_cache_sized(setup):
+    """The compiled generate program holds no copy or transpose of a KV-cache-sized array: the cache is stored
+    in the layout the attention dots read ([B, K, S, D]), so a decode step writes one slot and reads in place."""
+    model, input_ids = setup["model"], setup["input_ids"]
+    graphdef, state = nnx.split(model)
+
+    def run(state, input_ids, mask, pixels):
+        return generate(nnx.merge(graphdef, state), input_ids, pixels, attention_mask=mask, max_new_tokens=MAX_NEW,
+                        eos_token_id=None, pad_token_id=PAD).new_tokens
+
+    hlo = jax.jit(run).lower(state, input_ids, jnp.asarray(setup["mask"], bool), setup["pixels"]).compile().as_text()
+    assert "while" in hlo
+    text = model.config.text_config
+    window = input_ids.shape[1] + MAX_NEW - 1
+    cache_shape = (input_ids.shape[0], text.num_key_value_heads, window, text.head_dim)
+    assert _cache_sized_copies(hlo, cache_shape) == {}
+    # The check sees such copies: the [B, S, K, D] -> [B, K, S, D] transpose of a cache-sized array is one.
+    transposed = jax.jit(lambda c: jnp.swapaxes(c, 1, 2) * 2).lower(
+        jnp.zeros((cache_shape[0], window, cache_shape[1], cache_shape[3]))).compile().as_text()
+    assert _cache_sized_copies(transposed, cache_shape)

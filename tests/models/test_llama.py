@@ -83,7 +83,7 @@ def hf_forward(hf_model, input_ids, mask, positions):
                         output_attentions=True)
 
 
-@functools.partial(nnx.jit, static_argnames=("output_hidden_states",))
+@functools.partial(nnx.jit, static_argnames=("output_hidden_states", "prefill"))
 def forward(model, input_ids, **kwargs):
     return model(input_ids, **kwargs)
 
@@ -146,6 +146,19 @@ def test_cached_decoding_reproduces_the_full_forward():
     logits, output = forward(model, input_ids[:, :prefill], positions=positions[:, :prefill],
                              attention_mask=window_mask, cache=cache, probe=probe, image_positions=IMAGE_POSITIONS)
     assert_close(logits[mask[:, :prefill]], full_logits[:, :prefill][mask[:, :prefill]])
+    # A prefill (empty cache) attends its own keys and fills the same cache.
+    prefill_logits, prefilled = forward(model, input_ids[:, :prefill], positions=positions[:, :prefill],
+                                        attention_mask=window_mask, cache=cache, probe=probe,
+                                        image_positions=IMAGE_POSITIONS, prefill=True)
+    assert_close(prefill_logits[mask[:, :prefill]], full_logits[:, :prefill][mask[:, :prefill]])
+    # Equal on the real tokens' slots; a left-pad query (no visible key) attends uniformly over whatever keys
+    # it is given, and its slot stays masked for every later query.
+    real = np.zeros((BATCH, max_length), bool)
+    real[:, :prefill] = mask[:, :prefill]
+    for ours, theirs in zip(prefilled.cache["layers"], output.cache["layers"]):
+        for name in ("k", "v"):
+            assert_close(np.moveaxis(np.asarray(ours[name]), 2, 1)[real],
+                         np.moveaxis(np.asarray(theirs[name]), 2, 1)[real])
     step_logits, step_probes = [], []
     for t in range(prefill, LENGTH):
         # positions=None: derived from the window mask (cumsum - 1), as generate does.
@@ -154,7 +167,7 @@ def test_cached_decoding_reproduces_the_full_forward():
         step_logits.append(logits)
         step_probes.append(output.probes[1])
     assert int(output.cache["end_index"]) == LENGTH
-    assert output.cache["layers"][0]["k"].shape == (BATCH, max_length, 2, 12)
+    assert output.cache["layers"][0]["k"].shape == (BATCH, 2, max_length, 12)
     assert_close(jnp.concatenate(step_logits, axis=1), full_logits[:, prefill:])
     assert_close(jnp.concatenate(step_probes, axis=1), full.probes[1][:, prefill:])
 

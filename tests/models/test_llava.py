@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 
 from mmpo_jax.models import presets
+from mmpo_jax.objectives import logprobs
 from mmpo_jax.models.attention import ProbeSpec
 from mmpo_jax.models.convert import load_hf_llava
 from mmpo_jax.models.llama import init_cache
@@ -185,6 +186,43 @@ def test_kv_cache_decoding_matches_full_forward(gqa):
         step = forward(model, jnp.asarray(input_ids[:, t : t + 1]), cache=step.cache)
         logits.append(step.logits)
     assert_close(jnp.concatenate(logits, axis=1), full.logits)
+
+
+@nnx.jit(static_argnames=("probe", "return_logits"))
+def forward_at(model: Llava, input_ids, pixels, positions, probe, return_logits):
+    return model(input_ids, pixel_values=pixels, probe=probe, output_positions=positions, return_logits=return_logits)
+
+
+def test_outputs_at_selected_positions_equal_those_rows_of_the_full_forward(pair):
+    """`output_positions` keeps hidden states, logits and probes at a few positions per row (repeats allowed, as
+    a padded bucket has); log-probs from the gathered hidden states and the LM head table equal the full-logits
+    path's (1e-5)."""
+    name, _, model, config = pair
+    probe_form = CONFIGS[name][1]
+    input_ids, pixels = two_image_batch(config.num_image_tokens)
+    full = forward_with_probes(model, input_ids, pixels, probe_form)
+    length = input_ids.shape[1]
+    positions = np.array([[length - 1, 3, 10, 3], [0, length - 2, length - 1, length - 1]], np.int32)
+    probe = ProbeSpec(layers=(0, -1), form=probe_form)
+    gathered = forward_at(model, jnp.asarray(input_ids), channels_last(pixels), jnp.asarray(positions), probe, True)
+    rows = (np.arange(2)[:, None], positions)
+    assert gathered.logits.shape == (2, 4, config.text_config.vocab_size)
+    assert_close(gathered.logits, np.asarray(full.logits)[rows])
+    assert_close(gathered.last_hidden_state, np.asarray(full.hidden_states[-1])[rows])
+    query_axis = 1 if probe_form == "image" else 2
+    for layer in (0, config.text_config.num_hidden_layers - 1):
+        whole = np.asarray(full.probes[layer])
+        expected = np.stack([np.take(whole[b], positions[b], axis=query_axis - 1) for b in range(2)])
+        np.testing.assert_allclose(np.asarray(gathered.probes[layer]), expected, rtol=0, atol=1e-6)
+
+    no_head = forward_at(model, jnp.asarray(input_ids), channels_last(pixels), jnp.asarray(positions), None, False)
+    assert no_head.logits is None
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, config.text_config.vocab_size, (2, 4)))
+    valid = jnp.asarray([[True, True, True, False], [True, True, False, False]])
+    logps = logprobs.hidden_token_logprobs(no_head.last_hidden_state, model.language_model.lm_head_table(), labels,
+                                           valid, chunk_size=2)
+    expected = logprobs.token_logprobs(jnp.asarray(np.asarray(full.logits)[rows]), labels, valid, chunk_size=None)
+    np.testing.assert_allclose(logps, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_placeholder_count_mismatch_names_both_counts(gqa):
