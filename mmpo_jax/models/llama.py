@@ -414,13 +414,15 @@ class LlamaModel(nnx.Module):
             query_rows = None
             if index == num_layers - 1 and layer_hooks is None and form != "image_last":
                 query_rows = output_positions
-            x, layer_probe, kv = run(layer, x, inputs, kv, layer_hooks, query_rows)
+            with jax.named_scope(f"decoder_layer_{index}"):
+                x, layer_probe, kv = run(layer, x, inputs, kv, layer_hooks, query_rows)
             new_layers.append(kv)
             if layer_probe is not None:
                 probes[index] = layer_probe
         if output_positions is not None and query_rows is None:
             x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
-        x = self.norm(x)
+        with jax.named_scope("final_norm"):
+            x = self.norm(x)
         new_cache = None if cache is None else {"layers": new_layers, "end_index": end_index + length}
         hidden = tuple(hidden_states) + (x,) if output_hidden_states else None
         return DecoderOutput(x, hidden, probes, new_cache)

@@ -239,7 +239,9 @@ class Llava(nnx.Module):
 
         `image_features` then the projector.
         """
-        return self.multi_modal_projector(self.image_features(pixel_values))
+        features = self.image_features(pixel_values)
+        with jax.named_scope("projector"):
+            return self.multi_modal_projector(features)
 
     def image_features(self, pixel_values: Array) -> Array:
         """The vision tower's part of `encode_images`: [N_images, H, W, 3] -> [N_images, n, D_proj_in].
@@ -249,7 +251,8 @@ class Llava(nnx.Module):
         once per image and projects with the policy's and the reference's projectors.
         """
         config = self.config
-        states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        with jax.named_scope("vision_tower"):
+            states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         selected = [states[layer] for layer in config.feature_layers]
         if config.vision_feature_select_strategy == "default":
             selected = [state[:, 1:] for state in selected]
@@ -299,9 +302,11 @@ class Llava(nnx.Module):
         if pixel_values is not None:
             visual_tokens = self.encode_images(pixel_values)
         decoder = self.language_model.model
-        embeddings = decoder.embed_tokens(input_ids)
-        if visual_tokens is not None:
-            embeddings = scatter_visual_tokens(embeddings, input_ids, visual_tokens, self.config.image_token_id)
+        with jax.named_scope("embed"):
+            embeddings = decoder.embed_tokens(input_ids)
+            if visual_tokens is not None:
+                embeddings = scatter_visual_tokens(embeddings, input_ids, visual_tokens,
+                                                   self.config.image_token_id)
         needs_positions = (probe is not None and probe.needs_image_positions) or hooks is not None
         if image_positions is None:
             num_visual_tokens = None if visual_tokens is None else visual_tokens.shape[0] * visual_tokens.shape[1]
@@ -320,8 +325,10 @@ class Llava(nnx.Module):
             output_positions=output_positions,
             prefill=prefill,
         )
+        with jax.named_scope("lm_head"):
+            logits = self.language_model.logits(output.last_hidden_state) if return_logits else None
         return LlavaOutput(
-            logits=self.language_model.logits(output.last_hidden_state) if return_logits else None,
+            logits=logits,
             last_hidden_state=output.last_hidden_state,
             probes=output.probes,
             visual_tokens=visual_tokens,

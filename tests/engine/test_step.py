@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,23 @@ def test_a_step_with_a_non_finite_loss_or_gradient_norm_changes_nothing():
         fx.tree_allclose(kept_state, opt_state, rtol=0, atol=0)  # Adam's count did not advance
         assert tuple(float(metrics[k][0]) for k in (SKIPPED, NONFINITE_LOSS,
                                                      NONFINITE_GRAD_NORM)) == flags
+
+
+def test_a_profile_of_the_step_reads_as_the_data_flow():
+    """The compiled step's ops carry the named scopes of its stages (what a profiler shows)."""
+    plan = scoring.plan_scoring(CATPO)
+    policy = state_lib.copy_model(fx.base_model())
+    split = state_lib.split_policy(policy, fx.MODEL_CONFIG)
+    ref_graphdef, ref_state = nnx.split(state_lib.copy_model(fx.base_model()))
+    tx = optax.sgd(1e-3)
+    fn = make_train_step(graphdef=split.graphdef, plan=plan, method_config=CATPO, tx=tx,
+                         reference_mode="copy", reference_graphdef=ref_graphdef,
+                         image_config=fx.IMAGE_CONFIG, eos_token_id=fx.tokenizer().eos_token_id)
+    batch = jax.tree.map(jnp.asarray, _first_batch(plan, batch_size=2))
+    text = fn.lower(split.trainable, tx.init(split.trainable), split.frozen, ref_state, batch, {},
+                    jax.random.key(0)).as_text(debug_info=True)
+    stages = ("vision_tower", "projector", "embed", "decoder_layer_0", "decoder_layer_1",
+              "final_norm", "policy_forward", "policy_logprobs", "reference_forward",
+              "reference_logprobs", "token_weights", "token_kl", "loss", "update")
+    # a scope is one component of an op's name path (under autodiff: `jvp(policy_forward)/...`)
+    assert [s for s in stages if not re.search(rf"[/(]{s}[)/]", text)] == []
