@@ -27,7 +27,7 @@ from mmpo_jax.config.schema import OPEN_MAPPINGS, OPTIONAL_SECTIONS, SCHEMA, Req
 from mmpo_jax.objectives import registry
 
 SECTIONS = ("model", "data", "optimizer", "train", "mesh", "reference", "checkpoint", "eval",
-            "sft_base", "distributed", "rollout", "pairs")
+            "sft_base", "distributed", "rollout", "pairs", "benchmarks")
 
 
 def _config_dict(spec: Any) -> Any:
@@ -127,6 +127,12 @@ def pairs(**overrides: Any) -> ml_collections.ConfigDict:
     return section("pairs", **overrides)
 
 
+def benchmarks(**overrides: Any) -> ml_collections.ConfigDict:
+    """``benchmarks``: real-data CHAIR (COCO), POPE and AMBER evaluated at the end of training
+    (and every ``every`` steps), from the benchmarks' published files (``training.benchmarks``)."""
+    return section("benchmarks", **overrides)
+
+
 def method(name: str, **options: Any) -> ml_collections.ConfigDict:
     """The ``method`` block: ``name``, ``beta``, ``terms`` ({term: float}), ``token_weights``
     ("catpo" | "tpo" | "none") and the options its terms read, at their METHODS.md defaults.
@@ -146,13 +152,13 @@ def experiment(name: str, method: ml_collections.ConfigDict, **sections: Any
       name: the run name (``workdir`` defaults to ``runs/<name>``).
       method: the ``method`` block (`method`).
       **sections: ``seed`` / ``workdir`` / ``mesh_rules`` values, section overrides (mappings,
-        e.g. ``optimizer=dict(learning_rate=1e-5)``), ``rollout`` and ``pairs`` (the optional
-        section is added) and ``reference_settings`` (a free-form mapping, documentation).
+        e.g. ``optimizer=dict(learning_rate=1e-5)``), ``rollout``, ``pairs`` and ``benchmarks``
+        (the optional section is added) and ``reference_settings`` (a free-form mapping, documentation).
     """
     config = _config_dict(SCHEMA)
     config.name = name
     config.method = method
-    for optional in ("rollout", "pairs"):
+    for optional in ("rollout", "pairs", "benchmarks"):
         if optional in sections:
             config[optional] = section(optional)
     if "reference_settings" in sections:
@@ -199,12 +205,20 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
     steps are resolved when the run starts and logged); each epoch's last partial batch is padded
     (``data.drop_remainder=False``). ``sections`` (platform: mesh, accumulation) override last.
 
+    Images: LLaVA-1.5's pad-to-square (``data.image_aspect_ratio="pad"``) over the model's own
+    processor files; the tokenizer and processor are read from the imported checkpoint folder
+    (``config.model_files``), so training, pair generation, evaluation and the export preprocess
+    alike.
+
     Set before running (placeholders, all checked before anything is loaded):
-    ``--config.model.checkpoint`` (``python -m mmpo_jax.convert import <hf_dir> <orbax_dir>``),
-    ``--config.data.tokenizer`` (the transformers checkpoint folder), ``--config.data.manual_dir``
-    (the RLHF-V parquet folder, needed until the dataset is prepared; for P2-DPO the folder its
-    pairs are generated into) and, for P2-DPO, ``--config.pairs.source_manual_dir`` (the RLHF-V
-    parquet folder its prompts come from).
+    ``--config.model.checkpoint`` (``python -m mmpo_jax.convert import <hf_dir> <orbax_dir>
+    --image_aspect_ratio pad``, which saves the tokenizer and processor there too),
+    ``--config.data.manual_dir`` (the RLHF-V parquet folder, needed until the dataset is
+    prepared; for P2-DPO the folder its pairs are generated into) and, for P2-DPO,
+    ``--config.pairs.source_manual_dir`` (the RLHF-V parquet folder its prompts come from).
+    Optional: ``--config.data.tokenizer`` (a tokenizer/processor folder other than the
+    checkpoint's) and the ``benchmarks`` section (``--config.benchmarks.pope_questions=...``:
+    CHAIR / POPE / AMBER at the end of training, or every ``--config.benchmarks.every`` steps).
     """
     settings = method_config.get("reference_settings", ml_collections.ConfigDict())
     config = experiment(
@@ -219,13 +233,15 @@ def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
         # P2-DPO trains on its generated pairs (p2dpo_pairs); the others on RLHF-V.
         data=dict(dataset="p2dpo_pairs" if method_config.data.dataset == "p2dpo_pairs"
                   else "rlhf_v", split="train",
-                  manual_dir="", tokenizer="~/models/llava-1.5-7b-hf", buckets=(1024, 2048)),
+                  manual_dir="", tokenizer="", image_aspect_ratio="pad",
+                  buckets=(1024, 2048)),
         optimizer=dict(learning_rate=method_config.optimizer.learning_rate),
         train=dict(num_steps=0, log_every=1),  # 0: data.num_epochs over the split
         reference=dict(mode="lora_base"),
         checkpoint=dict(save_every=200, keep=2),
-        # The shapes-world evaluation has no RLHF-V counterpart; real benchmarks run separately.
+        # The shapes-world evaluation has no RLHF-V counterpart; real benchmarks: `benchmarks`.
         eval=dict(enabled=False, control=False),
+        benchmarks=dict(batch_size=8),  # no benchmark files set: none evaluated
         reference_settings=settings,
         **({"rollout": dict(vocabulary="coco", max_new_tokens=128)}
            if "rollout" in method_config else {}),

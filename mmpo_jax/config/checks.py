@@ -27,6 +27,7 @@ from typing import Any
 from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Required,
                                     method_option_defaults)
 from mmpo_jax.data.builders import BUILDERS
+from mmpo_jax.data.image_processing import IMAGE_ASPECT_RATIOS
 from mmpo_jax.data.pipeline import TOO_LONG_POLICIES, Schedule
 from mmpo_jax.data.template import TEMPLATES
 from mmpo_jax.engine import distributed, reference
@@ -50,6 +51,7 @@ _CHOICES = {
     "optimizer.schedule": SCHEDULES, "reference.mode": reference.MODES,
     "rollout.reward_granularity": REWARD_GRANULARITIES,
     "rollout.vocabulary": ROLLOUT_VOCABULARIES, "data.too_long": TOO_LONG_POLICIES,
+    "data.image_aspect_ratio": ("", *IMAGE_ASPECT_RATIOS),
 }
 _POSITIVE = (
     "model.lora.rank", "data.batch_size", "optimizer.learning_rate", "optimizer.eps",

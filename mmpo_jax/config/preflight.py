@@ -7,7 +7,9 @@ left unfilled and every path that does not hold what the run will read, each nam
 - ``--config.model.checkpoint`` (``model.init="checkpoint"``): a directory written by
   ``python -m mmpo_jax.convert import`` (``config.json`` and ``params/``);
 - ``--config.data.tokenizer``: a saved tokenizer (``tokenizer_config.json``), needed unless the
-  data ships one (the shapes world, pairs generated from it);
+  ``model.checkpoint`` folder holds one (``convert import`` saves it there) or the data ships one
+  (the shapes world, pairs generated from it);
+- the model's processor files (``config.model_files``) for a checkpoint trained on real data;
 - ``--config.data.manual_dir``: the published files of a real dataset (``data.dataset``), needed
   until it is prepared under ``data.data_dir``; for ``p2dpo_pairs`` the folder its pairs are
   generated into;
@@ -28,7 +30,7 @@ import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from mmpo_jax.config import checks
+from mmpo_jax.config import checks, model_files
 from mmpo_jax.data.builders import BUILDERS
 from mmpo_jax.data.sources import get_builder
 from mmpo_jax.data.tokenizer import TOKENIZER_CONFIG
@@ -61,8 +63,10 @@ def path_problems(config: Any, *, generating_pairs: bool = False) -> list[str]:
     tree = checks.plain(config)
     data, model = tree["data"], tree["model"]
     found = []
+    checkpoint_problems = []
     if model["init"] == "checkpoint" and model["checkpoint"]:
-        found += _checkpoint_problems(model["checkpoint"])
+        checkpoint_problems = _checkpoint_problems(model["checkpoint"])
+        found += checkpoint_problems
     tokenizer_dataset = data["dataset"]
     if (data["dataset"] == P2DPO_PAIRS or generating_pairs) and "pairs" in tree:
         pairs = tree["pairs"]
@@ -82,7 +86,14 @@ def path_problems(config: Any, *, generating_pairs: bool = False) -> list[str]:
         found += _dataset_problems(data["dataset"], data["data_dir"], data["manual_dir"],
                                    data["builder"], flag="data.manual_dir",
                                    options_flag="data.builder")
-    return found + _tokenizer_problems(data["tokenizer"], tokenizer_dataset)
+    tokenizer_problems = _tokenizer_problems(tree, tokenizer_dataset)
+    found += tokenizer_problems
+    real_data = tokenizer_dataset in BUILDERS and not BUILDERS[tokenizer_dataset].SHIPS_TOKENIZER
+    if (model["init"] == "checkpoint" and model["checkpoint"] and real_data
+            and not checkpoint_problems + tokenizer_problems
+            and model_files.processor_dir(tree) is None):
+        found.append(model_files.processor_missing(tree))
+    return found
 
 
 def _expand(path: str) -> pathlib.Path:
@@ -106,7 +117,8 @@ def _checkpoint_problems(path: str) -> list[str]:
             f"directory written by {convert}"]
 
 
-def _tokenizer_problems(path: str, dataset: str) -> list[str]:
+def _tokenizer_problems(tree: Mapping[str, Any], dataset: str) -> list[str]:
+    path = tree["data"]["tokenizer"]
     if path:
         directory = _expand(path)
         if (directory / TOKENIZER_CONFIG).is_file():
@@ -115,10 +127,12 @@ def _tokenizer_problems(path: str, dataset: str) -> list[str]:
         return [f"--config.data.tokenizer={path!r}: {what}; expected a tokenizer saved with "
                 "save_pretrained (a llava-hf checkpoint folder holds one)"]
     builder = BUILDERS.get(dataset)
-    if builder is None or builder.SHIPS_TOKENIZER:
+    if builder is None or builder.SHIPS_TOKENIZER or model_files.tokenizer_dir(tree) is not None:
         return []
-    return [f"--config.data.tokenizer is not set and {dataset} ships no tokenizer; set it to the "
-            "model's tokenizer folder (e.g. the llava-hf checkpoint folder)"]
+    return [f"--config.data.tokenizer is not set, {dataset} ships no tokenizer and "
+            "--config.model.checkpoint holds none; set it to the model's tokenizer folder (e.g. "
+            "the llava-hf checkpoint folder), or import the model with `python -m "
+            "mmpo_jax.convert import`, which saves the tokenizer beside it"]
 
 
 def _dataset_problems(name: str, data_dir: str, manual_dir: str, options: Mapping[str, Any], *,

@@ -7,7 +7,8 @@ open-ended: `METHOD_CORE` (``name``, ``terms``, ``token_weights``) plus the opti
 terms and token weighting declare (`objectives.registry`), filled in by `method_defaults`.
 Optional sections: ``reference_settings`` (free-form: a paper's hyper-parameters, documentation),
 ``rollout`` (on-policy sampling, read by the FiSAO loop) and ``pairs`` (P2-DPO's pair generation,
-``pipelines.p2dpo.PairSettings``; a config training on ``p2dpo_pairs`` has it).
+``pipelines.p2dpo.PairSettings``; a config training on ``p2dpo_pairs`` has it) and
+``benchmarks`` (real-data evaluation during and after training, `BENCHMARKS`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ from typing import Any
 
 from mmpo_jax.engine import distributed
 from mmpo_jax.engine.sharding import DEFAULT_RULES
+from mmpo_jax.evaluation.suite import EvaluationSpec
 from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES
 from mmpo_jax.objectives import registry
 from mmpo_jax.pipelines.p2dpo import PairSettings
+
+
+def _section_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default as a config value: None -> "" (a path) or 0 (a count)."""
+    if field.default is not None:
+        return field.default
+    return 0 if field.type in ("int | None", int) else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,9 @@ SCHEMA: dict[str, Any] = {
         # each epoch's last partial batch: padded (False; every record every epoch) or dropped
         "drop_remainder": False,
         "image_size": 0,  # 0: the dataset's preprocessing size; N: images resized to N px
+        # "pad" (LLaVA-1.5's pad-to-square) | "square" (resize + centre crop) | "": as the
+        # model's processor file says (config.model_files)
+        "image_aspect_ratio": "",
     },
     "optimizer": {
         "learning_rate": Required(float), "schedule": "cosine", "warmup_ratio": 0.1,
@@ -77,12 +89,23 @@ SCHEMA: dict[str, Any] = {
 }
 """Section -> field -> default (the method block is `method_defaults`')."""
 
+BENCHMARKS: dict[str, Any] = {
+    # evaluate every N optimizer steps (0: at the end of training only)
+    "every": 0,
+    **{field.name: _section_default(field) for field in dataclasses.fields(EvaluationSpec)
+       if field.name not in ("decoding", "num_samples", "temperature", "seed")},
+}
+"""The ``benchmarks`` section: `evaluation.suite.EvaluationSpec`'s fields (greedy decoding; an
+unset path is "", an unset count 0) and ``every``. No benchmark path set: nothing is evaluated."""
+
 OPTIONAL_SECTIONS: dict[str, Any] = {
     "reference_settings": {},
     "rollout": {"num_samples": 4, "temperature": 1.0, "max_new_tokens": 24, "ppo_epochs": 2,
                 "reward_granularity": "token", "vocabulary": "shapes_world"},
     # P2-DPO's pair generation (pipelines.p2dpo.PairSettings, METHODS.md §5 defaults)
     "pairs": dataclasses.asdict(PairSettings()),
+    # real-data benchmarks evaluated during and after training (training.benchmarks)
+    "benchmarks": BENCHMARKS,
 }
 
 METHOD_CORE = {"name": Required(str), "terms": {}, "token_weights": registry.NO_WEIGHTING}

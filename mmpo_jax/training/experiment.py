@@ -35,7 +35,6 @@ checkpoints).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -61,6 +60,7 @@ from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.engine import distributed, model_io, reference_cache, sharding
 from mmpo_jax.engine.disk import require_writable
 from mmpo_jax.config import checks as config_checks
+from mmpo_jax.config import model_files
 from mmpo_jax.config.schema import method_defaults
 from mmpo_jax.training.loop import train
 
@@ -74,25 +74,25 @@ def _expand(path: str) -> pathlib.Path:
 
 
 def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorConfig]:
-    """``(training split, tokenizer, image preprocessing)`` of ``config.data``."""
+    """``(training split, tokenizer, image preprocessing)`` of ``config.data``; the tokenizer and
+    preprocessing are the model's (`config.model_files`): those of its checkpoint folder (saved
+    there by ``convert import``) when it has them."""
     data = config.data
     source = distributed.primary_first(f"prepare {data.dataset}", lambda: load_split(
         data.dataset, data.split, data_dir=_expand(data.data_dir),
         manual_dir=_expand(data.manual_dir) if data.manual_dir else None,
         **data.builder.to_dict()))
-    tokenizer_path = data.tokenizer or source.tokenizer_path
-    if not tokenizer_path:
+    tree = config_checks.plain(config)
+    tokenizer_path = model_files.tokenizer_dir(tree, source.tokenizer_path)
+    if tokenizer_path is None:
         raise ValueError(f"{data.dataset} ships no tokenizer; set data.tokenizer to a tokenizer "
                          "directory")
-    tokenizer = load_tokenizer(_expand(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path)
     world = getattr(source, "metadata", {}).get("world")
-    if world is not None:  # the shapes world, or data generated from it (P2-DPO pairs)
-        image_config = image_processing.tiny(int(world["image_size"]))
-    else:
-        image_config = image_processing.clip_vit_l_336()
-    if data.image_size:  # the same steps at another size (e.g. the tiny model's 64 px)
-        image_config = dataclasses.replace(image_config, size=int(data.image_size),
-                                           crop_size=int(data.image_size))
+    image_config = model_files.image_config(tree, world)
+    if model_files.reads_processor_files(tree, world):
+        logger.info("%s: image preprocessing from %s: %s", config.name,
+                    model_files.processor_dir(tree), image_config)
     return source, tokenizer, image_config
 
 

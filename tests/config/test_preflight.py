@@ -18,12 +18,13 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A saved tokenizer, an orbax model folder, a llava-hf folder, RLHF-V's parquet, an empty
+    """A saved tokenizer, an orbax model folder (with processor files), a llava-hf folder, RLHF-V's parquet, an empty
     folder (the checks read names only: the files' contents are the loaders' business)."""
     root = tmp_path_factory.mktemp("preflight")
     build_word_tokenizer(["a", "cat"], model_max_length=64).save_pretrained(str(root / "tok"))
     (root / "orbax" / "params").mkdir(parents=True)
     (root / "orbax" / "config.json").write_text("{}")
+    (root / "orbax" / "processor_config.json").write_text("{}")  # saved by `convert import`
     (root / "hf").mkdir()
     (root / "hf" / "config.json").write_text(json.dumps({"model_type": "llava"}))
     (root / "hf" / "model.safetensors").write_bytes(b"")
@@ -77,6 +78,26 @@ def test_every_method_config_passes_as_shipped(tmp_path, method):
     preflight.check(config, device_count=8)
     if "pairs" in config:
         preflight.check(config, device_count=8, generating_pairs=True)
+
+
+def test_the_tokenizer_and_processor_come_from_the_imported_checkpoint(tmp_path, files):
+    """The presets leave data.tokenizer unset: `convert import` saved both beside the model."""
+    imported = tmp_path / "imported"
+    (imported / "params").mkdir(parents=True)
+    (imported / "config.json").write_text("{}")
+    build_word_tokenizer(["a"], model_max_length=8).save_pretrained(str(imported))
+    data = f"data.manual_dir={files / 'rlhf_v'}"
+    message = _message(_preset("dpo", tmp_path, f"model.checkpoint={imported}", data))
+    assert message.splitlines()[1:] == [
+        f"  - no processor_config.json or preprocessor_config.json in --config.model.checkpoint="
+        f"'{imported}': the image preprocessing is read from the model's processor files; import "
+        "the model with `python -m mmpo_jax.convert import <llava-hf folder> <orbax folder> "
+        "--image_aspect_ratio pad` (which saves them), or set --config.data.tokenizer to the "
+        "llava-hf folder"]
+    (imported / "preprocessor_config.json").write_text("{}")
+    preflight.check(_preset("dpo", tmp_path, f"model.checkpoint={imported}", data), device_count=1)
+    message = _message(_preset("dpo", tmp_path, f"model.checkpoint={files / 'orbax'}", data))
+    assert "--config.data.tokenizer is not set, rlhf_v ships no tokenizer and" in message
 
 
 def test_paths_holding_the_wrong_thing_say_what_is_missing(tmp_path, files):
