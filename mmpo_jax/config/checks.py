@@ -24,6 +24,7 @@ import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from mmpo_jax.config import benchmarks
 from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Required,
                                     method_option_defaults)
 from mmpo_jax.data.builders import BUILDERS
@@ -139,7 +140,8 @@ def problems(config: Any, *, device_count: int | None = None,
     method_problems = _method_problems(tree["method"])
     found = [*_value_problems(tree), *method_problems,
              *_mesh_and_batch_problems(tree, device_count), *_pairs_problems(tree),
-             *distributed.Settings(**tree["distributed"]).problems()]
+             *distributed.Settings(**tree["distributed"]).problems(),
+             *benchmarks.problems(tree)]
     if not method_problems:
         found += _reference_problems(tree) + _rollout_problems(tree) + _run_problems(tree)
         if dataset_features is not None:

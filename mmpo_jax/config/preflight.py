@@ -14,7 +14,8 @@ left unfilled and every path that does not hold what the run will read, each nam
   until it is prepared under ``data.data_dir``; for ``p2dpo_pairs`` the folder its pairs are
   generated into;
 - ``--config.pairs.source_manual_dir``: the same for P2-DPO's prompt source
-  (``pairs.source_dataset``).
+  (``pairs.source_dataset``);
+- ``--config.benchmarks.*``: every benchmark file and folder the run evaluates on.
 
 `check(config, device_count=...)` raises one `checks.ConfigError` holding the config checks'
 problems and these together, so a user fixes them all in one go; the train and generate_pairs
@@ -30,7 +31,7 @@ import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from mmpo_jax.config import checks, model_files
+from mmpo_jax.config import benchmarks, checks, model_files
 from mmpo_jax.data.builders import BUILDERS
 from mmpo_jax.data.sources import get_builder
 from mmpo_jax.data.tokenizer import TOKENIZER_CONFIG
@@ -93,7 +94,7 @@ def path_problems(config: Any, *, generating_pairs: bool = False) -> list[str]:
             and not checkpoint_problems + tokenizer_problems
             and model_files.processor_dir(tree) is None):
         found.append(model_files.processor_missing(tree))
-    return found
+    return found + benchmarks.path_problems(tree)
 
 
 def _expand(path: str) -> pathlib.Path:

@@ -54,10 +54,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mmpo_jax.engine import checkpoint_checks as checks
+from mmpo_jax.engine import hf_export
 from mmpo_jax.engine import integrity
 from mmpo_jax.engine.checkpoint_checks import CorruptCheckpoint
 from mmpo_jax.engine.disk import UnwritableDirectory, require_writable
-from mmpo_jax.models import convert
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class Checkpointer:
                 f"background write failed (its log above says why)")
 
     def restore(self, step: int | None = None, *, abstract_params: nnx.State,
-                abstract_opt_state: Any, data_iterator: grain.DatasetIterator | None = None
+                abstract_opt_state: Any = None, data_iterator: grain.DatasetIterator | None = None
                 ) -> Restored:
         """Restore a checkpoint onto the given abstract structures, after checking it.
 
@@ -330,7 +330,8 @@ class Checkpointer:
             newer one that fails is reported (one warning line) and set aside.
           abstract_params: the target of ``params`` (``abstract_target(...)`` of the model's state,
             with the shardings the restored arrays should have).
-          abstract_opt_state: the target of ``opt_state``, likewise.
+          abstract_opt_state: the target of ``opt_state``, likewise; None reads the parameters
+            only (an export or evaluation of the checkpoint; ``Restored.opt_state`` is None).
           data_iterator: a freshly built iterator of the same pipeline; its position is set to the
             saved one. None leaves the data position alone (evaluation from a checkpoint).
 
@@ -393,7 +394,9 @@ class Checkpointer:
             raise CorruptCheckpoint(step, self.directory, f"checkpoint_info/{checks.JSON_FILE}",
                                     "bad-json", "it holds no checksums")
         stored = self._read_metadata(step)
-        for item, target in (("params", abstract_params), ("opt_state", abstract_opt_state)):
+        wanted = {"params": abstract_params, "opt_state": abstract_opt_state}
+        wanted = {item: target for item, target in wanted.items() if target is not None}
+        for item, target in wanted.items():
             problems = checks.target_mismatches(stored[item].tree, target)
             if problems:
                 raise ValueError(
@@ -403,9 +406,8 @@ class Checkpointer:
         replicated = jax.sharding.NamedSharding(
             jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)),
             jax.sharding.PartitionSpec())
-        targets = dict(params=abstract_params, opt_state=abstract_opt_state,
-                       rng={"key_data": jax.ShapeDtypeStruct(tuple(info["rng_shape"]), np.uint32,
-                                                             sharding=replicated)})
+        targets = dict(**wanted, rng={"key_data": jax.ShapeDtypeStruct(
+            tuple(info["rng_shape"]), np.uint32, sharding=replicated)})
         restored = {}
         for item, target in targets.items():
             restored[item] = self._read(step, item, ocp.args.StandardRestore(target))
@@ -418,7 +420,7 @@ class Checkpointer:
         key_data = restored["rng"]["key_data"]
         rng = (key_data if info["rng_impl"] is None
                else jax.random.wrap_key_data(key_data, impl=info["rng_impl"]))
-        return Restored(params=restored["params"], opt_state=restored["opt_state"], rng=rng,
+        return Restored(params=restored["params"], opt_state=restored.get("opt_state"), rng=rng,
                         step=step, metadata=metadata)
 
     def _read(self, step: int, item: str, args: Any, *, where: str | None = None) -> Any:
@@ -490,25 +492,30 @@ class Checkpointer:
         except Exception as error:
             logger.warning("while closing the checkpointer after an error: %s", error)
 
-def export_policy(model: nnx.Module, config: Any, path: str | os.PathLike) -> pathlib.Path:
-    """Write the trained policy in the transformers ``LlavaForConditionalGeneration`` layout.
+def export_policy(model: nnx.Module, path: str | os.PathLike, *, tokenizer: Any,
+                  image_config: Any, template: str, max_shard_bytes: int = 5 * 2**30
+                  ) -> pathlib.Path:
+    """Write the trained policy as a complete llava-hf directory (``engine.hf_export``: weights,
+    ``config.json``, tokenizer, processor, chat template, generation config).
 
-    Delegates to ``mmpo_jax.models.convert.save_hf_llava``, writing into a sibling temporary
-    directory renamed to ``path`` when complete, so an interrupted export never looks finished.
+    Written into a sibling temporary directory renamed to ``path`` when complete, so an
+    interrupted export never looks finished.
 
     Args:
       model: the ``Llava`` policy (merged weights if it was trained with LoRA).
-      config: its ``LlavaConfig``.
       path: the export directory; must not exist yet.
+      tokenizer, image_config, template: what the policy was trained with.
+      max_shard_bytes: largest safetensors file.
 
     Returns:
-      ``path``, holding ``config.json`` and float32 safetensors.
+      ``path``.
     """
     path = pathlib.Path(path)
     if path.exists():
         raise FileExistsError(f"export directory {path} already exists; choose a new path")
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # a previous export that was interrupted
-    convert.save_hf_llava(model, config, partial)
+    hf_export.export_pretrained(model, partial, tokenizer=tokenizer, image_config=image_config,
+                                template=template, max_shard_bytes=max_shard_bytes)
     partial.rename(path)
     return path

@@ -52,7 +52,7 @@ from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.evaluation.runner import evaluate_model
-from mmpo_jax.evaluation.table import format_table
+from mmpo_jax.evaluation.table import DEFAULT_COLUMNS, format_table
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.pipelines.p2dpo import PairSettings, TrainingLayout, generate_pairs
@@ -62,6 +62,7 @@ from mmpo_jax.engine.disk import require_writable
 from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config import model_files
 from mmpo_jax.config.schema import method_defaults
+from mmpo_jax.training import benchmarks
 from mmpo_jax.training.loop import train
 
 logger = logging.getLogger(__name__)
@@ -306,6 +307,16 @@ SAMPLED_COLUMNS = (("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("recall", "r
 """The main job's table: greedy and sampled CHAIR, the bias probes, POPE."""
 
 
+def _unprefixed(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {name.removeprefix(benchmarks.PREFIX): value for name, value in metrics.items()}
+
+
+def _last_benchmarks(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The last benchmark evaluation of a run (its end) from its summary."""
+    return _unprefixed({name: entry["last"] for name, entry in summary["metrics"].items()
+                        if name.startswith(benchmarks.PREFIX)})
+
+
 def run_experiment(config: Any) -> dict[str, dict[str, float]]:
     """The main job (module doc); returns ``{row name: metrics}`` in table order. With
     ``data.dataset="p2dpo_pairs"`` the pairs are generated from the initial policy first, as the
@@ -353,7 +364,7 @@ def generate_p2dpo_pairs(config: Any, base: Llava, prompts: Any, tokenizer: Any,
                          **({"world": world} if world is not None else {})}))
 
 
-def _world_config(config: Any) -> Any:
+def world_config(config: Any) -> Any:
     """The config whose data section names the world of the initial model and the evaluation:
     ``config`` itself, or for P2-DPO the prompt source its pairs are generated from."""
     if config.data.dataset != "p2dpo_pairs":
@@ -401,7 +412,7 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
         initial model.
       workdir: where ``results.txt`` / ``results.json`` go.
     """
-    world = _world_config(config)
+    world = world_config(config)
     _require_writable_dirs(config, world, variants, workdir)
     world_records, tokenizer, world_image_config = load_data(world)
     check_image_size(world, tokenizer, world_image_config)  # before loading or compiling
@@ -420,26 +431,35 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
     variants = {name: (with_epoch_steps(variant, len(source)), variant_dir)
                 for name, (variant, variant_dir) in variants.items()}
     evaluation = bool(config.eval.enabled)
+    real = benchmarks.evaluator(config, tokenizer=tokenizer, image_config=image_config)
     rows: dict[str, dict[str, float]] = {}
     summaries: dict[str, Any] = {}
+    initial = "base (SFT)" if config.model.init == "sft_base" else "initial"
     if evaluation:
-        rows["base (SFT)" if config.model.init == "sft_base" else "initial"] = evaluate(
-            world, local(base), tokenizer, world_image_config)
+        rows[initial] = evaluate(world, local(base), tokenizer, world_image_config)
+    if real is not None:
+        rows.setdefault(initial, {}).update(_unprefixed(real(base)))
     for name, (variant, variant_dir) in variants.items():
         result = _train_variant(variant, model=base, tokenizer=tokenizer, source=source,
-                                image_config=image_config, workdir=variant_dir)
+                                image_config=image_config, workdir=variant_dir,
+                                **({"evaluator": real} if real is not None else {}))
         summaries[name] = result.summary
         if evaluation:
             rows[name] = evaluate(world, local(result.model), tokenizer, world_image_config)
+        if real is not None:
+            rows.setdefault(name, {}).update(_last_benchmarks(result.summary))
     if evaluation and config.eval.control and config.method.name != "sft":
         control = train(with_epoch_steps(control_config(config), len(source)), model=base,
                         tokenizer=tokenizer, source=source, image_config=image_config,
-                        workdir=workdir / "control")
+                        workdir=workdir / "control", evaluator=real)
         summaries["control"] = control.summary
         rows["control (SFT on chosen)"] = evaluate(world, local(control.model), tokenizer,
                                                    world_image_config)
+        if real is not None:
+            rows["control (SFT on chosen)"].update(_last_benchmarks(control.summary))
     if rows and distributed.is_primary():
-        table = format_table(rows, SAMPLED_COLUMNS)
+        table = format_table(rows, SAMPLED_COLUMNS + tuple(
+            column for column in DEFAULT_COLUMNS if column not in SAMPLED_COLUMNS))
         print(table, flush=True)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "results.txt").write_text(table + "\n")

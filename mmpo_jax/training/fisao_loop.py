@@ -408,4 +408,5 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
         logger.debug("FiSAO rollout steps %d..%d done", start + 1, end)
         return loop.finish_run(config, ckpt=ckpt, metric_log=metric_log, end=end, split=split,
                                trainable=trainable, opt_state=opt_state, frozen=frozen, rng=rng,
-                               workdir=workdir, metadata=metadata)
+                               workdir=workdir, metadata=metadata, tokenizer=tokenizer,
+                               image_config=image_config)

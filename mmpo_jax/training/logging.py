@@ -90,6 +90,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
              for key, value in record.items()} for record in records]
 
 
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A ``summary.json`` (a file, or the workdir that holds one); non-finite values come back
+    as floats."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SUMMARY_FILE
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: restore(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [restore(item) for item in value]
+        return NON_FINITE_NAMES.get(value, value) if isinstance(value, str) else value
+
+    return restore(json.loads(path.read_text()))
+
+
 def _as_pair(name: str, value: Any) -> tuple[Any, Any]:
     """A metric as ``(sum, count)``: a pair stays one, a scalar is a mean of one observation."""
     if isinstance(value, (tuple, list)):
@@ -245,6 +262,15 @@ class MetricLogger:
             record[EXAMPLES_PER_SECOND] = examples / elapsed
         self._window_start = now
         self._write(record)
+
+    def log_evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write an evaluation's ``metrics`` (host floats) as their own record at ``step``, after
+        the pending window; they join the summary's metrics and count no training step."""
+        if self._closed:
+            raise RuntimeError("MetricLogger.log_evaluation after close()")
+        self.flush()
+        self._write({"step": step, "time": time.time(),
+                     **{name: float(value) for name, value in metrics.items()}})
 
     def _write(self, record: dict[str, Any]) -> None:
         self._records.append(record)

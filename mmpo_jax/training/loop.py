@@ -51,7 +51,7 @@ from mmpo_jax.engine.scoring import ScoringPlan, plan_scoring, reference_scores
 from mmpo_jax.engine.step import make_train_step
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.training.divergence import BadStepGuard
-from mmpo_jax.training.logging import MetricLogger
+from mmpo_jax.training.logging import SUMMARY_FILE, MetricLogger, read_summary
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +236,14 @@ def check_guard(config: Any, guard: BadStepGuard, *, ckpt: Checkpointer,
 def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end: int,
                split: state_lib.PolicySplit, trainable: Any, opt_state: Any, frozen: Any,
                rng: jax.Array, workdir: pathlib.Path, metadata: Mapping[str, Any],
+               tokenizer: Any, image_config: ImageProcessorConfig,
                data_iterator: Any = None, guard: BadStepGuard | None = None) -> TrainResult:
     """The end of a run: the guard's last check, the final checkpoint, the summary, the merged
-    policy (eval mode) and, with ``checkpoint.export_hf``, its transformers export. Closes the
-    logger and checkpointer."""
+    policy (eval mode) and, with ``checkpoint.export_hf``, its transformers export (with
+    ``tokenizer`` and ``image_config``). Closes the logger and checkpointer.
+
+    A run that trained no step (resumed at its last step) keeps the ``summary.json`` of the run
+    that trained, and returns it."""
     extra = {}
     if guard is not None:
         check_guard(config, guard, ckpt=ckpt, metric_log=metric_log)
@@ -249,8 +253,13 @@ def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end
     ckpt.wait_until_finished()
     metric_log.flush()
     summary = {**metric_log.summary(), **extra}
-    metric_log.write_summary(extra=extra)
-    logger.info("%s\n%s", config.name, metric_log.format_summary())
+    previous = workdir / SUMMARY_FILE
+    if summary["steps"] == 0 and previous.is_file():
+        summary = read_summary(previous)
+        logger.info("%s: no step left to train; %s kept", config.name, previous)
+    else:
+        metric_log.write_summary(extra=extra)
+        logger.info("%s\n%s", config.name, metric_log.format_summary())
     metric_log.close()
     ckpt.close()
     final = nnx.merge(split.graphdef, trainable, frozen)
@@ -258,7 +267,8 @@ def finish_run(config: Any, *, ckpt: Checkpointer, metric_log: MetricLogger, end
     if config.checkpoint.export_hf:
         exported = distributed.process_local(reference_lib.merged_copy(final))
         if distributed.is_primary():
-            export_policy(exported, exported.config, workdir / "hf")
+            export_policy(exported, workdir / "hf", tokenizer=tokenizer,
+                          image_config=image_config, template=config.data.template)
     return TrainResult(model=final, steps=end, summary=summary, workdir=workdir)
 
 
@@ -268,7 +278,8 @@ def _workdir(config: Any) -> pathlib.Path:
 
 def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
           image_config: ImageProcessorConfig, workdir: str | os.PathLike | None = None,
-          data_iterator: Iterator | None = None, stop_at: int | None = None) -> TrainResult:
+          data_iterator: Iterator | None = None, stop_at: int | None = None,
+          evaluator: Any = None) -> TrainResult:
     """Runs ``config`` from ``model`` (see the module doc); the caller's ``model`` is untouched.
 
     Args:
@@ -279,6 +290,8 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
       data_iterator: a ready iterator to read instead of building one (tests).
       stop_at: leave after this step (checkpointed) as a pre-empted run would; a later call
         resumes from it. None runs to ``train.num_steps``.
+      evaluator: real-data benchmarks (``training.benchmarks.Evaluator``) run on the policy when
+        ``evaluator.due(step, end)``; their metrics are logged at that step.
     """
     config_checks.validate(config, device_count=jax.device_count())
     workdir = require_writable(workdir if workdir is not None else _workdir(config), "workdir")
@@ -348,6 +361,9 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
             metrics = dict(metrics)
             metrics["optim/learning_rate"] = float(schedule(step))
             metric_log.log(step + 1, metrics, examples=int(np.sum(host_batch.example_mask)))
+            if evaluator is not None and evaluator.due(step + 1, end):
+                policy = nnx.merge(split.graphdef, trainable, frozen)  # evaluated in eval mode
+                metric_log.log_evaluation(step + 1, evaluator(policy))
             saving = ckpt.should_save(step + 1)  # orbax's decision, taken once per step
             if saving or guard.due(step + 1):  # never save past max_bad_steps bad steps
                 check_guard(config, guard, ckpt=ckpt, metric_log=metric_log)
@@ -358,4 +374,5 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
                 ckpt.check_background_write()
         return finish_run(config, ckpt=ckpt, metric_log=metric_log, end=end, split=split,
                           trainable=trainable, opt_state=opt_state, frozen=frozen, rng=rng,
-                          workdir=workdir, metadata=metadata, data_iterator=it, guard=guard)
+                          workdir=workdir, metadata=metadata, tokenizer=tokenizer,
+                          image_config=image_config, data_iterator=it, guard=guard)

@@ -15,14 +15,12 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
 from mmpo_jax.data import image_processing, pipeline
-from mmpo_jax.data.tokenizer import build_word_tokenizer
+from mmpo_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from mmpo_jax.models import convert
-from mmpo_jax.models.clip import CLIPVisionConfig
-from mmpo_jax.models.llama import LlamaConfig
-from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.models.partitioning import logical
 from mmpo_jax.engine import sharding
 from mmpo_jax.engine.checkpointing import Checkpointer, abstract_target, export_policy
+from tests.models import hf_fixtures
 from tests.data.test_pipeline import BUCKETS, IMAGE_SIZE, NUM_IMAGE_TOKENS, WORDS, make_records
 
 TMP_SUFFIX = atomicity.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp" in orbax-checkpoint 0.12.8
@@ -332,22 +330,21 @@ def test_argument_errors_name_the_bad_value(tmp_path, make_iterator):
             checkpointer.restore(abstract_params=wider, abstract_opt_state=_abstract()[1])
 
 
-def _tiny_llava_config() -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=8, patch_size=4)
-    text = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=63)
-
-
-def test_export_policy_writes_a_transformers_llava_directory(tmp_path):
-    config = _tiny_llava_config()
-    model = Llava(config, rngs=nnx.Rngs(0))
+def test_export_policy_writes_a_complete_llava_hf_directory(tmp_path):
+    source = tmp_path / "source"
+    hf_fixtures.save_tiny_llava_hf(source)
+    model, config = convert.load_hf_llava(source)
+    tokenizer = load_tokenizer(source)
+    image_config = image_processing.from_pretrained_dir(source, image_aspect_ratio="pad")
     (tmp_path / "policy.partial").mkdir()  # debris of an earlier interrupted export
-    path = export_policy(model, config, tmp_path / "policy")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    files = dict(tokenizer=tokenizer, image_config=image_config, template="llava_1_5")
+    path = export_policy(model, tmp_path / "policy", **files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy", "source"]
     loaded, loaded_config = convert.load_hf_llava(path)
     assert loaded_config == config
     _assert_trees_equal(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
+    assert image_processing.from_pretrained_dir(path) == image_config  # padding recorded
+    assert load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+    assert (path / "chat_template.jinja").is_file() and (path / "generation_config.json").is_file()
     with pytest.raises(FileExistsError, match="policy already exists"):
-        export_policy(model, config, path)
+        export_policy(model, path, **files)

@@ -1,4 +1,4 @@
-"""The training loop: resume equality, every method trains, and the main job end to end."""
+"""The training loop: resume equality (a finished run rerun keeps its summary), every method trains, and the main job end to end."""
 
 from __future__ import annotations
 
@@ -46,8 +46,14 @@ def test_resumed_run_reaches_the_uninterrupted_parameters(tmp_path):
     fx.tree_allclose(_params(whole.model), _params(resumed.model), rtol=1e-6, atol=1e-7)
     logged = [r["step"] for r in read_metrics(tmp_path / "resumed")]
     assert logged == [1, 2, 3, 4]
-    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert summary["steps"] == 4
+    written = (tmp_path / "whole" / "summary.json").read_bytes()
+    assert json.loads(written)["steps"] == 4
+    # rerun once finished (e.g. to export it): 0 steps trained, the trained run's summary kept
+    again = _train(config, tmp_path / "whole")
+    assert (tmp_path / "whole" / "summary.json").read_bytes() == written
+    assert again.steps == 4 and again.summary["steps"] == 4
+    assert again.summary["metrics"]["loss/total"] == whole.summary["metrics"]["loss/total"]
+    fx.tree_allclose(_params(whole.model), _params(again.model), rtol=0, atol=0)
 
 
 def _p2dpo_records():
