@@ -30,7 +30,7 @@ import ml_collections
 from flax import nnx
 
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.engine import distributed
+from mmpo_jax.engine import distributed, sharding
 from mmpo_jax.engine import reference as reference_lib
 from mmpo_jax.engine import state as state_lib
 from mmpo_jax.engine.checkpointing import Checkpointer, abstract_target, export_policy
@@ -114,8 +114,12 @@ def load_run_model(path: str | os.PathLike[str], *, step: int | None = None,
         policy = state_lib.prepare_policy(experiment.initial_model(world, tokenizer),
                                           config.model, seed=int(config.seed))
         split = state_lib.split_policy(policy, config.model)
-        restored = ckpt.restore(step, abstract_params=abstract_target(split.trainable))
-    model = nnx.merge(split.graphdef, restored.params, split.frozen)
+        # the trainer's layout: every parameter on the mesh by its logical axes
+        mesh, rules = sharding.make_mesh(dict(config.mesh)), tuple(map(tuple, config.mesh_rules))
+        frozen = distributed.put(split.frozen, sharding.state_shardings(split.frozen, mesh, rules))
+        restored = ckpt.restore(step, abstract_params=abstract_target(
+            split.trainable, sharding.state_shardings(split.trainable, mesh, rules)))
+    model = nnx.merge(split.graphdef, restored.params, frozen)
     model.eval()
     logger.info("restored the policy of step %d from %s", step, directory)
     return RunModel(model, tokenizer, image_config, config, step)

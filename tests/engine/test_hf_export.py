@@ -50,6 +50,14 @@ def _exported(tmp_path, *, layout: str, pad: bool):
 @pytest.mark.parametrize("layout, pad", [("v5", True), ("v4", False)])
 def test_transformers_loads_the_export_and_reproduces_our_logits_and_greedy_tokens(tmp_path, layout, pad):
     model, tokenizer, image_config, export = _exported(tmp_path, layout=layout, pad=pad)
+    assert_transformers_reproduces(model, tokenizer, image_config, export)
+
+
+def assert_transformers_reproduces(model, tokenizer, image_config, export) -> None:
+    """`AutoProcessor`, `AutoTokenizer` and `LlavaForConditionalGeneration` load `export` (no
+    missing or unexpected weights); the processor builds the inputs of a conversation over a
+    photo-like non-square image exactly as our template and `image_config` do, and transformers'
+    logits (<= 1e-4 of their largest) and greedy tokens equal `model`'s."""
     reference, info = LlavaForConditionalGeneration.from_pretrained(
         export, output_loading_info=True, attn_implementation="eager")
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["mismatched_keys"]
@@ -60,7 +68,7 @@ def test_transformers_loads_the_export_and_reproduces_our_logits_and_greedy_toke
     generation = json.loads((export / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    assert getattr(processor.image_processor, "do_pad", False) == pad
+    assert getattr(processor.image_processor, "do_pad", False) == image_config.pad_to_square
 
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
