@@ -3,6 +3,7 @@
     python -m mmpo_jax.convert import <hf_dir> <orbax_dir> [--image_aspect_ratio pad] \\
         [--dtype bfloat16] [--param-dtype float32]
     python -m mmpo_jax.convert export <source> <hf_dir> [--step N] [--max-shard-gb 5]
+    python -m mmpo_jax.convert export <orbax_dir> <hf_dir> --weights_only
 
 `import` writes `engine.model_io`'s format (`config.json` + `params/`) and, beside it, the
 checkpoint's tokenizer and processor (`engine.hf_export.save_processor`: tokenizer files,
@@ -18,7 +19,8 @@ default the file's own setting is kept.
   checkpoint that passes its checks, or `--step N`): the policy is rebuilt from the config saved in
   the checkpoint, its LoRA adapters merged (`training.run_model`);
 - an orbax model folder (`import`'s output, the SFT-base cache): with the tokenizer and processor
-  saved in it, or `--tokenizer` / `--processor` folders;
+  saved in it, or `--tokenizer` / `--processor` folders (`--weights_only` writes `config.json` and
+  the weights alone, for a folder without either);
 
 and writes a llava-hf directory that `AutoProcessor`, `AutoTokenizer` and
 `LlavaForConditionalGeneration.from_pretrained` load (`engine.hf_export`).
@@ -36,8 +38,8 @@ from mmpo_jax.data.tokenizer import TOKENIZER_CONFIG, load_tokenizer
 from mmpo_jax.engine import loading
 from mmpo_jax.engine.checkpointing import export_policy
 from mmpo_jax.engine.hf_export import save_processor
-from mmpo_jax.engine.model_io import save_model
-from mmpo_jax.models.convert import load_hf_llava
+from mmpo_jax.engine.model_io import load_model, save_model
+from mmpo_jax.models.convert import load_hf_llava, save_hf_llava
 from mmpo_jax.training import run_model
 
 PROG = "python -m mmpo_jax.convert"
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="orbax folder only: tokenizer folder (default: the orbax folder)")
     to_hf.add_argument("--processor", type=pathlib.Path,
                        help="orbax folder only: processor folder or file (default: the orbax folder)")
+    to_hf.add_argument("--weights_only", action="store_true",
+                       help="orbax folder only: write config.json and the weights alone (no tokenizer "
+                            "or processor: transformers then cannot build the model's inputs)")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB")
     return parser
 
@@ -104,22 +109,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"import: wrote {args.orbax_dir}{note}", file=sys.stderr)
         return
     if run_model.is_run(args.source):
-        if args.tokenizer or args.processor:
-            raise SystemExit(f"{PROG} export: --tokenizer / --processor are for an orbax model folder; "
-                             "a training run exports the tokenizer and processor it was trained with")
+        if args.tokenizer or args.processor or args.weights_only:
+            raise SystemExit(f"{PROG} export: --tokenizer / --processor / --weights_only are for an orbax "
+                             "model folder; a training run exports the tokenizer and processor it was "
+                             "trained with")
         run_model.export_run(args.source, args.hf_dir, step=args.step,
                              max_shard_bytes=int(args.max_shard_gb * 2**30))
     else:
         if args.step is not None:
             raise SystemExit(f"{PROG} export: --step needs a training run, and {args.source} is none "
                              "(expected its workdir, checkpoints/ or checkpoints/<N>)")
+        max_shard_bytes = int(args.max_shard_gb * 2**30)
+        if args.weights_only:
+            model, config = load_model(args.source)
+            save_hf_llava(model, config, args.hf_dir, max_shard_bytes=max_shard_bytes)
+            print(f"export: wrote {args.hf_dir} (weights only)", file=sys.stderr)
+            return
         try:
             model, tokenizer, image_config = loading.load_model(args.source, tokenizer=args.tokenizer,
                                                                 processor=args.processor)
         except FileNotFoundError as error:
             raise SystemExit(f"{PROG} export: {error}") from None
         export_policy(model, args.hf_dir, tokenizer=tokenizer, image_config=image_config,
-                      template="llava_1_5", max_shard_bytes=int(args.max_shard_gb * 2**30))
+                      template="llava_1_5", max_shard_bytes=max_shard_bytes)
     print(f"export: wrote {args.hf_dir}", file=sys.stderr)
 
 

@@ -1,7 +1,7 @@
 """`python -m mmpo_jax.evaluate` on real-format files with a tiny llava-hf model (30-px CLIP tower).
 
-The model is imported with `convert import` (an orbax directory without tokenizer or processor, so
-they come from the llava-hf directory); the benchmark files are COCO, POPE and AMBER fixtures in
+The model is imported with `convert import` (which saves the tokenizer and processor beside it;
+the flags still name the llava-hf directory's, with `--image_aspect_ratio pad`); the benchmark files are COCO, POPE and AMBER fixtures in
 their published formats. The metrics the command prints must be those of the replies the model
 gives to exactly the benchmark's prompts and images, scored against exactly its ground truth.
 """
@@ -9,10 +9,12 @@ gives to exactly the benchmark's prompts and images, scored against exactly its 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from mmpo_jax import convert, evaluate
+from mmpo_jax.data.image_processing import from_pretrained_dir
 from mmpo_jax.evaluation import amber, coco, pope, suite
 from mmpo_jax.engine.loading import load_model
 from mmpo_jax.evaluation.records import load_rgb
@@ -140,25 +142,23 @@ def test_every_path_flag_naming_nothing_is_listed_before_the_model_loads(tmp_pat
         evaluate.main(["--checkpoint", str(tmp_path / "absent")])
 
 
-def test_a_model_directory_without_tokenizer_names_the_flag(setup):
+def test_a_model_directory_without_tokenizer_names_the_flag(setup, tmp_path):
     root, paths, _ = setup
+    (tmp_path / "weights").mkdir()  # an orbax folder imported before `import` saved the processor
+    shutil.copy(root / "orbax" / "config.json", tmp_path / "weights")
+    shutil.copytree(root / "orbax" / "params", tmp_path / "weights" / "params")
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
-        evaluate.main(["--checkpoint", str(root / "orbax"), "--pope_questions", str(paths["pope"][0]),
+        evaluate.main(["--checkpoint", str(tmp_path / "weights"), "--pope_questions", str(paths["pope"][0]),
                        "--pope_images", str(paths["images"])])
 
 
-def test_an_orbax_directory_with_its_processor_saved_loads_alone(setup, tmp_path):
-    """What `convert import` can do to make its output self-contained: `save_processor` into it."""
-    import shutil
-
-    from mmpo_jax.data.image_processing import from_pretrained_dir
-    from mmpo_jax.data.tokenizer import load_tokenizer
-    from mmpo_jax.engine.hf_export import save_processor
-
+def test_convert_import_makes_the_orbax_directory_self_contained(setup, tmp_path):
+    """`convert import --image_aspect_ratio pad` saves the tokenizer and processor beside the
+    model: the directory alone loads with the padded preprocessing."""
     root, _, _ = setup
-    shutil.copytree(root / "orbax", tmp_path / "model")
+    convert.main(["import", str(root / "hf"), str(tmp_path / "model"), "--image_aspect_ratio", "pad"])
     model, tokenizer, _ = load_model(root / "orbax", tokenizer=root / "hf", processor=root / "hf")
     padded = from_pretrained_dir(root / "hf", image_aspect_ratio="pad")
-    save_processor(tmp_path / "model", config=model.config, tokenizer=load_tokenizer(root / "hf"), image_config=padded)
     _, loaded_tokenizer, image_config = load_model(tmp_path / "model")
     assert image_config == padded and loaded_tokenizer.encode("a cat") == tokenizer.encode("a cat")
+    assert from_pretrained_dir(root / "orbax") == from_pretrained_dir(root / "hf")  # default: the file's

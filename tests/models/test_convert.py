@@ -183,7 +183,9 @@ def test_command_line_round_trip(saved, tmp_path):
     assert (orbax_dir / "config.json").exists() and (orbax_dir / "params").is_dir()
     loaded, config = model_io.load_model(orbax_dir)
     assert config == load_hf_llava(directory)[1]
-    convert_cli.main(["export", str(orbax_dir), str(tmp_path / "hf")])
+    with pytest.raises(SystemExit, match="no saved tokenizer at .*; pass --tokenizer"):
+        convert_cli.main(["export", str(orbax_dir), str(tmp_path / "hf")])  # weights only: no inputs
+    convert_cli.main(["export", str(orbax_dir), str(tmp_path / "hf"), "--weights_only"])
     exported = read_safetensors(tmp_path / "hf")
     expected = hub_tensors(directory)
     assert sorted(exported) == sorted(expected)
