@@ -19,10 +19,12 @@ rate and the continuation probability, the world built under `--data_dir` if abs
 
     python -m mmpo_jax.evaluate --checkpoint DIR [--data_dir DIR] [--decoding sample --num_samples 4]
 
-`--checkpoint` is an orbax directory written by `python -m mmpo_jax.convert import` or a
-transformers LLaVA directory (a llava-hf checkpoint, or an export); the tokenizer and processor
-are read from it unless `--tokenizer` / `--processor` name other directories
-(`evaluation.loading.load_model`). `--image_aspect_ratio pad` gives LLaVA-1.5's pad-to-square,
+`--checkpoint` is an orbax directory written by `python -m mmpo_jax.convert import`, a
+transformers LLaVA directory (a llava-hf checkpoint, or an export), or a training run (its
+workdir: the newest checkpoint; or `runs/<name>/checkpoints/<N>`), whose policy is rebuilt from
+the checkpoint with LoRA merged and the tokenizer and preprocessing it was trained with
+(`training.run_model`). For the first two the tokenizer and processor are read from the directory
+unless `--tokenizer` / `--processor` name other directories (`engine.loading.load_model`). `--image_aspect_ratio pad` gives LLaVA-1.5's pad-to-square,
 which llava-hf's processor files do not record; use what the model was trained with.
 Metric names: `evaluation.suite`.
 
@@ -52,6 +54,8 @@ from mmpo_jax.engine import distributed
 from mmpo_jax.engine.model_io import load_model as load_orbax_model
 from mmpo_jax.evaluation import suite
 from mmpo_jax.engine.loading import ModelLoader, load_model
+from mmpo_jax.engine.reference import merged_copy
+from mmpo_jax.training import run_model
 from mmpo_jax.evaluation.records import Head
 from mmpo_jax.evaluation.runner import DECODINGS, evaluate_model
 from mmpo_jax.evaluation.table import format_table
@@ -195,7 +199,20 @@ def _shapes_world(args: argparse.Namespace) -> dict[str, float]:
         seed=args.seed, task="shapes_world")
 
 
-def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model) -> dict[str, float]:
+def load_model_or_run(directory, *, tokenizer=None, processor=None, image_aspect_ratio=None):
+    """`engine.loading.load_model`, or for a training run (`training.run_model.is_run`) its
+    checkpoint's policy (LoRA merged) with the tokenizer and preprocessing it was trained with."""
+    if not run_model.is_run(directory):
+        return load_model(directory, tokenizer=tokenizer, processor=processor,
+                          image_aspect_ratio=image_aspect_ratio)
+    if tokenizer or processor or image_aspect_ratio:
+        raise SystemExit("python -m mmpo_jax.evaluate: --tokenizer / --processor / --image_aspect_ratio are "
+                         f"not for a training run ({directory}): it is evaluated with what it was trained with")
+    run = run_model.load_run_model(directory)
+    return merged_copy(run.model), run.tokenizer, run.image_config
+
+
+def main(argv: Sequence[str] | None = None, *, loader: ModelLoader = load_model_or_run) -> dict[str, float]:
     """Entry point; `argv` defaults to `sys.argv[1:]`. Prints the table and returns the metrics.
 
     `loader` reads `--checkpoint` (with `--tokenizer`, `--processor`, `--image_aspect_ratio`) into

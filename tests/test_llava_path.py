@@ -5,11 +5,11 @@ tokenizer and a `LlavaProcessor` saved with `save_pretrained`, the processor cen
 llava-hf's does) is imported with `convert import --image_aspect_ratio pad`; both LLaVA presets
 train it for 2 steps on RLHF-V-format parquet, overridden only for size and paths: the GPU preset
 through `python -m mmpo_jax.train` in a one-device process (as on one GPU), the TPU preset in
-this process over its 8 devices (FSDP over all of them, as on a v5e-8), with the `benchmarks`
-section evaluating CHAIR (COCO instances), POPE and AMBER from files in their published formats
-before and after training. `convert export` of the GPU run's checkpoint is then loaded by
+this process over its 8 devices (FSDP over all of them, as on a v5e-8). The GPU run's
+`benchmarks` section evaluates CHAIR (COCO instances), POPE and AMBER from files in their
+published formats before training and after every step. `convert export` of the GPU run's checkpoint is then loaded by
 transformers, whose logits and greedy tokens equal those of our policy restored from that
-checkpoint.
+checkpoint; `evaluate` scores the export and the run's checkpoint alike.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _benchmarks(files: dict[str, pathlib.Path]) -> tuple[str, ...]:
             f"benchmarks.pope_questions=({', '.join(repr(str(p)) for p in files['pope'])},)",
             f"benchmarks.pope_images={files['images']}", f"benchmarks.amber_dir={files['amber']}",
             f"benchmarks.amber_images={files['amber_images']}",
-            "benchmarks.caption_max_new_tokens=6", "benchmarks.answer_max_new_tokens=2")
+            "benchmarks.caption_max_new_tokens=6", "benchmarks.answer_max_new_tokens=2",
+            "benchmarks.every=1")
 
 
 def _train_cli_on_one_device(tmp_path: pathlib.Path, flags: tuple[str, ...]) -> None:
@@ -80,24 +81,28 @@ def test_llava_1_5_on_rlhf_v_from_import_to_export(tmp_path):
     files = {"instances": coco["instances"], "images": coco["images"], "amber": amber["data"],
              "amber_images": amber["images"], "pope": real_fixtures.write_pope(tmp_path / "pope", coco["images"])}
 
-    # one GPU: the shipped command line, only sizes and paths set
-    _train_cli_on_one_device(tmp_path, SIZE["gpu"] + COMMON + _paths(tmp_path, "gpu"))
+    # one GPU: the shipped command line, only sizes and paths set, evaluating the real-data
+    # benchmarks before training and after every step
+    _train_cli_on_one_device(tmp_path, SIZE["gpu"] + COMMON + _paths(tmp_path, "gpu") + _benchmarks(files))
     gpu_run = tmp_path / "gpu"
-    assert [r["step"] for r in read_metrics(gpu_run)] == [1, 2]
-
-    # a TPU slice (8 devices, FSDP over all), evaluating the real-data benchmarks in training
-    config = load_config(f"{REPO / 'configs/llava_1_5_7b_tpu.py'}:dpo",
-                         SIZE["tpu"] + COMMON + _paths(tmp_path, "tpu") + _benchmarks(files))
-    preflight.check(config, device_count=jax.device_count())
-    rows = run_experiment(config)
+    rows = json.loads((gpu_run / "results.json").read_text())["rows"]
     assert list(rows) == ["initial", "dpo"]
     for row in rows.values():
         assert {"chair_s", "chair_i", "recall", "pope_f1", "pope_random_accuracy", "amber_chair",
                 "amber_cover", "amber_hal", "amber_cog", "amber_f1"} <= set(row)
         assert row["chair_images"] == len(real_fixtures.COCO_IMAGES) and row["num_samples"] == 1
-    summary = json.loads((tmp_path / "tpu" / "summary.json").read_text())
+    summary = json.loads((gpu_run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["metrics"]["benchmarks/pope_f1"]["last"] == rows["dpo"]["pope_f1"]
-    assert "amber_cog" in json.loads((tmp_path / "tpu" / "results.json").read_text())["rows"]["dpo"]
+    evaluated = [r["step"] for r in read_metrics(gpu_run) if "benchmarks/amber_cog" in r]
+    assert evaluated == [1, 2]  # every step (benchmarks.every=1), the last one the final row
+    assert [r["step"] for r in read_metrics(gpu_run) if "loss/total" in r] == [1, 2]
+
+    # a TPU slice: 8 devices, FSDP over all of them
+    config = load_config(f"{REPO / 'configs/llava_1_5_7b_tpu.py'}:dpo",
+                         SIZE["tpu"] + COMMON + _paths(tmp_path, "tpu"))
+    preflight.check(config, device_count=jax.device_count())
+    run_experiment(config)
+    assert json.loads((tmp_path / "tpu" / "summary.json").read_text())["steps"] == 2
 
     # export the GPU run's last checkpoint; transformers reproduces our policy from it
     export = tmp_path / "export"
@@ -113,3 +118,7 @@ def test_llava_1_5_on_rlhf_v_from_import_to_export(tmp_path):
     metrics = evaluate.main(["--checkpoint", str(export), "--pope_questions", *map(str, files["pope"]),
                              "--pope_images", str(files["images"]), "--answer_max_new_tokens", "2"])
     assert 0.0 <= metrics["pope_accuracy"] <= 1.0
+    from_run = evaluate.main(["--checkpoint", str(gpu_run / "checkpoints" / "2"), "--pope_questions",
+                              *map(str, files["pope"]), "--pope_images", str(files["images"]),
+                              "--answer_max_new_tokens", "2"])
+    assert from_run == metrics  # the run's checkpoint evaluates as its export

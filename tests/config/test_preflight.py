@@ -122,3 +122,23 @@ def test_a_prepared_dataset_needs_no_manual_dir_but_refuses_another(tmp_path, fi
     fx.write_rlhf_v(str(other), [fx.rlhf_v_row(p) for p in fx.make_pairs(1)])
     message = _message(_preset("dpo", tmp_path, *filled, f"data.manual_dir={other}"))
     assert f"was prepared from '{files / 'rlhf_v'}'; unset --config.data.manual_dir" in message
+
+
+def test_benchmark_files_and_combinations_are_checked_up_front(tmp_path, files):
+    """The benchmarks section: an incomplete benchmark is a config problem, a file or folder it
+    names that does not exist a preflight one, each naming its --config.benchmarks.* flag."""
+    filled = (f"model.checkpoint={files / 'orbax'}", f"data.tokenizer={files / 'tok'}",
+              f"data.manual_dir={files / 'rlhf_v'}")
+    preflight.check(_preset("dpo", tmp_path, *filled), device_count=1)  # no benchmark: none run
+    missing = tmp_path / "absent.json"
+    message = _message(_preset("dpo", tmp_path, *filled, f"benchmarks.pope_questions=('{missing}',)",
+                               f"benchmarks.amber_dir={files / 'empty'}", "benchmarks.every=-1"))
+    assert "benchmarks: pope_questions needs pope_images; amber_dir needs amber_images" in message
+    message = _message(_preset("dpo", tmp_path, *filled, f"benchmarks.pope_questions=('{missing}',)",
+                               f"benchmarks.pope_images={files / 'empty'}", "benchmarks.every=-1",
+                               f"benchmarks.amber_dir={files / 'empty'}",
+                               f"benchmarks.amber_images={files / 'empty'}"))
+    assert message.splitlines()[1:] == [
+        "  - benchmarks.every=-1 must be >= 0",
+        f"  - --config.benchmarks.pope_questions='{missing}': no such file",
+        f"  - --config.benchmarks.amber_queries='query/query_all.json': no such file"]
