@@ -19,6 +19,7 @@ from mmpo_jax.training.logging import (
     STEPS_PER_SECOND,
     MetricLogger,
     read_metrics,
+    read_summary,
 )
 
 
@@ -218,6 +219,24 @@ def test_non_finite_values_keep_both_files_valid_json(tmp_path):
                                                 "max": 0.5}
     assert summary["metrics"]["optim/grad_norm"] == {"first": 1.0, "last": "-Infinity"}
     assert summary["skipped_steps"] == 1
+    read_back = read_summary(tmp_path)
+    assert read_back["metrics"]["optim/grad_norm"] == {"first": 1.0, "last": -float("inf")}
+
+
+def test_evaluations_are_their_own_records_and_join_the_summary(tmp_path):
+    """Benchmarks evaluated in training: a record at their step after the pending window, counted
+    as no training step."""
+    with MetricLogger(tmp_path, total_steps=4, log_every=2, progress_bar=False) as logger:
+        for step in (1, 2, 3):
+            logger.log(step, {"loss/total": 0.5 / step}, examples=4)
+            if step in (1, 3):
+                logger.log_evaluation(step, {"benchmarks/pope_f1": 0.25 * step})
+        summary = logger.summary()
+    records = read_metrics(tmp_path)
+    assert [(r["step"], "loss/total" in r, "benchmarks/pope_f1" in r) for r in records] == [
+        (1, True, False), (1, False, True), (2, True, False), (3, True, False), (3, False, True)]
+    assert summary["steps"] == 3 and summary["examples"] == 12
+    assert summary["metrics"]["benchmarks/pope_f1"] == {"first": 0.25, "last": 0.75}
 
 
 def test_progress_bar_shows_loss_margin_accuracy(tmp_path, capsys):
