@@ -33,6 +33,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from mmpo_jax.config.model_files import PROCESSOR_FILES
 from mmpo_jax.data.image_processing import IMAGE_ASPECT_RATIOS, from_pretrained_dir
 from mmpo_jax.data.tokenizer import TOKENIZER_CONFIG, load_tokenizer
 from mmpo_jax.engine import loading
@@ -83,7 +84,7 @@ def import_checkpoint(hf_dir: pathlib.Path, orbax_dir: pathlib.Path, *, image_as
     has_files = (hf_dir / TOKENIZER_CONFIG).is_file() and _has_processor(hf_dir)
     if not has_files and (image_aspect_ratio or (hf_dir / TOKENIZER_CONFIG).is_file() or _has_processor(hf_dir)):
         raise SystemExit(f"{PROG} import: {hf_dir} needs both a tokenizer ({TOKENIZER_CONFIG}) and a "
-                         "processor (processor_config.json / preprocessor_config.json) to save them "
+                         f"processor ({' / '.join(PROCESSOR_FILES)}) to save them "
                          "beside the model")
     model, config = load_hf_llava(hf_dir, dtype=dtype, param_dtype=param_dtype)
     if has_files:
@@ -95,7 +96,7 @@ def import_checkpoint(hf_dir: pathlib.Path, orbax_dir: pathlib.Path, *, image_as
 
 
 def _has_processor(directory: pathlib.Path) -> bool:
-    return any((directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    return any((directory / name).is_file() for name in PROCESSOR_FILES)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,8 +24,10 @@ transformers LLaVA directory (a llava-hf checkpoint, or an export), or a trainin
 workdir: the newest checkpoint; or `runs/<name>/checkpoints/<N>`), whose policy is rebuilt from
 the checkpoint with LoRA merged and the tokenizer and preprocessing it was trained with
 (`training.run_model`). For the first two the tokenizer and processor are read from the directory
-unless `--tokenizer` / `--processor` name other directories (`engine.loading.load_model`). `--image_aspect_ratio pad` gives LLaVA-1.5's pad-to-square,
-which llava-hf's processor files do not record; use what the model was trained with.
+unless `--tokenizer` / `--processor` name other directories (`engine.loading.load_model`).
+`--image_aspect_ratio pad` gives LLaVA-1.5's pad-to-square, which llava-hf's processor files do
+not record (`convert import --image_aspect_ratio pad` records it); use what the model was trained
+with.
 Metric names: `evaluation.suite`.
 
 Bad flags are named before the model loads, all at once, in one line without a traceback: an
@@ -206,8 +208,9 @@ def load_model_or_run(directory, *, tokenizer=None, processor=None, image_aspect
         return load_model(directory, tokenizer=tokenizer, processor=processor,
                           image_aspect_ratio=image_aspect_ratio)
     if tokenizer or processor or image_aspect_ratio:
-        raise SystemExit("python -m mmpo_jax.evaluate: --tokenizer / --processor / --image_aspect_ratio are "
-                         f"not for a training run ({directory}): it is evaluated with what it was trained with")
+        raise SystemExit("python -m mmpo_jax.evaluate: --tokenizer / --processor / "
+                         f"--image_aspect_ratio are not for a training run ({directory}): it is "
+                         "evaluated with what it was trained with")
     run = run_model.load_run_model(directory)
     return merged_copy(run.model), run.tokenizer, run.image_config
 

@@ -14,8 +14,8 @@ and the image preprocessing from here (`training.experiment.load_data` calls it)
   `image_processing.from_pretrained_dir`; ``data.image_aspect_ratio`` ("pad": LLaVA-1.5's
   pad-to-square, "square": resize + centre crop) overrides the file's choice, "" keeps it.
   The shapes world (and pairs generated from it) uses its own preset
-  (`image_processing.tiny` at the world's image size); a randomly initialised model on real data CLIP
-  ViT-L/14-336 (`image_processing.clip_vit_l_336`, padded unless "square").
+  (`image_processing.tiny` at the world's image size); a randomly initialised model on real data
+  CLIP ViT-L/14-336 (`image_processing.clip_vit_l_336`, padded unless "square").
 
 ``data.image_size`` then resizes whichever was chosen (the same steps at another size).
 """
@@ -99,7 +99,8 @@ def image_config(tree: Mapping[str, Any], world: Mapping[str, Any] | None
 def processor_missing(tree: Mapping[str, Any]) -> str:
     """The one-line problem of a checkpoint run whose processor files are nowhere."""
     model, data = tree["model"], tree["data"]
-    return (f"no {' or '.join(PROCESSOR_FILES)} in --config.model.checkpoint={model['checkpoint']!r}"
+    return (f"no {' or '.join(PROCESSOR_FILES)} in "
+            f"--config.model.checkpoint={model['checkpoint']!r}"
             + (f" or --config.data.tokenizer={data['tokenizer']!r}" if data["tokenizer"] else "")
             + ": the image preprocessing is read from the model's processor files; import the "
             "model with `python -m mmpo_jax.convert import <llava-hf folder> <orbax folder> "

@@ -1,7 +1,7 @@
 """Real-data benchmarks during and after training: the config's ``benchmarks`` section.
 
-The section (`config.benchmarks`) holds `evaluation.suite.EvaluationSpec`'s fields (COCO ``instances_*.json`` for
-CHAIR on a caption set or a held-out split of the preference data, POPE question files, AMBER's
+The section (`config.benchmarks`) holds `evaluation.suite.EvaluationSpec`'s fields (COCO
+``instances_*.json`` for CHAIR on a caption set or a held-out split of the preference data, POPE question files, AMBER's
 data folder; an unset path is "", an unset count 0) and ``every``. With any benchmark set:
 
 - the main job evaluates the initial model and every trained one (rows of ``results.json`` /
@@ -30,18 +30,20 @@ PREFIX = section.PREFIX
 
 
 class Evaluator:
-    """The run's benchmarks, read once; ``evaluator(model)`` -> ``{"benchmarks/<metric>": value}``."""
+    """The run's benchmarks, read once;
+    ``evaluator(model)`` -> ``{"benchmarks/<metric>": value}``."""
 
     def __init__(self, spec: suite.EvaluationSpec, *, tokenizer: Any,
                  image_config: ImageProcessorConfig, every: int = 0):
-        self.spec, self.tokenizer, self.image_config, self.every = spec, tokenizer, image_config, every
+        self.spec, self.tokenizer, self.image_config = spec, tokenizer, image_config
+        self.every = every
         self.benchmarks = suite.load_benchmarks(spec)
 
     def __call__(self, model: Llava) -> dict[str, float]:
         """Metrics of ``model`` (any mode; evaluated in eval mode on a whole copy per process)."""
         model.eval()
-        metrics = suite.evaluate(distributed.process_local(model), self.tokenizer, self.image_config,
-                                 self.spec, self.benchmarks)
+        metrics = suite.evaluate(distributed.process_local(model), self.tokenizer,
+                                 self.image_config, self.spec, self.benchmarks)
         return {f"{PREFIX}{name}": value for name, value in metrics.items()}
 
     def due(self, step: int, end: int) -> bool:
@@ -49,7 +51,8 @@ class Evaluator:
         return step == end or bool(self.every and step % self.every == 0)
 
 
-def evaluator(config: Any, *, tokenizer: Any, image_config: ImageProcessorConfig) -> Evaluator | None:
+def evaluator(config: Any, *, tokenizer: Any, image_config: ImageProcessorConfig
+              ) -> Evaluator | None:
     """The `Evaluator` of ``config``'s ``benchmarks`` section, None when it names no benchmark."""
     fields = section.spec_fields(config)
     if fields is None:

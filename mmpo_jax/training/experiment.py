@@ -8,12 +8,18 @@
    world's ``sft`` split once and caches it under ``<data_dir>/sft_base/<key>`` (the key hashes
    the world, the model preset, the SFT settings and the tokenizer); ``"checkpoint"`` loads an
    orbax checkpoint written by ``python -m mmpo_jax.convert import``; ``"random"`` initialises;
-3. evaluate the initial policy, train the method (``training.loop.train``), evaluate it;
+3. evaluate the initial policy, train the method (``training.loop.train``), evaluate it: on the
+   shapes world (``eval``) and/or on real-data benchmarks (the ``benchmarks`` section:
+   CHAIR / POPE / AMBER, also every ``benchmarks.every`` steps, ``training.benchmarks``);
 4. the **control**: the same initial policy fine-tuned with plain SFT on the chosen responses of
    the same split, for the same number of steps and batch size, at ``eval.control_learning_rate``
    (chosen captions are clean data, so this alone lowers hallucination; a method shows its worth
    only by beating it);
 5. print and save (``<workdir>/results.json``, ``results.txt``) the table of CHAIR / POPE rows.
+
+The tokenizer and image preprocessing are the model's (``config.model_files``): for an imported
+checkpoint, the files ``convert import`` saved beside it, the same that pair generation,
+evaluation and the export use.
 
 Several processes (``engine.distributed``): process 0 prepares a dataset first and the others
 then find it (shared disk) or prepare their own copy; the SFT base trains once, over all of them

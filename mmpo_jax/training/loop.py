@@ -4,8 +4,11 @@
 initial policy, e.g. the SFT base) with ``config.method`` for ``config.train.num_steps`` optimizer
 steps and returns the final policy. Everything the run writes lives under its workdir:
 ``checkpoints/`` (orbax; a rerun with ``checkpoint.resume`` continues from the latest complete
-one, data position and PRNG included), ``metrics.jsonl``, ``tensorboard/``, ``summary.json`` and,
-with ``checkpoint.export_hf``, ``hf/`` (the final policy in the transformers layout).
+one, data position and PRNG included), ``metrics.jsonl``, ``tensorboard/``, ``summary.json`` (kept
+as it is by a rerun that trains no step) and, with ``checkpoint.export_hf``, ``hf/`` (the final
+policy as a complete llava-hf directory, ``engine.hf_export``). An ``evaluator``
+(``training.benchmarks``: real-data CHAIR / POPE / AMBER) runs on the policy at the end and every
+``benchmarks.every`` steps; its metrics are records of their own in the logs and the summary.
 
 Several processes (``engine.distributed``): each reads its own shard of the data
 (``data.batch_size / process_count`` rows, padded to the longest process's bucket) and the rows
