@@ -381,12 +381,19 @@ def world_config(config: Any) -> Any:
     return prompt_source_config(config)
 
 
-def _train_variant(variant: Any, **kwargs: Any):
+def _train_variant(variant: Any, *, evaluator: benchmarks.Evaluator | None = None,
+                   **kwargs: Any):
+    """``train`` (benchmarks in the loop), or FiSAO's loop with the benchmarks of its final
+    policy added to the returned summary (its loop takes no evaluator)."""
     if variant.method.name == "fisao":
         from mmpo_jax.training.fisao_loop import train_fisao
 
-        return train_fisao(variant, **kwargs)
-    return train(variant, **kwargs)
+        result = train_fisao(variant, **kwargs)
+        if evaluator is not None:
+            result.summary["metrics"].update({name: {"first": value, "last": value}
+                                              for name, value in evaluator(result.model).items()})
+        return result
+    return train(variant, evaluator=evaluator, **kwargs)
 
 
 def _require_writable_dirs(config: Any, world: Any,
@@ -447,8 +454,7 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
         rows.setdefault(initial, {}).update(_unprefixed(real(base)))
     for name, (variant, variant_dir) in variants.items():
         result = _train_variant(variant, model=base, tokenizer=tokenizer, source=source,
-                                image_config=image_config, workdir=variant_dir,
-                                **({"evaluator": real} if real is not None else {}))
+                                image_config=image_config, workdir=variant_dir, evaluator=real)
         summaries[name] = result.summary
         if evaluation:
             rows[name] = evaluate(world, local(result.model), tokenizer, world_image_config)
