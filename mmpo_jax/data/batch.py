@@ -72,13 +72,15 @@ class Batch(_BatchShape):
     Per-method extras, ``None`` unless the pipeline was asked for them:
       corrupt_pixel_values: float32 ``[B, H, W, 3]`` mDPO's corrupted image ``I'`` (random resized
         crop), scored with the chosen tokens.
-      noise_pixel_values: float32 ``[B, H, W, 3]`` diffusion-noised image ``I_noise`` (P2-DPO
-        robustness pairs, ADAPT's guidance, TPO weights).
+      noise_pixel_values: float32 ``[B, H, W, 3]`` diffusion-noised image ``I_noise``, drawn per
+        epoch (ADAPT's guidance, TPO weights).
       focus_aug_pixel_values / focus_deg_pixel_values: float32 ``[B, H, W, 3]`` P2-DPO's
         focus-enhanced ``I_aug`` (stitch mode) and degraded ``I_deg`` images, scored with the
         chosen tokens for ``L_calib``.
       robust_chosen_* / robust_rejected_*: int32 ``[B, T]`` P2-DPO's visual-robustness pair,
-        scored on ``noise_pixel_values``.
+        scored on ``robust_noise_pixel_values``.
+      robust_noise_pixel_values: float32 ``[B, H, W, 3]`` the ``I_noise`` the robustness pair
+        was generated on (rebuilt from the record's ``noise_key``).
       ddw_clip_crop / ddw_clip_full: float32 ``[B]`` CLIPScore(prompt, crop) and
         CLIPScore(prompt, image) for P2-DPO's dynamic weights.
       ref_chosen_logps / ref_rejected_logps: float32 ``[B]`` precomputed reference log-probs
@@ -104,6 +106,7 @@ class Batch(_BatchShape):
     robust_rejected_input_ids: jax.Array | None = None
     robust_rejected_loss_mask: jax.Array | None = None
     robust_rejected_attention_mask: jax.Array | None = None
+    robust_noise_pixel_values: jax.Array | None = None
     ddw_clip_crop: jax.Array | None = None
     ddw_clip_full: jax.Array | None = None
     ref_chosen_logps: jax.Array | None = None

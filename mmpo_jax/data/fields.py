@@ -37,15 +37,18 @@ class ImageKind:
     doc: str
 
 
-ORIGINAL, CORRUPTED, NOISED, AUGMENTED, DEGRADED, ENHANCED = (
-    "original", "corrupted", "noised", "augmented", "degraded", "enhanced")
+ORIGINAL, CORRUPTED, NOISED, PAIR_NOISED, AUGMENTED, DEGRADED, ENHANCED = (
+    "original", "corrupted", "noised", "pair_noised", "augmented", "degraded", "enhanced")
 
 IMAGE_KINDS: dict[str, ImageKind] = {
     ORIGINAL: ImageKind("pixel_values", None, ("image",), False, "the record's image"),
     CORRUPTED: ImageKind("corrupt_pixel_values", "corrupt_pixel_values", ("image",), True,
                          "mDPO's random-resized crop I' of the image"),
     NOISED: ImageKind("noise_pixel_values", "noise_pixel_values", ("image",), True,
-                      "the diffusion-noised image I_noise (ADAPT, TPO, P2-DPO's robustness pair)"),
+                      "the diffusion-noised image I_noise of ADAPT and TPO, drawn per epoch"),
+    PAIR_NOISED: ImageKind("robust_noise_pixel_values", "robust_pair", ("image", "noise_key"), False,
+                           "P2-DPO's I_noise of the robustness pair: the very image its y_l was "
+                           "sampled from, rebuilt from the noise key stored with the pair"),
     AUGMENTED: ImageKind("focus_aug_pixel_values", "focus_images", ("focus_aug_image",), False,
                          "P2-DPO's focus-enhanced I_aug, stored with the pair"),
     DEGRADED: ImageKind("focus_deg_pixel_values", "focus_images", ("focus_deg_image",), False,

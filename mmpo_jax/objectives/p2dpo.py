@@ -9,8 +9,10 @@ Per example:
 
 with ``y = y_w`` (``calib_ref_response="chosen"``, the paper, default) or ``y = y_l``
 (``"rejected"``, the released code). The policy side of ``L_calib`` always scores ``y_w``. The
-robust pair is scored on ``I_noise`` (both responses). ``(w_focus, w_rob)`` come from
-``ddw_weights`` (the pair's CLIP scores) or default to 0.5 / 0.5.
+robust pair is scored on ``I_noise`` (both responses), the very image its ``y_l`` was sampled
+from (``data.fields.PAIR_NOISED``: rebuilt from the key stored with the pair, never a fresh
+draw). ``(w_focus, w_rob)`` come from ``ddw_weights`` (the pair's CLIP scores) or default to
+0.5 / 0.5.
 
 ``branches`` selects the paper's ablations: ``("robust",)`` is "w/o FEPs", ``("focus",)`` "w/o
 VRPs"; the branch left trains alone with weight 1 (the paper's single-pair rows are plain DPO on
@@ -21,7 +23,7 @@ Every preference term goes through ``mmpo_jax.objectives.dpo`` (``dpo_loss`` /
 
 ``DECLARATIONS``: the ``p2dpo`` term and method. Its responses: the focus pair (``chosen`` /
 ``rejected`` tokens on the original image, as the training example presents it), the robustness
-pair (its own token groups on ``I_noise``) and the calibration reads (``y_w`` or ``y_l`` on
+pair (its own token groups on the pair's ``I_noise``) and the calibration reads (``y_w`` or ``y_l`` on
 ``I_aug`` / ``I_deg``); with ``ddw`` it reads the batch's ``ddw_clip_crop`` / ``ddw_clip_full``.
 """
 
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.data.fields import AUGMENTED, DEGRADED, NOISED
+from mmpo_jax.data.fields import AUGMENTED, DEGRADED, PAIR_NOISED
 from mmpo_jax.objectives import terms
 from mmpo_jax.objectives.dpo import (PREFERENCE_OPTIONS, dpo_loss, preference_loss,
                                      preference_options)
@@ -46,8 +48,8 @@ BRANCHES = ("focus", "robust")
 
 FOCUS_CHOSEN = Response("focus_chosen", tokens="chosen")
 FOCUS_REJECTED = Response("focus_rejected", tokens="rejected")
-ROBUST_CHOSEN = Response("robust_chosen", tokens="robust_chosen", image=NOISED)
-ROBUST_REJECTED = Response("robust_rejected", tokens="robust_rejected", image=NOISED)
+ROBUST_CHOSEN = Response("robust_chosen", tokens="robust_chosen", image=PAIR_NOISED)
+ROBUST_REJECTED = Response("robust_rejected", tokens="robust_rejected", image=PAIR_NOISED)
 CALIB = {(tokens, image): Response(f"calib_{tokens}_{suffix}", tokens=tokens, image=image)
          for tokens in CALIB_REF_RESPONSES for suffix, image in (("aug", AUGMENTED),
                                                                   ("deg", DEGRADED))}

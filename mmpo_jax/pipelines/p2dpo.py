@@ -10,7 +10,9 @@ P2-DPO training records with the reference model ``M_ref``:
 - saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box,
   ``I_aug`` (stitch), ``I_deg = Erase(I, box)``; focus pair ``y_w = greedy(M_ref, I_aug, P_enh)``,
   ``y_l = greedy(M_ref, I_deg, P)``;
-- ``I_noise`` (diffusion noise at step ``noise_step``, one key per record); robustness pair
+- ``I_noise`` (``data.pipeline.noise_image``: diffusion noise at step ``noise_step``, keyed by
+  ``(seed, record index)``; the key is stored with the pair as ``noise_key``, from which the
+  training pipeline rebuilds the bit-identical image to score the pair on); robustness pair
   ``y_l`` sampled from ``M_ref(I_noise, P_rob)``, ``y_w`` by contrastive amplification decoding
   (``a``, ``b``), both at temperature 0.2 / top-p 0.9 with the "strictly answer ... facts"
   prompt ``P_rob``, as the released code (``Data_gen/rob_pair/gen/gendata_llava.py``); METHODS'
@@ -60,7 +62,7 @@ from mmpo_jax.data.builders.p2dpo_pairs import (MANIFEST, TOKENIZER_DIR, encode_
                                                  shard_file)
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.data.interventions import crop_to_box
-from mmpo_jax.data.pipeline import example_key
+from mmpo_jax.data.pipeline import noise_image, noise_key
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.generation.prompts import left_pad, prompt_ids
 from mmpo_jax.objectives.logprobs import sequence_logps
@@ -68,7 +70,7 @@ from mmpo_jax.objectives.p2dpo import PAIRS
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.engine.reference_cache import cache_key, params_digest, tokenizer_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records carry noise_key
 FILTER_SCORES = ("generation", "training")
 
 ClipScorer = Callable[[Sequence[np.ndarray], Sequence[str]], np.ndarray]
@@ -210,11 +212,6 @@ def _batch_key(seed: int, stream: str, first_index: int) -> jax.Array:
     return jax.random.fold_in(key, first_index)
 
 
-@jax.jit
-def _noise_keys(seed: jax.Array, indices: jax.Array) -> jax.Array:
-    return jax.vmap(lambda index: example_key(seed, 0, index, "p2dpo/noise"))(indices)
-
-
 @dataclasses.dataclass
 class _Shard:
     """What one shard produced: its JSON lines and its counts."""
@@ -227,7 +224,8 @@ class _Shard:
 class _Candidates:
     """One batch's generated pairs (rows padded to ``batch_size`` by repeating the last record).
 
-    ``images``/``augmented``/``degraded`` uint8 ``[H, W, 3]`` per row; ``boxes`` ``[B, 4]``;
+    ``images``/``augmented``/``degraded`` uint8 ``[H, W, 3]`` per row; ``noise`` float32
+    ``[B, H', W', 3]`` the ``I_noise`` the robustness replies were generated on; ``boxes`` ``[B, 4]``;
     ``responses`` {token group: ``B`` texts}; ``targets`` the asked object per row or None;
     ``scored``: ``p2dpo_pairs.score_pairs``' arrays; ``generation_scores``: the same names for
     the focus pair from its generation (``PairSettings.filter_scores``); ``drops`` the template's
@@ -242,6 +240,7 @@ class _Candidates:
     boxes: np.ndarray
     augmented: list[np.ndarray]
     degraded: list[np.ndarray]
+    noise: np.ndarray
     responses: dict[str, list[str]]
     scored: dict[str, np.ndarray]
     generation_scores: dict[str, np.ndarray]
@@ -269,8 +268,9 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
                              image_config=image_config, base_box=settings.base_box,
                              ratios=settings.crop_ratios)
     augmented, degraded = pairs.focus_images(images, boxes, combine_mode=settings.combine_mode)
-    noise = np.asarray(pairs.noise_images(_noise_keys(np.uint32(seed), np.asarray(padded_indices)),
-                                          pixels, step=settings.noise_step))
+    noise = np.stack([noise_image(image, seed=seed, record_index=index, step=settings.noise_step,
+                                  image_config=image_config)
+                      for image, index in zip(pixels, padded_indices)])
 
     # Both focus replies in one call: [I_aug with P_enh; I_deg with P], padded to one length.
     enhanced = [settings.enhanced_prompt.format(prompt=p) for p in prompts]
@@ -306,11 +306,12 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
     scored = jax.device_get(pairs.score_pairs(model, batch, image_config=image_config,
                                               eos_token_id=tokenizer.eos_token_id))
     return _Candidates(padded, padded_indices, prompts, [target for _, target in focus], images,
-                       boxes, augmented, degraded, responses, scored, generation_scores, drops)
+                       boxes, augmented, degraded, noise, responses, scored, generation_scores,
+                       drops)
 
 
 def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, layer: int,
-                clip_scorer: ClipScorer | None, shard: _Shard) -> None:
+                seed: int, clip_scorer: ClipScorer | None, shard: _Shard) -> None:
     """Filters the first ``real`` rows of a batch and appends the kept records to ``shard``."""
     thresholds = dict(max_perplexity=settings.max_perplexity,
                       margin_range=(settings.margin_low, settings.margin_high))
@@ -352,6 +353,7 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
             **{group: texts[row] for group, texts in candidates.responses.items()},
             "image": candidates.images[row], "focus_aug_image": candidates.augmented[row],
             "focus_deg_image": candidates.degraded[row],
+            "noise_key": noise_key(seed, index, settings.noise_step),
             "ddw_clip_crop": float(clip_crop[position]), "ddw_clip_full": float(clip_full[position]),
             "ref_chosen_logps": float(reference_sums[0][row]),
             "ref_rejected_logps": float(reference_sums[1][row]),
@@ -452,7 +454,7 @@ def generate_pairs(
             candidates = _generate_candidates(
                 model, tokenizer, [source[i] for i in indices], indices, settings=settings,
                 layout=layout, image_config=image_config, seed=seed, layer=layer)
-            _keep_batch(candidates, len(indices), settings=settings, layer=layer,
+            _keep_batch(candidates, len(indices), settings=settings, layer=layer, seed=seed,
                         clip_scorer=clip_scorer, shard=shard)
             bar.update(len(indices))
         data = "".join(line + "\n" for line in shard.lines).encode()

@@ -7,8 +7,8 @@ The batched math of ``pipelines.p2dpo`` (which adds prompts, shards, records and
    reference on ``(I, P)``, read at one decoder layer from the last prompt position to the image;
 2. ``crop_boxes``: ``rewards.p2dpo.adaptive_crop_box`` per example, mapped from the model's
    square input view back to the record's image;
-3. ``focus_images`` / ``noise_images``: ``I_aug = Combine(I, crop)`` (stitch), ``I_deg =
-   Erase(I, box)`` and ``I_noise`` (diffusion noise at step t, one PRNG key per record);
+3. ``focus_images``: ``I_aug = Combine(I, crop)`` (stitch) and ``I_deg = Erase(I, box)``
+   (``I_noise`` is ``data.pipeline.noise_image``, the training pipeline's own function);
 4. ``decode``: the reference's replies (``generation.generate``; the robustness pair's chosen
    reply by ``generation.contrastive.contrastive_generate``), as text;
 5. ``score_pairs``: the reference's per-token log-probs of both pairs exactly as the trainer
@@ -256,19 +256,6 @@ def focus_images(images: Sequence[np.ndarray], boxes: np.ndarray, *, combine_mod
     return augmented, degraded
 
 
-@functools.partial(jax.jit, static_argnames=("step",))
-def noise_images(keys: jax.Array, pixel_values: jax.Array, *, step: int = 600) -> jax.Array:
-    """``I_noise`` of each example: ``interventions.add_diffusion_noise`` with its own key.
-
-    Args:
-      keys: ``[B]`` PRNG keys (one per record, so a record's noise does not depend on its batch).
-      pixel_values: ``[B, H, W, 3]`` normalised.
-      step: the diffusion step t (of 1000).
-    """
-    return jax.vmap(lambda key, image: interventions.add_diffusion_noise(key, image, step=step))(
-        keys, pixel_values)
-
-
 def decode(tokenizer: Any, new_tokens: np.ndarray) -> list[str]:
     """Generated ``[B, M]`` ids -> reply texts (cut at EOS, specials dropped)."""
     return [decode_response(tokenizer, row) for row in np.asarray(new_tokens)]
@@ -367,7 +354,8 @@ def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Mapping[str, S
                                                  max_length=max_length, template=template)
             fields[f"{group}_input_ids"] = encoded.input_ids
             fields[f"{group}_loss_mask"] = encoded.loss_mask
-        fields.update(pixel_values=pixel_values[i], noise_pixel_values=noise_pixel_values[i],
+        fields.update(pixel_values=pixel_values[i],
+                      robust_noise_pixel_values=noise_pixel_values[i],
                       example_index=np.int32(i))
         rows.append(fields)
         drops.append(drop)
@@ -384,7 +372,7 @@ def score_pairs(model: Llava, batch: Batch, *, image_config: ImageProcessorConfi
     Returns:
       ``{"{r}/token_logps", "{r}/mask"}`` ``[B, T]`` for the responses ``r`` of
       ``objectives.p2dpo.PAIRS`` (focus pair on ``pixel_values``, robustness pair on
-      ``noise_pixel_values``).
+      ``robust_noise_pixel_values``).
     """
     scored = reference_scores(_SCORING_PLAN, model, batch, image_config=image_config,
                               eos_token_id=eos_token_id)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from mmpo_jax.data import image_processing
+from mmpo_jax.data import image_processing, pipeline
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
@@ -212,14 +212,20 @@ def test_truth_counts_score_each_reply_against_the_objects():
 
 
 def test_noise_depends_on_the_record_key_only():
-    pixels = np.stack([fx.IMAGE_CONFIG(r["image"]) for r in fx.records(4)])
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4))
-    whole = np.asarray(pairs.noise_images(keys, pixels))
-    alone = np.asarray(pairs.noise_images(keys[2:3], pixels[2:3]))
-    np.testing.assert_array_equal(whole[2:3], alone)
-    signal, noise = 0.7342, 0.6789  # METHODS.md: coefficients at t=600
-    residual = (whole - signal * pixels) / noise
-    assert abs(residual.std() - 1.0) < 0.05
+    pixels = [fx.IMAGE_CONFIG(r["image"]) for r in fx.records(4)]
+    noise = [pipeline.noise_image(p, seed=0, record_index=i, step=600, image_config=fx.IMAGE_CONFIG)
+             for i, p in enumerate(pixels)]
+    np.testing.assert_array_equal(noise[2], pipeline.noise_image(
+        pixels[2], seed=0, record_index=2, step=600, image_config=fx.IMAGE_CONFIG))
+    assert not np.array_equal(noise[2], pipeline.noise_image(
+        pixels[2], seed=1, record_index=2, step=600, image_config=fx.IMAGE_CONFIG))
+    # METHODS.md: coefficients 0.7342 / 0.6789 at t=600, eps scaled to CLIP's pixel strength
+    mean, std = np.asarray(fx.IMAGE_CONFIG.mean), np.asarray(fx.IMAGE_CONFIG.std)
+    clip_mean, clip_std = (np.asarray(c) for c in (image_processing.CLIP_MEAN, image_processing.CLIP_STD))
+    pixel = lambda x: x * std + mean
+    residual = [(pixel(n) - 0.7342 * pixel(p) - 0.2658 * clip_mean) / (0.6789 * clip_std)
+                for n, p in zip(noise, pixels)]
+    assert abs(np.std(residual) - 1.0) < 0.05
 
 
 def test_settings_validation_names_the_bad_values():

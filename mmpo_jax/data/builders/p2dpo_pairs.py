@@ -6,7 +6,9 @@ lines, `encode_record`), the tokenizer. Preparing reads every shard in order (ea
 its sha256 in the manifest; an unfinished generation is an error) into one "train" split:
 
 - `id`, `prompt`, `chosen`, `rejected` (the focus pair), `robust_chosen`, `robust_rejected`,
-  `metadata` (JSON: source record, crop box, saliency layer, mean log-probs, filter verdicts);
+  `noise_key` (JSON `{"seed", "index", "step"}` of the `I_noise` the robustness pair was
+  generated on, `data.pipeline.noise_image`), `metadata` (JSON: source record, crop box, saliency
+  layer, mean log-probs, filter verdicts);
 - `image`, `focus_aug_image`, `focus_deg_image` (PNG);
 - `ref_chosen_logps`, `ref_rejected_logps` (float32 sums of the focus pair's reference
   log-probs, as the trainer computes them), `ddw_clip_crop`, `ddw_clip_full` (float32; listed by
@@ -38,7 +40,8 @@ from mmpo_jax.data.builders.records import encode_png
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-TEXT_FIELDS = ("id", "prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "metadata")
+TEXT_FIELDS = ("id", "prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "noise_key",
+               "metadata")
 IMAGE_FIELDS = ("image", "focus_aug_image", "focus_deg_image")
 FLOAT_FIELDS = ("ref_chosen_logps", "ref_rejected_logps", "ddw_clip_crop", "ddw_clip_full")
 DDW_FIELDS = ("ddw_clip_crop", "ddw_clip_full")
