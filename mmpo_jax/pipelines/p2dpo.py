@@ -4,9 +4,11 @@
 P2-DPO training records with the reference model ``M_ref``:
 
 - focus prompt ``P``: the record's prompt, or for a fraction ``question_fraction`` of shapes-world
-  records a POPE-style question about one object of the image ("is there a circle in the
-  image?") [our choice: a question names the region that matters, so the crop has a target and
-  its coverage is measurable]; the choice and the object are drawn from ``(seed, record index)``;
+  records a question about one object of the image (v2: one of the record's exact questions
+  about a present object, "what colour is the circle?"; v1: "is there a circle in the image?")
+  [our choice: a question names the region that matters, so the crop has a target and its
+  coverage is measurable]; the choice and the question are drawn from ``(seed, record index)``
+  (``p2dpo_pairs.focus_prompt``);
 - saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box,
   ``I_aug`` (stitch), ``I_deg = Erase(I, box)``; focus pair ``y_w = greedy(M_ref, I_aug, P_enh)``,
   ``y_l = greedy(M_ref, I_deg, P)``;
@@ -328,9 +330,12 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
                       for r in PAIRS["focus"]]
     for box, target in zip(candidates.boxes[:real], candidates.targets[:real]):
         if target is not None:
+            covers = int(pairs.box_coverage(box, target["bbox"]) >= pairs.COVERAGE_THRESHOLD)
             shard.stats["questions"] += 1
-            shard.stats["questions_box_covers_object"] += int(
-                pairs.box_coverage(box, target["bbox"]) >= pairs.COVERAGE_THRESHOLD)
+            shard.stats["questions_box_covers_object"] += covers
+            if "kind" in target:  # v2: per question kind too
+                shard.stats[f"questions/{target['kind']}"] += 1
+                shard.stats[f"questions_box_covers_object/{target['kind']}"] += covers
     clip_crop, clip_full = _clip_scores(
         clip_scorer, [candidates.images[r] for r in kept_rows],
         [candidates.boxes[r] for r in kept_rows], [candidates.prompts[r] for r in kept_rows])

@@ -69,31 +69,55 @@ def saliency_layer(num_layers: int, depth: float) -> int:
 
 def focus_prompt(record: Mapping[str, Any], index: int, *, question_fraction: float, seed: int
                  ) -> tuple[str, dict[str, Any] | None]:
-    """The focus prompt of a record, and the object it asks about (shapes world) or None.
+    """The focus prompt of a record, and what it asks about (shapes world) or None.
 
-    A record with ground-truth objects (``objects`` field, or ``metadata["objects"]`` of the
-    shapes world's preference split) becomes, with probability ``question_fraction`` drawn from
-    ``(seed, index)``, "is there a {shape} in the image?" about one of its objects.
+    With probability ``question_fraction`` (drawn from ``(seed, index)``) a record with ground
+    truth becomes a question about one object of its image:
+
+    - shapes world v2 (``metadata["questions"]``: exact questions with the boxes of the objects
+      they are about): one of its questions about a present object (presence "yes", colour,
+      count), the target being that question with ``bbox`` = the union of its boxes [our choice:
+      a "no" question names nothing the crop could show, so the crop would not matter];
+    - v1 (``objects`` / ``metadata["objects"]``): "is there a {shape} in the image?" about one of
+      its objects, the target being that object.
     """
-    objects = record_objects(record)
+    objects, questions = record_objects(record), record_questions(record)
     rng = np.random.default_rng([seed, index])
     ask, pick = rng.random(), int(rng.integers(1 << 30))
-    if not objects or ask >= question_fraction:
+    if ask >= question_fraction:
+        return record["prompt"], None
+    if questions:
+        question = questions[pick % len(questions)]
+        return question["question"], {**question, "bbox": list(question["box"])}
+    if not objects:
         return record["prompt"], None
     target = objects[pick % len(objects)]
     return shapes_world.QUESTION_TEMPLATE.format(shape=target["shape"]), target
+
+
+def _metadata(record: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        metadata = json.loads(record.get("metadata") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def record_objects(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A record's ground-truth objects (``objects`` field or ``metadata["objects"]``), or []."""
     if record.get("objects"):
         return json.loads(record["objects"])
-    try:
-        metadata = json.loads(record.get("metadata") or "{}")
-    except json.JSONDecodeError:
-        return []
-    objects = metadata.get("objects") if isinstance(metadata, dict) else None
+    objects = _metadata(record).get("objects")
     return objects if isinstance(objects, list) else []
+
+
+def record_questions(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The exact questions of a shapes-world v2 record about objects it holds (those with boxes:
+    ``metadata["questions"]``, ``shapes_world_v2.Question.to_json``), or []."""
+    questions = _metadata(record).get("questions")
+    if not isinstance(questions, list):
+        return []
+    return [q for q in questions if isinstance(q, dict) and q.get("boxes")]
 
 
 def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, Any]],
@@ -102,7 +126,8 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
 
     A caption reply counts ``truth/{name}/mentions`` and ``truth/{name}/hallucinated`` (its shapes
     that no object has: object-level CHAIR_i); a reply to the question about ``target`` counts
-    ``truth/{name}/answers`` and ``truth/{name}/correct``. Records without objects count nothing.
+    ``truth/{name}/answers`` and ``truth/{name}/correct`` (v2: the question's exact ``answer``;
+    v1: "yes" when the asked shape is present). Records without objects count nothing.
     Summed over the kept pairs (``summarize``), this shows whether the chosen side of each pair is
     really the more faithful one.
 
@@ -120,9 +145,10 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
             counts[f"truth/{name}/mentions"] += chair.mentions
             counts[f"truth/{name}/hallucinated"] += chair.hallucinated_mentions
         else:
-            answer = shapes_world.YES if target["shape"] in shapes else shapes_world.NO
+            answer = target.get("answer") or (
+                shapes_world.YES if target["shape"] in shapes else shapes_world.NO)
             counts[f"truth/{name}/answers"] += 1
-            counts[f"truth/{name}/correct"] += int(text.strip() == answer)
+            counts[f"truth/{name}/correct"] += int(text.strip(" .") == answer)
     return counts
 
 

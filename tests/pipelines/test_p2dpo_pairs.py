@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base
-from mmpo_jax.data import image_processing, pipeline
+from mmpo_jax.data import image_processing, pipeline, shapes_world, shapes_world_v2, shapes_world_v2_splits
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
@@ -237,3 +239,28 @@ def test_settings_validation_names_the_bad_values():
         driver.PairSettings.from_config({"batch": 3})
     config = base.pairs(base_box=32.0)  # the config section a P2-DPO config carries
     assert driver.PairSettings.from_config(config) == driver.PairSettings(base_box=32.0)
+
+
+def test_v2_focus_prompts_are_the_records_questions_about_present_objects():
+    spec = shapes_world_v2.WorldSpecV2(preference_size=24)
+    records = list(shapes_world_v2_splits.generate_split(spec, "preference"))
+    prompts = [pairs.focus_prompt(r, i, question_fraction=0.5, seed=1) for i, r in enumerate(records)]
+    questions = [(r, p, t) for r, (p, t) in zip(records, prompts) if t is not None]
+    assert 0 < len(questions) < len(records)
+    kinds = set()
+    for record, prompt, target in questions:
+        asked = json.loads(record["metadata"])["questions"]
+        assert prompt in [q["question"] for q in asked if q["boxes"]]  # never a "no" question
+        assert target["answer"] != shapes_world.NO and target["bbox"] == target["box"]
+        for box in target["boxes"]:  # the union box holds every asked object
+            assert pairs.box_coverage(target["bbox"], box) == 1.0
+        kinds.add(target["kind"])
+        # the exact answer is what the truth counts read
+        assert pairs.truth_counts({"chosen": target["answer"] + ".", "rejected": "seven"},
+                                  pairs.record_objects(record), target) == {
+            "truth/chosen/answers": 1, "truth/chosen/correct": 1,
+            "truth/rejected/answers": 1, "truth/rejected/correct": 0}
+    assert kinds == {"presence", "colour", "count"}
+    for record, (prompt, target) in zip(records, prompts):
+        if target is None:
+            assert prompt == record["prompt"]
