@@ -2,7 +2,7 @@
 the more faithful one?
 
     python scripts/p2dpo_pairs_report.py --data-dir DIR --base MODEL_DIR [--num-records 128] \
-        [--seed 0] [--set base_box=64 --set combine_mode=two_images]
+        [--seed 0] [--set base_box=48 --set 'saliency="grad_attention"']
     python scripts/p2dpo_pairs_report.py --data-dir DIR --sft-steps 300   # a quick tiny_v2 base
 
 Generates (``pipelines.p2dpo.generate_pairs``) P2-DPO pairs from the first ``--num-records``
@@ -57,15 +57,10 @@ V2_SETTINGS = dict(
 LAYOUT = TrainingLayout(buckets=(128, 160))
 
 
-def _json_options(items: list[str]) -> dict[str, Any]:
-    options = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``["key=JSON", ...]`` -> {key: value} (strings quoted: ``saliency='"attention"'``)."""
+    pairs = [item.partition("=") for item in items]
+    return {key: json.loads(value) for key, _, value in pairs}
 
 
 def quick_base(data_dir: pathlib.Path, tokenizer: Any, image_config: Any, steps: int,
@@ -122,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
     settings = PairSettings(**{**V2_SETTINGS, "num_records": args.num_records,
-                               **_json_options(args.set)})
+                               **_overrides(args.set)})
     report: dict[str, Any] = {"seed": args.seed, "base": args.base or f"quick:{args.sft_steps}",
                               "settings_overrides": args.set, "num_records": args.num_records,
                               "load_before": os.getloadavg()}

@@ -70,11 +70,12 @@ Source = Any
 """A random-access source: ``len(source)`` and ``source[i] -> dict`` in the data contract's
 record format (``mmpo_jax.data.sources.load_split``, or a list of such dicts)."""
 
-EXTRAS = ("corrupt_pixel_values", "noise_pixel_values", "focus_images", "robust_pair", "ddw_clip",
-          "ref_logps")
+EXTRAS = ("corrupt_pixel_values", "noise_pixel_values", "focus_images", "focus_two_images",
+          "robust_pair", "ddw_clip", "ref_logps")
 """Per-method extras ``preference_pipeline`` can add (see ``Batch`` for the fields they fill).
 ``robust_pair`` adds the robustness pair's tokens and the ``I_noise`` it was generated on
-(``robust_noise_pixel_values``, from the record's ``noise_key``)."""
+(``robust_noise_pixel_values``, from the record's ``noise_key``); ``focus_two_images`` the
+two-image ``I_aug`` (image and crop) with the focus pair after the record's ``focus_aug_prompt``."""
 
 LONGER_THAN_BUCKETS = "longer_than_largest_bucket"
 RESPONSE_TOO_LONG = "response_longer_than_max_length"
@@ -387,6 +388,13 @@ def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
                          robust_rejected=record["robust_rejected"])
     fields, reason, truncated = _encode_texts(encode, record["prompt"], responses, largest_bucket,
                                               too_long)
+    if reason is None and "focus_two_images" in extras:  # the pair after P_enh, two images
+        two_images, reason, also = _encode_texts(
+            functools.partial(encode, num_images=2), record["focus_aug_prompt"],
+            {"focus_aug_chosen": record["chosen"], "focus_aug_rejected": record["rejected"]},
+            largest_bucket, too_long)
+        fields.update(two_images)
+        truncated = truncated or also
     if reason is not None:
         return fields, reason, False
     pixel_values = image_config(record["image"])
@@ -400,6 +408,9 @@ def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
     if "focus_images" in extras:
         fields["focus_aug_pixel_values"] = image_config(record["focus_aug_image"])
         fields["focus_deg_pixel_values"] = image_config(record["focus_deg_image"])
+    if "focus_two_images" in extras:
+        fields["focus_pair_pixel_values"] = np.stack(
+            [pixel_values, image_config(record["focus_aug_image"])])
     for extra, names in (("ddw_clip", ("ddw_clip_crop", "ddw_clip_full")),
                          ("ref_logps", ("ref_chosen_logps", "ref_rejected_logps"))):
         if extra in extras:
@@ -431,7 +442,8 @@ def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, b
     image in every row, and no row is fully masked.
     """
     blank = np.zeros((image_config.crop_size, image_config.crop_size, 3), np.uint8)
-    text_fields = ("prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "response")
+    text_fields = ("prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "response",
+                   "focus_aug_prompt")
     record = {name: "" for name in text_fields}
     record.update(image=blank, focus_aug_image=blank, focus_deg_image=blank, ddw_clip_crop=0.0,
                   ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0,

@@ -10,8 +10,10 @@ P2-DPO training records with the reference model ``M_ref``:
   coverage is measurable]; the choice and the question are drawn from ``(seed, record index)``
   (``p2dpo_pairs.focus_prompt``);
 - saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box,
-  ``I_aug`` (stitch), ``I_deg = Erase(I, box)``; focus pair ``y_w = greedy(M_ref, I_aug, P_enh)``,
-  ``y_l = greedy(M_ref, I_deg, P)``;
+  ``I_aug`` (``combine_mode``: "stitch", one canvas, or "two_images", the prompt ``P_enh``
+  holding the image then the crop), ``I_deg = Erase(I, box)``; focus pair
+  ``y_w = greedy(M_ref, I_aug, P_enh)``, ``y_l = greedy(M_ref, I_deg, P)``; ``P_enh`` is stored
+  with the pair (``focus_aug_prompt``: the trainer reads ``y_w`` after it on the two images);
 - ``I_noise`` (``data.pipeline.noise_image``: diffusion noise at step ``noise_step``, keyed by
   ``(seed, record index)``; the key is stored with the pair as ``noise_key``, from which the
   training pipeline rebuilds the bit-identical image to score the pair on); robustness pair
@@ -63,7 +65,7 @@ from tqdm.auto import tqdm
 from mmpo_jax.data.builders.p2dpo_pairs import (MANIFEST, TOKENIZER_DIR, encode_record, read_manifest,
                                                  shard_file)
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.data.interventions import crop_to_box
+from mmpo_jax.data.interventions import COMBINE_MODES, crop_to_box
 from mmpo_jax.data.pipeline import noise_image, noise_key
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.generation.prompts import left_pad, prompt_ids
@@ -90,7 +92,9 @@ class PairSettings:
       question_fraction: shapes-world records whose prompt becomes a question about one of
         their objects (records without ground-truth objects keep their prompt).
       enhanced_prompt: ``P_enh`` with ``{prompt}`` standing for ``P``.
-      combine_mode: ``Combine`` mode of ``I_aug``; only "stitch" fits a ``Batch``.
+      combine_mode: ``Combine`` mode of ``I_aug``: "stitch" (one canvas, stored as
+        ``focus_aug_image``) or "two_images" (a prompt with the image and the crop, the crop
+        stored as ``focus_aug_image``; train with ``method.combine_mode="two_images"``).
       saliency: "grad_attention" or "attention"; saliency_depth: layer = round(depth * L).
       base_box: the crop's base side in record-image pixels (336 for LLaVA-1.5 on its inputs);
         crop_ratios: the window scales tried.
@@ -158,6 +162,8 @@ class PairSettings:
         unknown = sorted(set(self.filter_pairs) - set(PAIRS))
         if unknown:
             problems.append(f"filter_pairs has unknown pairs {unknown}; valid: {sorted(PAIRS)}")
+        if self.combine_mode not in COMBINE_MODES:
+            problems.append(f"combine_mode={self.combine_mode!r} is not one of {COMBINE_MODES}")
         if self.filter_scores not in FILTER_SCORES:
             problems.append(f"filter_scores={self.filter_scores!r} is not one of {FILTER_SCORES}")
         for name in ("enhanced_prompt", "robust_prompt"):
@@ -169,6 +175,11 @@ class PairSettings:
             problems.append(f"margin_low={self.margin_low} exceeds margin_high={self.margin_high}")
         if problems:
             raise ValueError("invalid P2-DPO pair settings: " + "; ".join(problems))
+
+    @property
+    def images_per_augmented(self) -> int:
+        """Images in the ``I_aug`` prompt: 2 for "two_images", else 1."""
+        return 2 if self.combine_mode == "two_images" else 1
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | ml_collections.ConfigDict) -> PairSettings:
@@ -237,6 +248,7 @@ class _Candidates:
     records: list[Mapping[str, Any]]
     indices: list[int]
     prompts: list[str]
+    enhanced_prompts: list[str]
     targets: list[dict[str, Any] | None]
     images: list[np.ndarray]
     boxes: np.ndarray
@@ -276,9 +288,13 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
 
     # Both focus replies in one call: [I_aug with P_enh; I_deg with P], padded to one length.
     enhanced = [settings.enhanced_prompt.format(prompt=p) for p in prompts]
-    focus_ids, focus_mask = left_pad(prompt_ids(tokenizer, enhanced, **encode) + plain_ids,
-                                           tokenizer.pad_token_id)
-    focus_pixels = np.stack([image_config(image) for image in augmented + degraded])
+    enhanced_ids = prompt_ids(tokenizer, enhanced, num_images=settings.images_per_augmented,
+                              **encode)
+    focus_ids, focus_mask = left_pad(enhanced_ids + plain_ids, tokenizer.pad_token_id)
+    focus_pixels = np.concatenate([
+        pairs.augmented_pixels(pixels, augmented, combine_mode=settings.combine_mode,
+                               image_config=image_config),
+        np.stack([image_config(image) for image in degraded])])
     focus_chosen, focus_rejected = pairs.sample_replies(
         model, tokenizer, focus_ids, focus_mask, focus_pixels,
         max_new_tokens=settings.focus_max_new_tokens).split(2)
@@ -307,9 +323,9 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
         buckets=layout.buckets, max_length=layout.truncation_length, template=layout.template)
     scored = jax.device_get(pairs.score_pairs(model, batch, image_config=image_config,
                                               eos_token_id=tokenizer.eos_token_id))
-    return _Candidates(padded, padded_indices, prompts, [target for _, target in focus], images,
-                       boxes, augmented, degraded, noise, responses, scored, generation_scores,
-                       drops)
+    return _Candidates(padded, padded_indices, prompts, enhanced, [target for _, target in focus],
+                       images, boxes, augmented, degraded, noise, responses, scored,
+                       generation_scores, drops)
 
 
 def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, layer: int,
@@ -356,6 +372,7 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
         shard.lines.append(encode_record({
             "id": str(record.get("id") or f"record-{index}"), "prompt": candidates.prompts[row],
             **{group: texts[row] for group, texts in candidates.responses.items()},
+            "focus_aug_prompt": candidates.enhanced_prompts[row],
             "image": candidates.images[row], "focus_aug_image": candidates.augmented[row],
             "focus_deg_image": candidates.degraded[row],
             "noise_key": noise_key(seed, index, settings.noise_step),

@@ -264,22 +264,35 @@ def _erase_all(images: jax.Array, boxes: jax.Array) -> jax.Array:
 
 def focus_images(images: Sequence[np.ndarray], boxes: np.ndarray, *, combine_mode: str = "stitch"
                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``(I_aug, I_deg)`` of each record image (uint8 ``[H, W, 3]`` each).
+    """``(augmented, I_deg)`` of each record image (uint8 ``[H, W, 3]`` each).
 
-    ``I_aug = interventions.combine(I, crop, combine_mode)``; only ``"stitch"`` fits the one image
-    per example of a ``Batch`` (``"two_images"`` would need a two-image prompt). ``I_deg =
-    interventions.erase_box(I, box)``, the box filled with the image's mean colour.
+    ``augmented``: with ``"stitch"`` ``I_aug`` itself (``interventions.combine``'s one canvas);
+    with ``"two_images"`` the crop, ``I_aug`` being the prompt's two images ``(I, crop)``.
+    ``I_deg = interventions.erase_box(I, box)``, the box filled with the image's mean colour.
     """
-    if combine_mode != "stitch":
-        raise ValueError(f"combine_mode={combine_mode!r}: only 'stitch' fits Batch.pixel_values "
-                         "[B, H, W, 3] (one image per example); 'two_images' needs a two-image "
-                         "prompt the trainer does not score")
-    augmented = [interventions.combine(image, interventions.crop_to_box(image, box), "stitch")[0]
-                 for image, box in zip(images, boxes)]
+    if combine_mode not in interventions.COMBINE_MODES:
+        raise ValueError(f"combine_mode={combine_mode!r} is not one of {interventions.COMBINE_MODES}")
+    augmented = [interventions.combine(image, interventions.crop_to_box(image, box),
+                                       combine_mode)[-1] for image, box in zip(images, boxes)]
     degraded = []
     for image, box in zip(images, boxes):  # images may differ in size: one call per image
         degraded.append(np.asarray(_erase_all(image[None], np.asarray(box)[None]))[0])
     return augmented, degraded
+
+
+def augmented_pixels(pixels: np.ndarray, augmented: Sequence[np.ndarray], *, combine_mode: str,
+                     image_config: ImageProcessorConfig) -> np.ndarray:
+    """The images of the ``I_aug`` prompts in the order their placeholders consume them:
+    ``[B, H, W, 3]`` (stitch) or ``[2B, H, W, 3]``, each image followed by its crop (two_images).
+
+    Args:
+      pixels: ``[B, H, W, 3]`` the records' images through ``image_config``.
+      augmented: ``focus_images``' first output (``B`` uint8 images).
+    """
+    extra = np.stack([image_config(image) for image in augmented])
+    if combine_mode == "stitch":
+        return extra
+    return np.stack([pixels, extra], axis=1).reshape((-1,) + pixels.shape[1:])
 
 
 def decode(tokenizer: Any, new_tokens: np.ndarray) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -180,3 +181,56 @@ def test_one_training_step_of_configs_p2dpo_runs_on_the_generated_pairs(generate
                    image_config=fx.IMAGE_CONFIG, workdir=tmp_path)
     assert result.steps == 1
     assert np.isfinite(result.summary["metrics"]["loss/total"]["last"])
+
+
+def test_two_image_focus_pairs_are_generated_scored_and_trained(tmp_path):
+    settings = dataclasses.replace(SETTINGS, combine_mode="two_images", shard_size=4,
+                                   enhanced_prompt="answer mainly from the first image: {prompt}")
+    generate_pairs(fx.base_model(), fx.tokenizer(), list(fx.records(4)),
+                   image_config=fx.IMAGE_CONFIG, output_dir=tmp_path / "pairs", settings=settings,
+                   layout=LAYOUT, seed=0, progress=False, source_metadata={"world": {"image_size": 64}})
+    source = load_split("p2dpo_pairs", "train", data_dir=tmp_path / "data",
+                        manual_dir=tmp_path / "pairs")
+    assert source.metadata["combine_mode"] == "two_images"
+    overrides = ["method.combine_mode=two_images", "pairs.combine_mode=two_images"]
+    config = load_config("configs/p2dpo.py", [
+        *overrides, "train.num_steps=1", "train.progress_bar=false", "train.log_every=1",
+        "data.batch_size=8", "checkpoint.async_save=false", "eval.enabled=false",
+        f"data.manual_dir={tmp_path / 'pairs'}", f"data.data_dir={tmp_path / 'data'}"])
+    plan = plan_scoring(config.method.to_dict())
+    assert "focus_two_images" in plan.pipeline_extras and "focus_aug_prompt" in plan.record_fields
+    batch = jax.tree.map(np.asarray, next(pipeline.preference_pipeline(
+        source, tokenizer=fx.tokenizer(), image_config=fx.IMAGE_CONFIG, num_image_tokens=16,
+        batch_size=4, buckets=(64, 96), seed=0, shuffle=False, extras=plan.pipeline_extras,
+        shard_by_process=False)))
+    assert batch.focus_pair_pixel_values.shape == (4, 2, 64, 64, 3)
+    image_id = fx.base_model().config.image_token_id
+    assert ((batch.focus_aug_chosen_input_ids == image_id).sum(1) == 32).all()
+    for row in range(4):  # the image, then its crop as the record stores it
+        record = source[int(batch.example_index[row])]
+        np.testing.assert_array_equal(batch.focus_pair_pixel_values[row, 0], fx.IMAGE_CONFIG(record["image"]))
+        np.testing.assert_array_equal(batch.focus_pair_pixel_values[row, 1],
+                                      fx.IMAGE_CONFIG(record["focus_aug_image"]))
+        x0, y0, x1, y1 = json.loads(record["metadata"])["box"]
+        assert record["focus_aug_image"].shape == (y1 - y0, x1 - x0, 3)
+        assert record["focus_aug_prompt"].startswith("answer mainly from the first image")
+    # the engine reads y_w on both images after P_enh: a direct forward with the two images
+    model = fx.base_model()
+    scored = reference_scores(plan, model, batch, image_config=fx.IMAGE_CONFIG,
+                              eos_token_id=fx.tokenizer().eos_token_id)
+    out = model(batch.focus_aug_chosen_input_ids,
+                pixel_values=batch.focus_pair_pixel_values.reshape(8, 64, 64, 3),
+                attention_mask=batch.focus_aug_chosen_attention_mask)
+    logps = jax.nn.log_softmax(np.asarray(out.logits, np.float32), axis=-1)
+    labels = batch.focus_aug_chosen_input_ids[:, 1:]
+    direct = np.take_along_axis(np.asarray(logps)[:, :-1], labels[..., None], -1)[..., 0]
+    mask = batch.focus_aug_chosen_loss_mask[:, 1:]
+    got = np.asarray(scored["ref/calib_chosen_two_images/token_logps"])[:, :-1]
+    np.testing.assert_allclose(got * mask, direct * mask, rtol=1e-4, atol=1e-5)
+    # and one training step of configs/p2dpo.py on them
+    config_checks.validate(config, device_count=jax.device_count(), dataset_features=source.fields)
+    result = train(config, model=fx.base_model(), tokenizer=fx.tokenizer(), source=source,
+                   image_config=fx.IMAGE_CONFIG, workdir=tmp_path / "run")
+    assert result.steps == 1
+    assert np.isfinite(result.summary["metrics"]["loss/total"]["last"])
+    assert np.isfinite(result.summary["metrics"]["loss/calib"]["last"])
