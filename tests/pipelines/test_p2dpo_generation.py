@@ -192,6 +192,8 @@ def test_two_image_focus_pairs_are_generated_scored_and_trained(tmp_path):
     source = load_split("p2dpo_pairs", "train", data_dir=tmp_path / "data",
                         manual_dir=tmp_path / "pairs")
     assert source.metadata["combine_mode"] == "two_images"
+    with pytest.raises(config_checks.ConfigError, match="differs from pairs.combine_mode"):
+        config_checks.validate(load_config("configs/p2dpo.py", ["pairs.combine_mode=two_images"]))
     overrides = ["method.combine_mode=two_images", "pairs.combine_mode=two_images"]
     config = load_config("configs/p2dpo.py", [
         *overrides, "train.num_steps=1", "train.progress_bar=false", "train.log_every=1",
