@@ -20,7 +20,7 @@ load) with the figures of issue 14:
 - over the kept pairs: CHAIR_i (object level, captions) and question accuracy (v2's exact
   answers) of each side of the focus pair and of the robustness pair;
 - ``robust_identical_rate``: robustness pairs whose two replies are the same text (over every
-  encoded candidate), and the focus pair's.
+  encoded candidate; also over question and caption prompts apart), and the focus pair's.
 """
 
 from __future__ import annotations
@@ -91,8 +91,14 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
                 summary.get(f"questions_box_covers_object/{kind}", 0) / summary[key])
     encoded = summary.get("candidates", 0) - sum(
         v for k, v in summary.items() if k.startswith("dropped/"))
+    encoded_questions = summary.get("questions_encoded", 0)
     for pair in ("focus", "robust"):
-        out[f"{pair}_identical_rate"] = summary.get(f"{pair}/identical_texts", 0) / max(encoded, 1)
+        same, same_questions = (summary.get(f"{pair}/identical_texts{kind}", 0)
+                                for kind in ("", "/questions"))
+        out[f"{pair}_identical_rate"] = same / max(encoded, 1)
+        out[f"{pair}_identical_rate/questions"] = same_questions / max(encoded_questions, 1)
+        out[f"{pair}_identical_rate/captions"] = (same - same_questions) / max(
+            encoded - encoded_questions, 1)
     for reply in ("chosen", "rejected", "robust_chosen", "robust_rejected"):
         for rate in ("chair_i", "accuracy"):
             out[f"kept/{reply}/{rate}"] = summary.get(f"truth/{reply}/{rate}")

@@ -344,7 +344,11 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
     reference_sums = [np.asarray(sequence_logps(candidates.scored[f"{r.name}/token_logps"],
                                                 candidates.scored[f"{r.name}/mask"]))
                       for r in PAIRS["focus"]]
-    for box, target in zip(candidates.boxes[:real], candidates.targets[:real]):
+    for row, (box, target) in enumerate(zip(candidates.boxes[:real], candidates.targets[:real])):
+        if target is not None and candidates.drops[row] is None:  # one-word answers agree often
+            shard.stats["questions_encoded"] += 1
+            for pair, verdict in verdicts.items():
+                shard.stats[f"{pair}/identical_texts/questions"] += int(verdict.identical[row])
         if target is not None:
             covers = int(pairs.box_coverage(box, target["bbox"]) >= pairs.COVERAGE_THRESHOLD)
             shard.stats["questions"] += 1
