@@ -43,7 +43,7 @@ from mmpo_jax.evaluation.runner import generate_texts
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.training import experiment
-from mmpo_jax.training.config_loading import load_config
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.loop import train
 
 

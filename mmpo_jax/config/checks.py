@@ -403,9 +403,14 @@ def _pairs_problems(tree: Mapping[str, Any]) -> list[str]:
         return (["data.dataset='p2dpo_pairs' trains on generated pairs: the config needs the pairs "
                  "section (configs/p2dpo.py)"] if tree["data"]["dataset"] == "p2dpo_pairs" else [])
     try:
-        PairSettings.from_config(tree["pairs"])
+        settings = PairSettings.from_config(tree["pairs"])
     except ValueError as error:
         return [f"pairs: {error}"]
+    trained = tree["method"].get("combine_mode", settings.combine_mode)
+    if trained != settings.combine_mode:  # the loss would read I_aug as the other mode's image
+        return [f"method.combine_mode={trained!r} differs from pairs.combine_mode="
+                f"{settings.combine_mode!r}, the mode the pairs' I_aug is generated in; set both "
+                "to the same value"]
     return []
 
 

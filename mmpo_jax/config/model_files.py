@@ -14,8 +14,8 @@ and the image preprocessing from here (`training.experiment.load_data` calls it)
   `image_processing.from_pretrained_dir`; ``data.image_aspect_ratio`` ("pad": LLaVA-1.5's
   pad-to-square, "square": resize + centre crop) overrides the file's choice, "" keeps it.
   The shapes world (and pairs generated from it) uses its own preset
-  (`image_processing.tiny` at the world's image size); a randomly initialised model on real data
-  CLIP ViT-L/14-336 (`image_processing.clip_vit_l_336`, padded unless "square").
+  (`image_processing.for_shapes_world`: its image size, v2's CLIP constants); a randomly
+  initialised model on real data CLIP ViT-L/14-336 (`image_processing.clip_vit_l_336`, padded unless "square").
 
 ``data.image_size`` then resizes whichever was chosen (the same steps at another size).
 """
@@ -81,7 +81,7 @@ def image_config(tree: Mapping[str, Any], world: Mapping[str, Any] | None
     data = tree["data"]
     aspect = data["image_aspect_ratio"] or None
     if world is not None:
-        config = image_processing.tiny(int(world["image_size"]))
+        config = image_processing.for_shapes_world(world)  # v2: CLIP's constants
     elif reads_processor_files(tree, world):
         folder = processor_dir(tree)
         if folder is None:

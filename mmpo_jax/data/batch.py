@@ -72,13 +72,18 @@ class Batch(_BatchShape):
     Per-method extras, ``None`` unless the pipeline was asked for them:
       corrupt_pixel_values: float32 ``[B, H, W, 3]`` mDPO's corrupted image ``I'`` (random resized
         crop), scored with the chosen tokens.
-      noise_pixel_values: float32 ``[B, H, W, 3]`` diffusion-noised image ``I_noise`` (P2-DPO
-        robustness pairs, ADAPT's guidance, TPO weights).
+      noise_pixel_values: float32 ``[B, H, W, 3]`` diffusion-noised image ``I_noise``, drawn per
+        epoch (ADAPT's guidance, TPO weights).
       focus_aug_pixel_values / focus_deg_pixel_values: float32 ``[B, H, W, 3]`` P2-DPO's
         focus-enhanced ``I_aug`` (stitch mode) and degraded ``I_deg`` images, scored with the
         chosen tokens for ``L_calib``.
       robust_chosen_* / robust_rejected_*: int32 ``[B, T]`` P2-DPO's visual-robustness pair,
-        scored on ``noise_pixel_values``.
+        scored on ``robust_noise_pixel_values``.
+      robust_noise_pixel_values: float32 ``[B, H, W, 3]`` the ``I_noise`` the robustness pair
+        was generated on (rebuilt from the record's ``noise_key``).
+      focus_pair_pixel_values: float32 ``[B, 2, H, W, 3]`` P2-DPO's two-image ``I_aug`` (the
+        image, then its crop), read with ``focus_aug_chosen_*`` / ``focus_aug_rejected_*`` (int32
+        ``[B, T]``: the focus pair's replies after the enhanced prompt with two images).
       ddw_clip_crop / ddw_clip_full: float32 ``[B]`` CLIPScore(prompt, crop) and
         CLIPScore(prompt, image) for P2-DPO's dynamic weights.
       ref_chosen_logps / ref_rejected_logps: float32 ``[B]`` precomputed reference log-probs
@@ -104,13 +109,22 @@ class Batch(_BatchShape):
     robust_rejected_input_ids: jax.Array | None = None
     robust_rejected_loss_mask: jax.Array | None = None
     robust_rejected_attention_mask: jax.Array | None = None
+    robust_noise_pixel_values: jax.Array | None = None
+    focus_pair_pixel_values: jax.Array | None = None
+    focus_aug_chosen_input_ids: jax.Array | None = None
+    focus_aug_chosen_loss_mask: jax.Array | None = None
+    focus_aug_chosen_attention_mask: jax.Array | None = None
+    focus_aug_rejected_input_ids: jax.Array | None = None
+    focus_aug_rejected_loss_mask: jax.Array | None = None
+    focus_aug_rejected_attention_mask: jax.Array | None = None
     ddw_clip_crop: jax.Array | None = None
     ddw_clip_full: jax.Array | None = None
     ref_chosen_logps: jax.Array | None = None
     ref_rejected_logps: jax.Array | None = None
 
     token_groups: ClassVar[tuple[str, ...]] = (
-        "chosen", "rejected", "robust_chosen", "robust_rejected")
+        "chosen", "rejected", "robust_chosen", "robust_rejected", "focus_aug_chosen",
+        "focus_aug_rejected")
 
     def concatenated_responses(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Chosen rows then rejected rows, for one forward over both.

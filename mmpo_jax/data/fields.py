@@ -21,8 +21,9 @@ class ImageKind:
     """One kind of image a response can be scored on.
 
     Attributes:
-      field: the ``Batch`` field holding it (float32 ``[B, H, W, 3]``, normalised); None for an
-        image the training step makes itself.
+      field: the ``Batch`` field holding it (float32 ``[B, H, W, 3]``, normalised, or
+        ``[B, K, H, W, 3]`` for K images per example, read by prompts with K images); None for
+        an image the training step makes itself.
       extra: the ``preference_pipeline`` extra that fills ``field`` (None: always present).
       record_fields: the record fields it is made from.
       per_epoch: drawn anew per (seed, epoch, record): a reference cache built over one epoch
@@ -37,17 +38,26 @@ class ImageKind:
     doc: str
 
 
-ORIGINAL, CORRUPTED, NOISED, AUGMENTED, DEGRADED, ENHANCED = (
-    "original", "corrupted", "noised", "augmented", "degraded", "enhanced")
+ORIGINAL, CORRUPTED, NOISED, PAIR_NOISED, AUGMENTED, FOCUS_PAIR, DEGRADED, ENHANCED = (
+    "original", "corrupted", "noised", "pair_noised", "augmented", "focus_pair", "degraded",
+    "enhanced")
 
 IMAGE_KINDS: dict[str, ImageKind] = {
     ORIGINAL: ImageKind("pixel_values", None, ("image",), False, "the record's image"),
     CORRUPTED: ImageKind("corrupt_pixel_values", "corrupt_pixel_values", ("image",), True,
                          "mDPO's random-resized crop I' of the image"),
     NOISED: ImageKind("noise_pixel_values", "noise_pixel_values", ("image",), True,
-                      "the diffusion-noised image I_noise (ADAPT, TPO, P2-DPO's robustness pair)"),
+                      "the diffusion-noised image I_noise of ADAPT and TPO, drawn per epoch"),
+    PAIR_NOISED: ImageKind("robust_noise_pixel_values", "robust_pair", ("image", "noise_key"), False,
+                           "P2-DPO's I_noise of the robustness pair: the very image its y_l was "
+                           "sampled from, rebuilt from the noise key stored with the pair"),
     AUGMENTED: ImageKind("focus_aug_pixel_values", "focus_images", ("focus_aug_image",), False,
                          "P2-DPO's focus-enhanced I_aug, stored with the pair"),
+    FOCUS_PAIR: ImageKind("focus_pair_pixel_values", "focus_two_images",
+                          ("image", "focus_aug_image", "focus_aug_prompt"), False,
+                          "P2-DPO's two-image I_aug (combine_mode 'two_images'): the image, then "
+                          "the crop stored as focus_aug_image, float32 [B, 2, H, W, 3]; read with "
+                          "the focus_aug_* token groups (the enhanced prompt, two images)"),
     DEGRADED: ImageKind("focus_deg_pixel_values", "focus_images", ("focus_deg_image",), False,
                         "P2-DPO's degraded I_deg, stored with the pair"),
     ENHANCED: ImageKind(None, None, ("image",), False,
@@ -80,9 +90,12 @@ TOKEN_GROUPS: dict[str, TokenGroup] = {
     "rejected": TokenGroup("rejected", None, False),
     "robust_chosen": TokenGroup("robust_chosen", "robust_pair", True),
     "robust_rejected": TokenGroup("robust_rejected", "robust_pair", False),
+    "focus_aug_chosen": TokenGroup("chosen", "focus_two_images", True),
+    "focus_aug_rejected": TokenGroup("rejected", "focus_two_images", False),
     "sample": TokenGroup(None, ROLLOUTS, None),
 }
-"""Token group -> where its tokens come from."""
+"""Token group -> where its tokens come from. ``focus_aug_*``: the focus pair's replies after the
+record's ``focus_aug_prompt`` with two images (P2-DPO's ``two_images`` ``I_aug``)."""
 
 EXAMPLE_VALUES: dict[str, str] = {
     "ddw_clip_crop": "ddw_clip",

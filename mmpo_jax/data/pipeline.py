@@ -26,6 +26,8 @@ how often it happens.
 
 Per-example randomness (mDPO's corrupted crop, the noise image) comes from a PRNG key folded from
 ``(seed, epoch, record index, extra name)``: a resumed run draws exactly the same corruptions.
+P2-DPO's robustness pair is the exception: it is scored on the ``I_noise`` its ``y_l`` was sampled
+from, which ``noise_image`` rebuilds from the pair's stored ``noise_key`` (``robust_pair``).
 
 Resuming: the iterator is a ``grain.DatasetIterator``. ``it.get_state()`` is a JSON-able dict
 (grain's position plus the drop counts) and ``it.set_state(state)`` restores it. In an orbax
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import zlib
@@ -67,10 +70,12 @@ Source = Any
 """A random-access source: ``len(source)`` and ``source[i] -> dict`` in the data contract's
 record format (``mmpo_jax.data.sources.load_split``, or a list of such dicts)."""
 
-EXTRAS = ("corrupt_pixel_values", "noise_pixel_values", "focus_images", "robust_pair", "ddw_clip",
-          "ref_logps")
+EXTRAS = ("corrupt_pixel_values", "noise_pixel_values", "focus_images", "focus_two_images",
+          "robust_pair", "ddw_clip", "ref_logps")
 """Per-method extras ``preference_pipeline`` can add (see ``Batch`` for the fields they fill).
-``robust_pair`` implies ``noise_pixel_values`` (the pair is scored on the noise image)."""
+``robust_pair`` adds the robustness pair's tokens and the ``I_noise`` it was generated on
+(``robust_noise_pixel_values``, from the record's ``noise_key``); ``focus_two_images`` the
+two-image ``I_aug`` (image and crop) with the focus pair after the record's ``focus_aug_prompt``."""
 
 LONGER_THAN_BUCKETS = "longer_than_largest_bucket"
 RESPONSE_TOO_LONG = "response_longer_than_max_length"
@@ -171,27 +176,68 @@ _NORMALISATION_AWARE = frozenset({"noise_pixel_values"})
 
 
 @functools.cache
-def _jitted_intervention(name: str, normalisation: tuple[tuple[float, ...], tuple[float, ...]]
+def _jitted_intervention(name: str, options: tuple[tuple[str, Any], ...]
                          ) -> Callable[..., jax.Array]:
-    options = dict(zip(("mean", "std"), normalisation)) if name in _NORMALISATION_AWARE else {}
-
     def apply(seed, epoch, record_index, image):
-        return _INTERVENTIONS[name](example_key(seed, epoch, record_index, name), image, **options)
+        return _INTERVENTIONS[name](example_key(seed, epoch, record_index, name), image,
+                                    **dict(options))
     return jax.jit(apply)
 
 
 def _intervene(name: str, image: np.ndarray, *, seed: int, epoch: int, record_index: int,
-               image_config: ImageProcessorConfig) -> np.ndarray:
+               image_config: ImageProcessorConfig, **options: Any) -> np.ndarray:
     """``_INTERVENTIONS[name]`` on one preprocessed image with its example key, on the host CPU.
 
-    ``image_config`` gives the image's normalisation constants. Jitted once per image shape and
-    normalisation; the arguments are committed to the CPU so that data workers never touch the
-    accelerator the training step runs on.
+    ``image_config`` gives the image's normalisation constants; ``options`` go to the
+    intervention (e.g. the noise's ``step``). Jitted once per image shape and options; the
+    arguments are committed to the CPU so that data workers never touch the accelerator the
+    training step runs on, and so that the same inputs give the same bits wherever it is called.
     """
+    if name in _NORMALISATION_AWARE:
+        options.update(mean=tuple(image_config.mean), std=tuple(image_config.std))
     # the filler row's index -1 wraps to 2**32 - 1, an index no record has
-    args = (np.uint32(seed), np.uint32(epoch), np.uint32(record_index % 2**32), image)
-    apply = _jitted_intervention(name, (image_config.mean, image_config.std))
+    args = (np.uint32(seed), np.uint32(epoch), np.uint32(int(record_index) % 2**32), image)
+    apply = _jitted_intervention(name, tuple(sorted(options.items())))
     return np.asarray(apply(*jax.device_put(args, jax.devices("cpu")[0])))
+
+
+def noise_image(pixel_values: np.ndarray, *, seed: int, record_index: int, step: int,
+                image_config: ImageProcessorConfig) -> np.ndarray:
+    """P2-DPO's ``I_noise`` of one generated pair: diffusion noise at ``step`` with the key of
+    ``(seed, epoch 0, record_index, "noise_pixel_values")``, on the host CPU.
+
+    Pair generation (``pipelines.p2dpo``) samples the robustness pair's ``y_l`` on this image and
+    stores ``noise_key(seed, record_index, step)`` with the pair; ``robust_pair`` rebuilds it from
+    that key with the same function, inputs and device, so the trainer scores the pair on the
+    bit-identical image [our choice: a key of three integers instead of the float32 image itself,
+    ~200 KB a record at 128 px].
+
+    Args:
+      pixel_values: float32 ``[H, W, 3]``, the record's image through ``image_config``.
+    """
+    return _intervene("noise_pixel_values", pixel_values, seed=seed, epoch=0,
+                      record_index=record_index, image_config=image_config, step=int(step))
+
+
+def noise_key(seed: int, record_index: int, step: int) -> str:
+    """The ``noise_key`` record field of a generated pair: JSON ``{"index", "seed", "step"}``."""
+    return json.dumps({"index": int(record_index), "seed": int(seed), "step": int(step)},
+                      sort_keys=True)
+
+
+def _stored_noise(record: Mapping[str, Any], pixel_values: np.ndarray,
+                  image_config: ImageProcessorConfig) -> np.ndarray:
+    """``noise_image`` from a record's ``noise_key`` (a one-line error when it has none)."""
+    try:
+        key = json.loads(record["noise_key"])
+        options = dict(seed=int(key["seed"]), record_index=int(key["index"]),
+                       step=int(key["step"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"record {record.get('id', '?')!r}: the robustness pair needs noise_key, JSON "
+            f"{{\"seed\", \"index\", \"step\"}} of the I_noise it was generated on (pair "
+            f"generation writes it); got {record.get('noise_key')!r} ({error!r})") from None
+    return noise_image(pixel_values, image_config=image_config, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +388,13 @@ def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
                          robust_rejected=record["robust_rejected"])
     fields, reason, truncated = _encode_texts(encode, record["prompt"], responses, largest_bucket,
                                               too_long)
+    if reason is None and "focus_two_images" in extras:  # the pair after P_enh, two images
+        two_images, reason, also = _encode_texts(
+            functools.partial(encode, num_images=2), record["focus_aug_prompt"],
+            {"focus_aug_chosen": record["chosen"], "focus_aug_rejected": record["rejected"]},
+            largest_bucket, too_long)
+        fields.update(two_images)
+        truncated = truncated or also
     if reason is not None:
         return fields, reason, False
     pixel_values = image_config(record["image"])
@@ -350,9 +403,14 @@ def _preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
     for name in sorted(extras & _INTERVENTIONS.keys()):
         fields[name] = _intervene(name, pixel_values, seed=seed, epoch=epoch,
                                   record_index=record_index, image_config=image_config)
+    if "robust_pair" in extras:
+        fields["robust_noise_pixel_values"] = _stored_noise(record, pixel_values, image_config)
     if "focus_images" in extras:
         fields["focus_aug_pixel_values"] = image_config(record["focus_aug_image"])
         fields["focus_deg_pixel_values"] = image_config(record["focus_deg_image"])
+    if "focus_two_images" in extras:
+        fields["focus_pair_pixel_values"] = np.stack(
+            [pixel_values, image_config(record["focus_aug_image"])])
     for extra, names in (("ddw_clip", ("ddw_clip_crop", "ddw_clip_full")),
                          ("ref_logps", ("ref_chosen_logps", "ref_rejected_logps"))):
         if extra in extras:
@@ -384,10 +442,12 @@ def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, b
     image in every row, and no row is fully masked.
     """
     blank = np.zeros((image_config.crop_size, image_config.crop_size, 3), np.uint8)
-    text_fields = ("prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "response")
+    text_fields = ("prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "response",
+                   "focus_aug_prompt")
     record = {name: "" for name in text_fields}
     record.update(image=blank, focus_aug_image=blank, focus_deg_image=blank, ddw_clip_crop=0.0,
-                  ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0)
+                  ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0,
+                  noise_key=noise_key(0, -1, 600))
     fields, reason, _ = row_fn(record, epoch=0, record_index=-1)
     if reason is not None:
         raise ValueError(
@@ -502,7 +562,8 @@ def preference_pipeline(
 
     Args:
       source: random-access preference records (``id, image, prompt, chosen, rejected, ...``;
-        extras read ``robust_chosen``/``robust_rejected``, ``focus_aug_image``/``focus_deg_image``,
+        extras read ``robust_chosen``/``robust_rejected``/``noise_key``,
+        ``focus_aug_image``/``focus_deg_image``,
         ``ddw_clip_crop``/``ddw_clip_full``, ``ref_chosen_logps``/``ref_rejected_logps``).
       tokenizer: a transformers tokenizer with BOS, EOS, pad and ``<image>``.
       image_config: the model's image preprocessing.
@@ -530,8 +591,7 @@ def preference_pipeline(
     unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
         raise ValueError(f"unknown extras {unknown}; valid: {EXTRAS}")
-    wanted = frozenset(extras) | ({"noise_pixel_values"} if "robust_pair" in extras else set())
-    row_fn = functools.partial(_preference_row, seed=seed, extras=wanted)
+    row_fn = functools.partial(_preference_row, seed=seed, extras=frozenset(extras))
     return _build(
         source, Batch, row_fn, tokenizer=tokenizer, image_config=image_config,
         num_image_tokens=num_image_tokens, batch_size=batch_size, buckets=buckets, seed=seed,

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmpo_jax.data import fields, interventions
 from mmpo_jax.data.batch import Batch, SftBatch, shift_for_next_token, token_field
@@ -245,6 +246,7 @@ def _positions(attention_mask: jax.Array) -> jax.Array:
 
 def _forward(model: Llava, rows: _Rows, visual: Mapping[str, jax.Array],
              probe: ProbeSpec | None = None):
+    # [sum_rows B*K, N, D]: the model scatters them over the rows' placeholders in order
     tokens = jnp.concatenate([visual[image] for _, image in rows.keys], axis=0)
     return model(rows.inputs, visual_tokens=tokens, attention_mask=rows.attention_mask,
                  positions=_positions(rows.attention_mask), probe=probe)
@@ -308,12 +310,16 @@ def _encode(policy: Llava, reference: Llava | None, pixel_values: jax.Array, *,
 def _images(plan: ScoringPlan, policy: Llava, reference: Llava | None, batch: Batch | SftBatch,
             image_config: ImageProcessorConfig, vision_frozen: bool
             ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """``(policy, reference)`` visual tokens ``[B, N, D]`` by image kind (reference: {} if None)."""
+    """``(policy, reference)`` visual tokens ``[B*K, N, D]`` by image kind (K images per example,
+    example-major: the order a row's placeholders consume them; reference: {} if None)."""
     kinds = tuple(kind for kind in plan.images if IMAGE_KINDS[kind].field is not None)
-    stacked = jnp.concatenate([getattr(batch, IMAGE_KINDS[k].field) for k in kinds], axis=0)
-    policy_tokens, ref_tokens = _encode(policy, reference, stacked, vision_frozen=vision_frozen)
-    policy_visual = dict(zip(kinds, jnp.split(policy_tokens, len(kinds), axis=0)))
-    ref_visual = {} if reference is None else dict(zip(kinds, jnp.split(ref_tokens, len(kinds))))
+    pixels = [getattr(batch, IMAGE_KINDS[k].field) for k in kinds]
+    pixels = [p.reshape((-1,) + p.shape[-3:]) for p in pixels]  # [B, K, H, W, 3] -> [B*K, ...]
+    cuts = np.cumsum([p.shape[0] for p in pixels])[:-1].tolist()
+    policy_tokens, ref_tokens = _encode(policy, reference, jnp.concatenate(pixels, axis=0),
+                                        vision_frozen=vision_frozen)
+    policy_visual = dict(zip(kinds, jnp.split(policy_tokens, cuts, axis=0)))
+    ref_visual = {} if reference is None else dict(zip(kinds, jnp.split(ref_tokens, cuts)))
     if plan.needs_anchor:
         if reference is None:
             raise ValueError("the enhanced image is made from the reference's attention; there "

@@ -18,14 +18,16 @@ LENGTH_MULTIPLE = 8
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-               num_image_tokens: int, template: str = "llava_1_5") -> list[np.ndarray]:
-    """The generation prompts (BOS + template up to the assistant's turn, one image) as id rows.
+               num_image_tokens: int, template: str = "llava_1_5", num_images: int = 1
+               ) -> list[np.ndarray]:
+    """The generation prompts (BOS + template up to the assistant's turn, ``num_images`` images)
+    as id rows.
 
     Raises:
       ValueError: a prompt the template cannot encode (naming the first few).
     """
     encoded = [encode_prompt(tokenizer, prompt, num_image_tokens=num_image_tokens,
-                             template=template) for prompt in prompts]
+                             template=template, num_images=num_images) for prompt in prompts]
     dropped = [(i, e) for i, e in enumerate(encoded) if isinstance(e, DropReason)]
     if dropped:
         raise ValueError(f"{len(dropped)} prompts could not be encoded, e.g. "

@@ -9,8 +9,10 @@ Per example:
 
 with ``y = y_w`` (``calib_ref_response="chosen"``, the paper, default) or ``y = y_l``
 (``"rejected"``, the released code). The policy side of ``L_calib`` always scores ``y_w``. The
-robust pair is scored on ``I_noise`` (both responses). ``(w_focus, w_rob)`` come from
-``ddw_weights`` (the pair's CLIP scores) or default to 0.5 / 0.5.
+robust pair is scored on ``I_noise`` (both responses), the very image its ``y_l`` was sampled
+from (``data.fields.PAIR_NOISED``: rebuilt from the key stored with the pair, never a fresh
+draw). ``(w_focus, w_rob)`` come from ``ddw_weights`` (the pair's CLIP scores) or default to
+0.5 / 0.5.
 
 ``branches`` selects the paper's ablations: ``("robust",)`` is "w/o FEPs", ``("focus",)`` "w/o
 VRPs"; the branch left trains alone with weight 1 (the paper's single-pair rows are plain DPO on
@@ -21,8 +23,10 @@ Every preference term goes through ``mmpo_jax.objectives.dpo`` (``dpo_loss`` /
 
 ``DECLARATIONS``: the ``p2dpo`` term and method. Its responses: the focus pair (``chosen`` /
 ``rejected`` tokens on the original image, as the training example presents it), the robustness
-pair (its own token groups on ``I_noise``) and the calibration reads (``y_w`` or ``y_l`` on
-``I_aug`` / ``I_deg``); with ``ddw`` it reads the batch's ``ddw_clip_crop`` / ``ddw_clip_full``.
+pair (its own token groups on the pair's ``I_noise``) and the calibration reads (``y_w`` or ``y_l`` on
+``I_aug`` / ``I_deg``; ``I_aug`` as the pairs' ``combine_mode`` made it: option
+``combine_mode``, "stitch" or "two_images", which must match the generation's); with ``ddw`` it
+reads the batch's ``ddw_clip_crop`` / ``ddw_clip_full``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mmpo_jax.data.fields import AUGMENTED, DEGRADED, NOISED
+from mmpo_jax.data.fields import AUGMENTED, DEGRADED, FOCUS_PAIR, PAIR_NOISED
+from mmpo_jax.data.interventions import COMBINE_MODES
 from mmpo_jax.objectives import terms
 from mmpo_jax.objectives.dpo import (PREFERENCE_OPTIONS, dpo_loss, preference_loss,
                                      preference_options)
@@ -46,12 +51,20 @@ BRANCHES = ("focus", "robust")
 
 FOCUS_CHOSEN = Response("focus_chosen", tokens="chosen")
 FOCUS_REJECTED = Response("focus_rejected", tokens="rejected")
-ROBUST_CHOSEN = Response("robust_chosen", tokens="robust_chosen", image=NOISED)
-ROBUST_REJECTED = Response("robust_rejected", tokens="robust_rejected", image=NOISED)
+ROBUST_CHOSEN = Response("robust_chosen", tokens="robust_chosen", image=PAIR_NOISED)
+ROBUST_REJECTED = Response("robust_rejected", tokens="robust_rejected", image=PAIR_NOISED)
 CALIB = {(tokens, image): Response(f"calib_{tokens}_{suffix}", tokens=tokens, image=image)
          for tokens in CALIB_REF_RESPONSES for suffix, image in (("aug", AUGMENTED),
                                                                   ("deg", DEGRADED))}
-"""``(token group, image) -> Response`` of the calibration term: ``calib_chosen_aug`` ... ."""
+CALIB.update({(tokens, FOCUS_PAIR): Response(f"calib_{tokens}_two_images",
+                                             tokens=f"focus_aug_{tokens}", image=FOCUS_PAIR)
+              for tokens in CALIB_REF_RESPONSES})
+"""``(token group, image) -> Response`` of the calibration term: ``calib_chosen_aug`` ... .
+With ``combine_mode="two_images"`` the ``I_aug`` reads are ``calib_{y}_two_images``: the reply
+after the enhanced prompt with the image and its crop (the input ``y_w`` was generated from);
+``"stitch"`` reads it after ``P`` on the stitched canvas."""
+AUGMENTED_KIND = {"stitch": AUGMENTED, "two_images": FOCUS_PAIR}
+"""``combine_mode`` -> the image kind of the calibration term's ``I_aug`` reads."""
 PAIRS = {"focus": (FOCUS_CHOSEN, FOCUS_REJECTED), "robust": (ROBUST_CHOSEN, ROBUST_REJECTED)}
 """Branch -> its (chosen, rejected) responses."""
 DDW_FIELDS = ("ddw_clip_crop", "ddw_clip_full")
@@ -257,8 +270,9 @@ def _sequences(options: Options) -> tuple[tuple[str, Response], ...]:
                       for model in (POLICY, REFERENCE))
     if "focus" in branches and options["lambda_calib"] != 0:
         reference = options["calib_ref_response"]
-        sequences += tuple((POLICY, CALIB["chosen", image]) for image in (AUGMENTED, DEGRADED))
-        sequences += tuple((REFERENCE, CALIB[reference, image]) for image in (AUGMENTED, DEGRADED))
+        images = (AUGMENTED_KIND[options["combine_mode"]], DEGRADED)
+        sequences += tuple((POLICY, CALIB["chosen", image]) for image in images)
+        sequences += tuple((REFERENCE, CALIB[reference, image]) for image in images)
     return sequences
 
 
@@ -272,14 +286,15 @@ def _p2dpo_term(inputs: Inputs) -> TermResult:
     seq = {(model, response): inputs.sequence(model, response) for model, response in wanted}
     weights = (ddw_weights(*(inputs[terms.example_value(n)] for n in DDW_FIELDS),
                            w_base=options["w_base"]) if options["ddw"] else (None, None))
+    aug = AUGMENTED_KIND[options["combine_mode"]]
     return p2dpo_loss(
         *(seq.get((model, response)) for branch in BRANCHES for model in (POLICY, REFERENCE)
           for response in PAIRS[branch]),
-        policy_calib_chosen_aug_logps=seq.get((POLICY, CALIB["chosen", AUGMENTED])),
+        policy_calib_chosen_aug_logps=seq.get((POLICY, CALIB["chosen", aug])),
         policy_calib_chosen_deg_logps=seq.get((POLICY, CALIB["chosen", DEGRADED])),
-        ref_calib_chosen_aug_logps=seq.get((REFERENCE, CALIB["chosen", AUGMENTED])),
+        ref_calib_chosen_aug_logps=seq.get((REFERENCE, CALIB["chosen", aug])),
         ref_calib_chosen_deg_logps=seq.get((REFERENCE, CALIB["chosen", DEGRADED])),
-        ref_calib_rejected_aug_logps=seq.get((REFERENCE, CALIB["rejected", AUGMENTED])),
+        ref_calib_rejected_aug_logps=seq.get((REFERENCE, CALIB["rejected", aug])),
         ref_calib_rejected_deg_logps=seq.get((REFERENCE, CALIB["rejected", DEGRADED])),
         focus_weights=weights[0], robust_weights=weights[1],
         lambda_calib=options["lambda_calib"], calib_ref_response=options["calib_ref_response"],
@@ -301,6 +316,7 @@ P2DPO = Term("p2dpo", _p2dpo_term, {
     "w_base": Option(0.5, bounds=(0.0, 1.0)),
     "ddw": Option(False),
     "branches": Option(BRANCHES, check=_check_branches),
+    "combine_mode": Option("stitch", choices=COMBINE_MODES),
 }, sequences=_sequences, reads=_reads)
 
 DECLARATIONS = (P2DPO, Method("p2dpo", {"p2dpo": 1.0}))

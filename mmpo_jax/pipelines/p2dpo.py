@@ -4,13 +4,19 @@
 P2-DPO training records with the reference model ``M_ref``:
 
 - focus prompt ``P``: the record's prompt, or for a fraction ``question_fraction`` of shapes-world
-  records a POPE-style question about one object of the image ("is there a circle in the
-  image?") [our choice: a question names the region that matters, so the crop has a target and
-  its coverage is measurable]; the choice and the object are drawn from ``(seed, record index)``;
+  records a question about one object of the image (v2: one of the record's exact questions
+  about a present object, "what colour is the circle?"; v1: "is there a circle in the image?")
+  [our choice: a question names the region that matters, so the crop has a target and its
+  coverage is measurable]; the choice and the question are drawn from ``(seed, record index)``
+  (``p2dpo_pairs.focus_prompt``);
 - saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box,
-  ``I_aug`` (stitch), ``I_deg = Erase(I, box)``; focus pair ``y_w = greedy(M_ref, I_aug, P_enh)``,
-  ``y_l = greedy(M_ref, I_deg, P)``;
-- ``I_noise`` (diffusion noise at step ``noise_step``, one key per record); robustness pair
+  ``I_aug`` (``combine_mode``: "stitch", one canvas, or "two_images", the prompt ``P_enh``
+  holding the image then the crop), ``I_deg = Erase(I, box)``; focus pair
+  ``y_w = greedy(M_ref, I_aug, P_enh)``, ``y_l = greedy(M_ref, I_deg, P)``; ``P_enh`` is stored
+  with the pair (``focus_aug_prompt``: the trainer reads ``y_w`` after it on the two images);
+- ``I_noise`` (``data.pipeline.noise_image``: diffusion noise at step ``noise_step``, keyed by
+  ``(seed, record index)``; the key is stored with the pair as ``noise_key``, from which the
+  training pipeline rebuilds the bit-identical image to score the pair on); robustness pair
   ``y_l`` sampled from ``M_ref(I_noise, P_rob)``, ``y_w`` by contrastive amplification decoding
   (``a``, ``b``), both at temperature 0.2 / top-p 0.9 with the "strictly answer ... facts"
   prompt ``P_rob``, as the released code (``Data_gen/rob_pair/gen/gendata_llava.py``); METHODS'
@@ -59,8 +65,8 @@ from tqdm.auto import tqdm
 from mmpo_jax.data.builders.p2dpo_pairs import (MANIFEST, TOKENIZER_DIR, encode_record, read_manifest,
                                                  shard_file)
 from mmpo_jax.data.image_processing import ImageProcessorConfig
-from mmpo_jax.data.interventions import crop_to_box
-from mmpo_jax.data.pipeline import example_key
+from mmpo_jax.data.interventions import COMBINE_MODES, crop_to_box
+from mmpo_jax.data.pipeline import noise_image, noise_key
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.generation.prompts import left_pad, prompt_ids
 from mmpo_jax.objectives.logprobs import sequence_logps
@@ -68,7 +74,7 @@ from mmpo_jax.objectives.p2dpo import PAIRS
 from mmpo_jax.pipelines import p2dpo_pairs as pairs
 from mmpo_jax.engine.reference_cache import cache_key, params_digest, tokenizer_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records carry noise_key
 FILTER_SCORES = ("generation", "training")
 
 ClipScorer = Callable[[Sequence[np.ndarray], Sequence[str]], np.ndarray]
@@ -86,7 +92,9 @@ class PairSettings:
       question_fraction: shapes-world records whose prompt becomes a question about one of
         their objects (records without ground-truth objects keep their prompt).
       enhanced_prompt: ``P_enh`` with ``{prompt}`` standing for ``P``.
-      combine_mode: ``Combine`` mode of ``I_aug``; only "stitch" fits a ``Batch``.
+      combine_mode: ``Combine`` mode of ``I_aug``: "stitch" (one canvas, stored as
+        ``focus_aug_image``) or "two_images" (a prompt with the image and the crop, the crop
+        stored as ``focus_aug_image``; train with ``method.combine_mode="two_images"``).
       saliency: "grad_attention" or "attention"; saliency_depth: layer = round(depth * L).
       base_box: the crop's base side in record-image pixels (336 for LLaVA-1.5 on its inputs);
         crop_ratios: the window scales tried.
@@ -154,6 +162,8 @@ class PairSettings:
         unknown = sorted(set(self.filter_pairs) - set(PAIRS))
         if unknown:
             problems.append(f"filter_pairs has unknown pairs {unknown}; valid: {sorted(PAIRS)}")
+        if self.combine_mode not in COMBINE_MODES:
+            problems.append(f"combine_mode={self.combine_mode!r} is not one of {COMBINE_MODES}")
         if self.filter_scores not in FILTER_SCORES:
             problems.append(f"filter_scores={self.filter_scores!r} is not one of {FILTER_SCORES}")
         for name in ("enhanced_prompt", "robust_prompt"):
@@ -165,6 +175,11 @@ class PairSettings:
             problems.append(f"margin_low={self.margin_low} exceeds margin_high={self.margin_high}")
         if problems:
             raise ValueError("invalid P2-DPO pair settings: " + "; ".join(problems))
+
+    @property
+    def images_per_augmented(self) -> int:
+        """Images in the ``I_aug`` prompt: 2 for "two_images", else 1."""
+        return 2 if self.combine_mode == "two_images" else 1
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | ml_collections.ConfigDict) -> PairSettings:
@@ -210,11 +225,6 @@ def _batch_key(seed: int, stream: str, first_index: int) -> jax.Array:
     return jax.random.fold_in(key, first_index)
 
 
-@jax.jit
-def _noise_keys(seed: jax.Array, indices: jax.Array) -> jax.Array:
-    return jax.vmap(lambda index: example_key(seed, 0, index, "p2dpo/noise"))(indices)
-
-
 @dataclasses.dataclass
 class _Shard:
     """What one shard produced: its JSON lines and its counts."""
@@ -227,7 +237,8 @@ class _Shard:
 class _Candidates:
     """One batch's generated pairs (rows padded to ``batch_size`` by repeating the last record).
 
-    ``images``/``augmented``/``degraded`` uint8 ``[H, W, 3]`` per row; ``boxes`` ``[B, 4]``;
+    ``images``/``augmented``/``degraded`` uint8 ``[H, W, 3]`` per row; ``noise`` float32
+    ``[B, H', W', 3]`` the ``I_noise`` the robustness replies were generated on; ``boxes`` ``[B, 4]``;
     ``responses`` {token group: ``B`` texts}; ``targets`` the asked object per row or None;
     ``scored``: ``p2dpo_pairs.score_pairs``' arrays; ``generation_scores``: the same names for
     the focus pair from its generation (``PairSettings.filter_scores``); ``drops`` the template's
@@ -237,11 +248,13 @@ class _Candidates:
     records: list[Mapping[str, Any]]
     indices: list[int]
     prompts: list[str]
+    enhanced_prompts: list[str]
     targets: list[dict[str, Any] | None]
     images: list[np.ndarray]
     boxes: np.ndarray
     augmented: list[np.ndarray]
     degraded: list[np.ndarray]
+    noise: np.ndarray
     responses: dict[str, list[str]]
     scored: dict[str, np.ndarray]
     generation_scores: dict[str, np.ndarray]
@@ -269,14 +282,19 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
                              image_config=image_config, base_box=settings.base_box,
                              ratios=settings.crop_ratios)
     augmented, degraded = pairs.focus_images(images, boxes, combine_mode=settings.combine_mode)
-    noise = np.asarray(pairs.noise_images(_noise_keys(np.uint32(seed), np.asarray(padded_indices)),
-                                          pixels, step=settings.noise_step))
+    noise = np.stack([noise_image(image, seed=seed, record_index=index, step=settings.noise_step,
+                                  image_config=image_config)
+                      for image, index in zip(pixels, padded_indices)])
 
     # Both focus replies in one call: [I_aug with P_enh; I_deg with P], padded to one length.
     enhanced = [settings.enhanced_prompt.format(prompt=p) for p in prompts]
-    focus_ids, focus_mask = left_pad(prompt_ids(tokenizer, enhanced, **encode) + plain_ids,
-                                           tokenizer.pad_token_id)
-    focus_pixels = np.stack([image_config(image) for image in augmented + degraded])
+    enhanced_ids = prompt_ids(tokenizer, enhanced, num_images=settings.images_per_augmented,
+                              **encode)
+    focus_ids, focus_mask = left_pad(enhanced_ids + plain_ids, tokenizer.pad_token_id)
+    focus_pixels = np.concatenate([
+        pairs.augmented_pixels(pixels, augmented, combine_mode=settings.combine_mode,
+                               image_config=image_config),
+        np.stack([image_config(image) for image in degraded])])
     focus_chosen, focus_rejected = pairs.sample_replies(
         model, tokenizer, focus_ids, focus_mask, focus_pixels,
         max_new_tokens=settings.focus_max_new_tokens).split(2)
@@ -305,12 +323,13 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
         buckets=layout.buckets, max_length=layout.truncation_length, template=layout.template)
     scored = jax.device_get(pairs.score_pairs(model, batch, image_config=image_config,
                                               eos_token_id=tokenizer.eos_token_id))
-    return _Candidates(padded, padded_indices, prompts, [target for _, target in focus], images,
-                       boxes, augmented, degraded, responses, scored, generation_scores, drops)
+    return _Candidates(padded, padded_indices, prompts, enhanced, [target for _, target in focus],
+                       images, boxes, augmented, degraded, noise, responses, scored,
+                       generation_scores, drops)
 
 
 def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, layer: int,
-                clip_scorer: ClipScorer | None, shard: _Shard) -> None:
+                seed: int, clip_scorer: ClipScorer | None, shard: _Shard) -> None:
     """Filters the first ``real`` rows of a batch and appends the kept records to ``shard``."""
     thresholds = dict(max_perplexity=settings.max_perplexity,
                       margin_range=(settings.margin_low, settings.margin_high))
@@ -325,11 +344,18 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
     reference_sums = [np.asarray(sequence_logps(candidates.scored[f"{r.name}/token_logps"],
                                                 candidates.scored[f"{r.name}/mask"]))
                       for r in PAIRS["focus"]]
-    for box, target in zip(candidates.boxes[:real], candidates.targets[:real]):
+    for row, (box, target) in enumerate(zip(candidates.boxes[:real], candidates.targets[:real])):
+        if target is not None and candidates.drops[row] is None:  # one-word answers agree often
+            shard.stats["questions_encoded"] += 1
+            for pair, verdict in verdicts.items():
+                shard.stats[f"{pair}/identical_texts/questions"] += int(verdict.identical[row])
         if target is not None:
+            covers = int(pairs.box_coverage(box, target["bbox"]) >= pairs.COVERAGE_THRESHOLD)
             shard.stats["questions"] += 1
-            shard.stats["questions_box_covers_object"] += int(
-                pairs.box_coverage(box, target["bbox"]) >= pairs.COVERAGE_THRESHOLD)
+            shard.stats["questions_box_covers_object"] += covers
+            if "kind" in target:  # v2: per question kind too
+                shard.stats[f"questions/{target['kind']}"] += 1
+                shard.stats[f"questions_box_covers_object/{target['kind']}"] += covers
     clip_crop, clip_full = _clip_scores(
         clip_scorer, [candidates.images[r] for r in kept_rows],
         [candidates.boxes[r] for r in kept_rows], [candidates.prompts[r] for r in kept_rows])
@@ -350,8 +376,10 @@ def _keep_batch(candidates: _Candidates, real: int, *, settings: PairSettings, l
         shard.lines.append(encode_record({
             "id": str(record.get("id") or f"record-{index}"), "prompt": candidates.prompts[row],
             **{group: texts[row] for group, texts in candidates.responses.items()},
+            "focus_aug_prompt": candidates.enhanced_prompts[row],
             "image": candidates.images[row], "focus_aug_image": candidates.augmented[row],
             "focus_deg_image": candidates.degraded[row],
+            "noise_key": noise_key(seed, index, settings.noise_step),
             "ddw_clip_crop": float(clip_crop[position]), "ddw_clip_full": float(clip_full[position]),
             "ref_chosen_logps": float(reference_sums[0][row]),
             "ref_rejected_logps": float(reference_sums[1][row]),
@@ -452,7 +480,7 @@ def generate_pairs(
             candidates = _generate_candidates(
                 model, tokenizer, [source[i] for i in indices], indices, settings=settings,
                 layout=layout, image_config=image_config, seed=seed, layer=layer)
-            _keep_batch(candidates, len(indices), settings=settings, layer=layer,
+            _keep_batch(candidates, len(indices), settings=settings, layer=layer, seed=seed,
                         clip_scorer=clip_scorer, shard=shard)
             bar.update(len(indices))
         data = "".join(line + "\n" for line in shard.lines).encode()

@@ -7,8 +7,9 @@ The batched math of ``pipelines.p2dpo`` (which adds prompts, shards, records and
    reference on ``(I, P)``, read at one decoder layer from the last prompt position to the image;
 2. ``crop_boxes``: ``rewards.p2dpo.adaptive_crop_box`` per example, mapped from the model's
    square input view back to the record's image;
-3. ``focus_images`` / ``noise_images``: ``I_aug = Combine(I, crop)`` (stitch), ``I_deg =
-   Erase(I, box)`` and ``I_noise`` (diffusion noise at step t, one PRNG key per record);
+3. ``focus_images`` / ``augmented_pixels``: ``I_aug = Combine(I, crop)`` (one stitched canvas,
+   or the image and the crop of a two-image prompt) and ``I_deg = Erase(I, box)`` (``I_noise``
+   is ``data.pipeline.noise_image``, the training pipeline's own function);
 4. ``decode``: the reference's replies (``generation.generate``; the robustness pair's chosen
    reply by ``generation.contrastive.contrastive_generate``), as text;
 5. ``score_pairs``: the reference's per-token log-probs of both pairs exactly as the trainer
@@ -69,31 +70,55 @@ def saliency_layer(num_layers: int, depth: float) -> int:
 
 def focus_prompt(record: Mapping[str, Any], index: int, *, question_fraction: float, seed: int
                  ) -> tuple[str, dict[str, Any] | None]:
-    """The focus prompt of a record, and the object it asks about (shapes world) or None.
+    """The focus prompt of a record, and what it asks about (shapes world) or None.
 
-    A record with ground-truth objects (``objects`` field, or ``metadata["objects"]`` of the
-    shapes world's preference split) becomes, with probability ``question_fraction`` drawn from
-    ``(seed, index)``, "is there a {shape} in the image?" about one of its objects.
+    With probability ``question_fraction`` (drawn from ``(seed, index)``) a record with ground
+    truth becomes a question about one object of its image:
+
+    - shapes world v2 (``metadata["questions"]``: exact questions with the boxes of the objects
+      they are about): one of its questions about a present object (presence "yes", colour,
+      count), the target being that question with ``bbox`` = the union of its boxes [our choice:
+      a "no" question names nothing the crop could show, so the crop would not matter];
+    - v1 (``objects`` / ``metadata["objects"]``): "is there a {shape} in the image?" about one of
+      its objects, the target being that object.
     """
-    objects = record_objects(record)
+    objects, questions = record_objects(record), record_questions(record)
     rng = np.random.default_rng([seed, index])
     ask, pick = rng.random(), int(rng.integers(1 << 30))
-    if not objects or ask >= question_fraction:
+    if ask >= question_fraction:
+        return record["prompt"], None
+    if questions:
+        question = questions[pick % len(questions)]
+        return question["question"], {**question, "bbox": list(question["box"])}
+    if not objects:
         return record["prompt"], None
     target = objects[pick % len(objects)]
     return shapes_world.QUESTION_TEMPLATE.format(shape=target["shape"]), target
+
+
+def _metadata(record: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        metadata = json.loads(record.get("metadata") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def record_objects(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A record's ground-truth objects (``objects`` field or ``metadata["objects"]``), or []."""
     if record.get("objects"):
         return json.loads(record["objects"])
-    try:
-        metadata = json.loads(record.get("metadata") or "{}")
-    except json.JSONDecodeError:
-        return []
-    objects = metadata.get("objects") if isinstance(metadata, dict) else None
+    objects = _metadata(record).get("objects")
     return objects if isinstance(objects, list) else []
+
+
+def record_questions(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The exact questions of a shapes-world v2 record about objects it holds (those with boxes:
+    ``metadata["questions"]``, ``shapes_world_v2.Question.to_json``), or []."""
+    questions = _metadata(record).get("questions")
+    if not isinstance(questions, list):
+        return []
+    return [q for q in questions if isinstance(q, dict) and q.get("boxes")]
 
 
 def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, Any]],
@@ -102,7 +127,8 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
 
     A caption reply counts ``truth/{name}/mentions`` and ``truth/{name}/hallucinated`` (its shapes
     that no object has: object-level CHAIR_i); a reply to the question about ``target`` counts
-    ``truth/{name}/answers`` and ``truth/{name}/correct``. Records without objects count nothing.
+    ``truth/{name}/answers`` and ``truth/{name}/correct`` (v2: the question's exact ``answer``;
+    v1: "yes" when the asked shape is present). Records without objects count nothing.
     Summed over the kept pairs (``summarize``), this shows whether the chosen side of each pair is
     really the more faithful one.
 
@@ -120,9 +146,10 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
             counts[f"truth/{name}/mentions"] += chair.mentions
             counts[f"truth/{name}/hallucinated"] += chair.hallucinated_mentions
         else:
-            answer = shapes_world.YES if target["shape"] in shapes else shapes_world.NO
+            answer = target.get("answer") or (
+                shapes_world.YES if target["shape"] in shapes else shapes_world.NO)
             counts[f"truth/{name}/answers"] += 1
-            counts[f"truth/{name}/correct"] += int(text.strip() == answer)
+            counts[f"truth/{name}/correct"] += int(text.strip(" .") == answer)
     return counts
 
 
@@ -238,35 +265,35 @@ def _erase_all(images: jax.Array, boxes: jax.Array) -> jax.Array:
 
 def focus_images(images: Sequence[np.ndarray], boxes: np.ndarray, *, combine_mode: str = "stitch"
                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``(I_aug, I_deg)`` of each record image (uint8 ``[H, W, 3]`` each).
+    """``(augmented, I_deg)`` of each record image (uint8 ``[H, W, 3]`` each).
 
-    ``I_aug = interventions.combine(I, crop, combine_mode)``; only ``"stitch"`` fits the one image
-    per example of a ``Batch`` (``"two_images"`` would need a two-image prompt). ``I_deg =
-    interventions.erase_box(I, box)``, the box filled with the image's mean colour.
+    ``augmented``: with ``"stitch"`` ``I_aug`` itself (``interventions.combine``'s one canvas);
+    with ``"two_images"`` the crop, ``I_aug`` being the prompt's two images ``(I, crop)``.
+    ``I_deg = interventions.erase_box(I, box)``, the box filled with the image's mean colour.
     """
-    if combine_mode != "stitch":
-        raise ValueError(f"combine_mode={combine_mode!r}: only 'stitch' fits Batch.pixel_values "
-                         "[B, H, W, 3] (one image per example); 'two_images' needs a two-image "
-                         "prompt the trainer does not score")
-    augmented = [interventions.combine(image, interventions.crop_to_box(image, box), "stitch")[0]
-                 for image, box in zip(images, boxes)]
+    if combine_mode not in interventions.COMBINE_MODES:
+        raise ValueError(f"combine_mode={combine_mode!r} is not one of {interventions.COMBINE_MODES}")
+    augmented = [interventions.combine(image, interventions.crop_to_box(image, box),
+                                       combine_mode)[-1] for image, box in zip(images, boxes)]
     degraded = []
     for image, box in zip(images, boxes):  # images may differ in size: one call per image
         degraded.append(np.asarray(_erase_all(image[None], np.asarray(box)[None]))[0])
     return augmented, degraded
 
 
-@functools.partial(jax.jit, static_argnames=("step",))
-def noise_images(keys: jax.Array, pixel_values: jax.Array, *, step: int = 600) -> jax.Array:
-    """``I_noise`` of each example: ``interventions.add_diffusion_noise`` with its own key.
+def augmented_pixels(pixels: np.ndarray, augmented: Sequence[np.ndarray], *, combine_mode: str,
+                     image_config: ImageProcessorConfig) -> np.ndarray:
+    """The images of the ``I_aug`` prompts in the order their placeholders consume them:
+    ``[B, H, W, 3]`` (stitch) or ``[2B, H, W, 3]``, each image followed by its crop (two_images).
 
     Args:
-      keys: ``[B]`` PRNG keys (one per record, so a record's noise does not depend on its batch).
-      pixel_values: ``[B, H, W, 3]`` normalised.
-      step: the diffusion step t (of 1000).
+      pixels: ``[B, H, W, 3]`` the records' images through ``image_config``.
+      augmented: ``focus_images``' first output (``B`` uint8 images).
     """
-    return jax.vmap(lambda key, image: interventions.add_diffusion_noise(key, image, step=step))(
-        keys, pixel_values)
+    extra = np.stack([image_config(image) for image in augmented])
+    if combine_mode == "stitch":
+        return extra
+    return np.stack([pixels, extra], axis=1).reshape((-1,) + pixels.shape[1:])
 
 
 def decode(tokenizer: Any, new_tokens: np.ndarray) -> list[str]:
@@ -367,7 +394,8 @@ def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Mapping[str, S
                                                  max_length=max_length, template=template)
             fields[f"{group}_input_ids"] = encoded.input_ids
             fields[f"{group}_loss_mask"] = encoded.loss_mask
-        fields.update(pixel_values=pixel_values[i], noise_pixel_values=noise_pixel_values[i],
+        fields.update(pixel_values=pixel_values[i],
+                      robust_noise_pixel_values=noise_pixel_values[i],
                       example_index=np.int32(i))
         rows.append(fields)
         drops.append(drop)
@@ -384,7 +412,7 @@ def score_pairs(model: Llava, batch: Batch, *, image_config: ImageProcessorConfi
     Returns:
       ``{"{r}/token_logps", "{r}/mask"}`` ``[B, T]`` for the responses ``r`` of
       ``objectives.p2dpo.PAIRS`` (focus pair on ``pixel_values``, robustness pair on
-      ``noise_pixel_values``).
+      ``robust_noise_pixel_values``).
     """
     scored = reference_scores(_SCORING_PLAN, model, batch, image_config=image_config,
                               eos_token_id=eos_token_id)

@@ -106,12 +106,11 @@ def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorCon
 def model_config(config: Any, tokenizer: Any) -> LlavaConfig:
     """The ``LlavaConfig`` of ``config.model.preset`` with the tokenizer's special ids."""
     model = config.model
-    if model.preset == "tiny":
-        return presets.tiny(vocab_size=len(tokenizer),
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, dtype=model.dtype,
-                            param_dtype=model.param_dtype)
+    if model.preset in presets.TINY_PRESETS:  # sized by the data's tokenizer
+        return getattr(presets, model.preset)(vocab_size=len(tokenizer),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            dtype=model.dtype, param_dtype=model.param_dtype)
     factory = getattr(presets, model.preset, None)
     if factory is None:
         raise ValueError(f"unknown model preset {model.preset!r}")

@@ -229,9 +229,9 @@ def test_dataset_features():
 
 def test_p2dpo_branch_ablations_read_only_their_pair():
     without_feps = _load("p2dpo.py", "method.branches=('robust',)").method
-    assert required_extras(without_feps) == ("noise_pixel_values", "robust_pair")
-    assert required_record_fields(without_feps) == ("image", "prompt", "robust_chosen",
-                                                    "robust_rejected")
+    assert required_extras(without_feps) == ("robust_pair",)
+    assert required_record_fields(without_feps) == ("image", "noise_key", "prompt",
+                                                    "robust_chosen", "robust_rejected")
     without_vrps = _load("p2dpo.py", "method.branches=('focus',)").method
     assert required_extras(without_vrps) == ("focus_images",)
     assert "robust_chosen" not in required_record_fields(without_vrps)
@@ -243,7 +243,7 @@ def test_p2dpo_branch_ablations_read_only_their_pair():
 EXPECTED_EXTRAS = {
     "sft": (), "dpo": (), "catpo": (), "mdpo": ("corrupt_pixel_values",),
     "tpo": ("noise_pixel_values",), "adapt": ("noise_pixel_values",),
-    "p2dpo": ("focus_images", "noise_pixel_values", "robust_pair"), "fisao": (ROLLOUTS,),
+    "p2dpo": ("focus_images", "robust_pair"), "fisao": (ROLLOUTS,),
 }
 
 
@@ -251,8 +251,8 @@ _PAIR = ("chosen", "image", "prompt", "rejected")
 EXPECTED_FIELDS = {
     "sft": ("chosen", "image", "prompt"), "dpo": _PAIR, "catpo": _PAIR, "mdpo": _PAIR,
     "tpo": _PAIR, "adapt": _PAIR, "fisao": ("image", "prompt"),
-    "p2dpo": ("chosen", "focus_aug_image", "focus_deg_image", "image", "prompt", "rejected",
-              "robust_chosen", "robust_rejected"),
+    "p2dpo": ("chosen", "focus_aug_image", "focus_deg_image", "image", "noise_key", "prompt",
+              "rejected", "robust_chosen", "robust_rejected"),
 }
 
 
@@ -267,9 +267,8 @@ def test_extras_follow_the_registrys_scores(method):
 
 def test_extras_follow_the_options():
     p2dpo = dict(_load("p2dpo.py").method.to_dict())
-    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images",
-                                                       "noise_pixel_values", "robust_pair")
-    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("noise_pixel_values", "robust_pair")
+    assert required_extras({**p2dpo, "ddw": True}) == ("ddw_clip", "focus_images", "robust_pair")
+    assert required_extras({**p2dpo, "lambda_calib": 0.0}) == ("robust_pair",)
     catpo = _load("catpo.py").method.to_dict()
     assert required_extras({**catpo, "token_weights": "tpo"}) == ("noise_pixel_values",)
     mixed = {**catpo, "terms": {"dpo": 1.0, "copo": 1.0}}

@@ -359,11 +359,13 @@ def test_p2dpo_extras_read_their_record_fields(tokenizer, image_config):
     records = [dict(r, robust_chosen=_caption(rng, 2), robust_rejected=_caption(rng, 9),
                     focus_aug_image=rng.integers(0, 256, (12, 10, 3), dtype=np.uint8),
                     focus_deg_image=rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
-                    ddw_clip_crop=0.5 + i, ddw_clip_full=0.25 * i)
+                    ddw_clip_crop=0.5 + i, ddw_clip_full=0.25 * i,
+                    noise_key=pipeline.noise_key(9, 10 * i, 300))
                for i, r in enumerate(make_records(3))]
     batch, = _pipeline(records, tokenizer, image_config,
                        extras=("robust_pair", "focus_images", "ddw_clip"))
-    assert batch.noise_pixel_values is not None  # the robust pair is scored on the noise image
+    # the robust pair is scored on the noise image of its stored key, not on a per-epoch draw
+    assert batch.noise_pixel_values is None
     assert batch.corrupt_pixel_values is None and batch.ref_chosen_logps is None
     for row, index in enumerate(batch.example_index[:3]):
         record = records[index]
@@ -376,8 +378,14 @@ def test_p2dpo_extras_read_their_record_fields(tokenizer, image_config):
                                       image_config(record["focus_aug_image"]))
         np.testing.assert_array_equal(batch.focus_deg_pixel_values[row],
                                       image_config(record["focus_deg_image"]))
+        np.testing.assert_array_equal(batch.robust_noise_pixel_values[row], pipeline.noise_image(
+            image_config(record["image"]), seed=9, record_index=10 * index, step=300,
+            image_config=image_config))
         assert batch.ddw_clip_crop[row] == np.float32(0.5 + index)
         assert batch.ddw_clip_full[row] == np.float32(0.25 * index)
+    del records[1]["noise_key"]
+    with pytest.raises(ValueError, match="needs noise_key"):
+        list(_pipeline(records, tokenizer, image_config, extras=("robust_pair",)))
     assert batch.robust_rejected_input_ids.shape == batch.chosen_input_ids.shape
 
 

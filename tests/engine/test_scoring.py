@@ -37,7 +37,8 @@ SPEC = {
     "chosen_corrupt": ("chosen", "corrupted"),  # mDPO's CoPO: y_w on I'
     "chosen_ve": ("chosen", "enhanced"), "rejected_noise": ("rejected", "noised"),  # ADAPT
     "focus_chosen": ("chosen", "original"), "focus_rejected": ("rejected", "original"),
-    "robust_chosen": ("robust_chosen", "noised"), "robust_rejected": ("robust_rejected", "noised"),
+    "robust_chosen": ("robust_chosen", "pair_noised"),
+    "robust_rejected": ("robust_rejected", "pair_noised"),
     "calib_chosen_aug": ("chosen", "augmented"), "calib_chosen_deg": ("chosen", "degraded"),
     "calib_rejected_aug": ("rejected", "augmented"), "calib_rejected_deg": ("rejected", "degraded"),
 }
@@ -67,6 +68,7 @@ def _batch():
         records.append({
             **record,
             "robust_chosen": other["chosen"], "robust_rejected": other["rejected"],
+            "noise_key": pipeline.noise_key(7, i, 600),
             "focus_aug_image": np.ascontiguousarray(record["image"][:, ::-1]),
             "focus_deg_image": np.ascontiguousarray(record["image"][::-1]),
             # crop scores far from the full image's: DDW weights far from 0.5 / 0.5

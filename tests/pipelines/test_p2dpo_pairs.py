@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base
-from mmpo_jax.data import image_processing
+from mmpo_jax.data import image_processing, pipeline, shapes_world, shapes_world_v2, shapes_world_v2_splits
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
@@ -212,14 +214,20 @@ def test_truth_counts_score_each_reply_against_the_objects():
 
 
 def test_noise_depends_on_the_record_key_only():
-    pixels = np.stack([fx.IMAGE_CONFIG(r["image"]) for r in fx.records(4)])
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4))
-    whole = np.asarray(pairs.noise_images(keys, pixels))
-    alone = np.asarray(pairs.noise_images(keys[2:3], pixels[2:3]))
-    np.testing.assert_array_equal(whole[2:3], alone)
-    signal, noise = 0.7342, 0.6789  # METHODS.md: coefficients at t=600
-    residual = (whole - signal * pixels) / noise
-    assert abs(residual.std() - 1.0) < 0.05
+    pixels = [fx.IMAGE_CONFIG(r["image"]) for r in fx.records(4)]
+    noise = [pipeline.noise_image(p, seed=0, record_index=i, step=600, image_config=fx.IMAGE_CONFIG)
+             for i, p in enumerate(pixels)]
+    np.testing.assert_array_equal(noise[2], pipeline.noise_image(
+        pixels[2], seed=0, record_index=2, step=600, image_config=fx.IMAGE_CONFIG))
+    assert not np.array_equal(noise[2], pipeline.noise_image(
+        pixels[2], seed=1, record_index=2, step=600, image_config=fx.IMAGE_CONFIG))
+    # METHODS.md: coefficients 0.7342 / 0.6789 at t=600, eps scaled to CLIP's pixel strength
+    mean, std = np.asarray(fx.IMAGE_CONFIG.mean), np.asarray(fx.IMAGE_CONFIG.std)
+    clip_mean, clip_std = (np.asarray(c) for c in (image_processing.CLIP_MEAN, image_processing.CLIP_STD))
+    pixel = lambda x: x * std + mean
+    residual = [(pixel(n) - 0.7342 * pixel(p) - 0.2658 * clip_mean) / (0.6789 * clip_std)
+                for n, p in zip(noise, pixels)]
+    assert abs(np.std(residual) - 1.0) < 0.05
 
 
 def test_settings_validation_names_the_bad_values():
@@ -231,3 +239,28 @@ def test_settings_validation_names_the_bad_values():
         driver.PairSettings.from_config({"batch": 3})
     config = base.pairs(base_box=32.0)  # the config section a P2-DPO config carries
     assert driver.PairSettings.from_config(config) == driver.PairSettings(base_box=32.0)
+
+
+def test_v2_focus_prompts_are_the_records_questions_about_present_objects():
+    spec = shapes_world_v2.WorldSpecV2(preference_size=24)
+    records = list(shapes_world_v2_splits.generate_split(spec, "preference"))
+    prompts = [pairs.focus_prompt(r, i, question_fraction=0.5, seed=1) for i, r in enumerate(records)]
+    questions = [(r, p, t) for r, (p, t) in zip(records, prompts) if t is not None]
+    assert 0 < len(questions) < len(records)
+    kinds = set()
+    for record, prompt, target in questions:
+        asked = json.loads(record["metadata"])["questions"]
+        assert prompt in [q["question"] for q in asked if q["boxes"]]  # never a "no" question
+        assert target["answer"] != shapes_world.NO and target["bbox"] == target["box"]
+        for box in target["boxes"]:  # the union box holds every asked object
+            assert pairs.box_coverage(target["bbox"], box) == 1.0
+        kinds.add(target["kind"])
+        # the exact answer is what the truth counts read
+        assert pairs.truth_counts({"chosen": target["answer"] + ".", "rejected": "seven"},
+                                  pairs.record_objects(record), target) == {
+            "truth/chosen/answers": 1, "truth/chosen/correct": 1,
+            "truth/rejected/answers": 1, "truth/rejected/correct": 0}
+    assert kinds == {"presence", "colour", "count"}
+    for record, (prompt, target) in zip(records, prompts):
+        if target is None:
+            assert prompt == record["prompt"]

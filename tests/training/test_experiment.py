@@ -16,7 +16,7 @@ from mmpo_jax.config.loading import load_config
 from mmpo_jax.data.tokenizer import build_word_tokenizer
 from mmpo_jax.engine.scoring import plan_scoring
 from mmpo_jax.training.experiment import (check_image_size, initial_model, load_data,
-                                          run_experiment, with_epoch_steps)
+                                          model_config, run_experiment, with_epoch_steps)
 from mmpo_jax.training.loop import make_iterator, train
 from tests.data import fixtures as data_fx
 from tests.engine import step_fixtures as fx
@@ -115,3 +115,20 @@ def test_a_cached_reference_holds_every_record_when_batches_drop_the_remainder(t
                    image_config=fx.IMAGE_CONFIG, workdir=tmp_path)
     assert result.steps == 3  # one full batch of 8 per epoch
     assert np.isfinite(result.summary["metrics"]["loss/total"]["last"])
+
+
+def test_the_main_job_reads_v2_with_its_preset_and_normalisation(tmp_path):
+    """On shapes world v2 the job builds `tiny_v2` (64 visual tokens) sized by the data's
+    tokenizer, and preprocesses with the world's CLIP constants (the noise interventions'
+    strength is defined in those units)."""
+    world = ("data.builder={'world': 'v2', 'sft_size': 4, 'preference_size': 4, "
+             "'validation_caption_size': 1, 'validation_pope_images': 1, "
+             "'test_caption_size': 1, 'test_pope_images': 1}")
+    config = load_config("configs/dpo.py", (world, f"data.data_dir={tmp_path}",
+                                            "model.preset=tiny_v2"))
+    _, tokenizer, image_config = load_data(config)
+    assert image_config.size == 128
+    np.testing.assert_allclose(image_config.mean, (0.48145466, 0.4578275, 0.40821073))
+    llava = model_config(config, tokenizer)
+    assert llava.num_image_tokens == 64 and llava.text_config.vocab_size == len(tokenizer)
+    check_image_size(config, tokenizer, image_config)  # accepted: the preset takes 128 px

@@ -6,8 +6,12 @@ lines, `encode_record`), the tokenizer. Preparing reads every shard in order (ea
 its sha256 in the manifest; an unfinished generation is an error) into one "train" split:
 
 - `id`, `prompt`, `chosen`, `rejected` (the focus pair), `robust_chosen`, `robust_rejected`,
-  `metadata` (JSON: source record, crop box, saliency layer, mean log-probs, filter verdicts);
-- `image`, `focus_aug_image`, `focus_deg_image` (PNG);
+  `noise_key` (JSON `{"seed", "index", "step"}` of the `I_noise` the robustness pair was
+  generated on, `data.pipeline.noise_image`), `metadata` (JSON: source record, crop box, saliency
+  layer, mean log-probs, filter verdicts);
+- `focus_aug_prompt`: `P_enh`, the prompt of `I_aug` (with two images for "two_images");
+- `image`, `focus_aug_image` (the stitched `I_aug`, or the crop for "two_images"),
+  `focus_deg_image` (PNG);
 - `ref_chosen_logps`, `ref_rejected_logps` (float32 sums of the focus pair's reference
   log-probs, as the trainer computes them), `ddw_clip_crop`, `ddw_clip_full` (float32; listed by
   `load_split` only when the generation had a CLIP scorer, else NaN and hidden).
@@ -38,7 +42,8 @@ from mmpo_jax.data.builders.records import encode_png
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-TEXT_FIELDS = ("id", "prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "metadata")
+TEXT_FIELDS = ("id", "prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "noise_key",
+               "focus_aug_prompt", "metadata")
 IMAGE_FIELDS = ("image", "focus_aug_image", "focus_deg_image")
 FLOAT_FIELDS = ("ref_chosen_logps", "ref_rejected_logps", "ddw_clip_crop", "ddw_clip_full")
 DDW_FIELDS = ("ddw_clip_crop", "ddw_clip_full")
@@ -157,6 +162,7 @@ class P2dpoPairs(Builder):
             {key: value for key, value in manifest["source"].items() if key != "manual_dir"})
         self.info.metadata.update(
             manual_dir=manual_dir, tokenizer=TOKENIZER_DIR, ddw_scored=bool(manifest["ddw_scored"]),
+            combine_mode=manifest["settings"]["combine_mode"],
             generation=summarize(manifest), fingerprint=manifest["fingerprint"])
         return {"train": self._generate_examples(manual_dir, manifest)}
 
