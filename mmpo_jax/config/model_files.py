@@ -15,7 +15,8 @@ and the image preprocessing from here (`training.experiment.load_data` calls it)
   pad-to-square, "square": resize + centre crop) overrides the file's choice, "" keeps it.
   The shapes world (and pairs generated from it) uses its own preset
   (`image_processing.for_shapes_world`: its image size, v2's CLIP constants); a randomly
-  initialised model on real data CLIP ViT-L/14-336 (`image_processing.clip_vit_l_336`, padded unless "square").
+  initialised model on real data CLIP ViT-L/14-336 (`image_processing.clip_vit_l_336`, padded
+  unless "square").
 
 ``data.image_size`` then resizes whichever was chosen (the same steps at another size).
 """
