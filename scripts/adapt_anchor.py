@@ -50,6 +50,7 @@ from mmpo_jax.data.shapes_world import ShapeObject
 from mmpo_jax.data.shapes_world_v2 import object_coverage, patch_coverage
 from mmpo_jax.pipelines.p2dpo_pairs import record_objects
 from mmpo_jax.rewards.adapt import refined_mask
+from mmpo_jax.engine import model_io
 from mmpo_jax.training import experiment
 from mmpo_jax.config.loading import load_config
 from mmpo_jax.engine.scoring import enhancement_mask
@@ -133,7 +134,7 @@ def main() -> None:
     report = {"world": world, "records": len(records), "grid": grid, **oracle_report(records, grid, percentile)}
     if not args.oracle_only:
         if args.checkpoint:
-            model = experiment.load_model(pathlib.Path(os.path.expanduser(args.checkpoint)))
+            model = model_io.load_model(pathlib.Path(os.path.expanduser(args.checkpoint)))[0]
         else:
             model = experiment.initial_model(config, tokenizer)
         report.update(model_report(config, model, tokenizer, image_config, records, percentile))

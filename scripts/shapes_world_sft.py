@@ -42,6 +42,7 @@ from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.evaluation.runner import generate_texts
 from mmpo_jax.models import presets
 from mmpo_jax.models.llava import Llava, LlavaConfig
+from mmpo_jax.engine import model_io
 from mmpo_jax.training import experiment
 from mmpo_jax.config.loading import load_config
 from mmpo_jax.training.loop import train
@@ -140,7 +141,7 @@ def main() -> None:
                    tokenizer=tokenizer, source=source, image_config=image_config, workdir=workdir / "run")
     report["sft_seconds"] = time.perf_counter() - start
     report["load_after_sft"] = os.getloadavg()
-    experiment.save_model(result.model, workdir / "model")
+    model_io.save_model(result.model, workdir / "model")
 
     start = time.perf_counter()
     metrics = experiment.evaluate(config, result.model, tokenizer, image_config)
