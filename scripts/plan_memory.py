@@ -192,7 +192,8 @@ def peak(row: dict[str, Any]) -> int:
     """Bytes live at the step's peak on one device: inputs, the outputs that do not alias them,
     temporaries and code; without XLA's figures, the state and batch alone (a lower bound)."""
     if row["argument"] is None:
-        return sum(row[k] for k in ("trainable", "optimizer", "frozen", "reference_params", "batch"))
+        return sum(row[k] for k in ("trainable", "optimizer", "frozen", "reference_params",
+                                    "batch"))
     return row["argument"] + row["output"] - row["alias"] + row["temp"] + row["code"]
 
 
@@ -218,9 +219,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         fits = [chip for chip, size in CHIPS.items() if peak(row) <= size] or ["none listed"]
         mesh = "x".join(f"{k}{v}" for k, v in row["mesh"].items() if v > 1) or "1"
-        gib = ["-" if row[k] is None else f"{row[k] / GIB:.2f}" for k in ("trainable", "optimizer", "frozen",
-                                               "reference_params", "batch", "argument", "output",
-                                               "temp", "code")]
+        gib = ["-" if row[k] is None else f"{row[k] / GIB:.2f}"
+               for k in ("trainable", "optimizer", "frozen", "reference_params", "batch",
+                         "argument", "output", "temp", "code")]
         bound = ">= " if row["argument"] is None else ""  # state only: activations not counted
         lines.append(" | ".join([str(row["devices"]), mesh,
                                  f"{row['micro_rows']}x{row['length']}", *gib,

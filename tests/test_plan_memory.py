@@ -1,5 +1,6 @@
 """``scripts/plan_memory.py`` compiles a config's real train step on abstract inputs and reads
-XLA's per-device memory; checked on the tiny DPO config over two of the test session's fake devices."""
+XLA's per-device memory; checked on the tiny DPO config over two of the test session's fake
+devices."""
 
 from __future__ import annotations
 

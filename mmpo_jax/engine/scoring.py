@@ -29,18 +29,14 @@ input embedding of ``y`` itself; the EOS label is the special token with weight 
 response, and the attention of the queries generating its first ``K`` tokens stands in for the
 first ``K`` decoding steps (a response shorter than ``K`` repeats its last position).
 
-Logits only where a loss reads them: each forward keeps its rows' response positions
-(``output_positions``, ``return_logits=False``): the final norm, the last layer's queries and MLP,
-the probes and, chunk by chunk, the LM head and log-softmax (``logprobs.hidden_token_logprobs``;
-``hidden_token_logprobs_and_kl`` for the responses needing token KL, one pass for both models'
-log-probs and the KL) run on those positions only; TPO's label logits are dot products with the
-label's LM-head column; Cat-PO's weights are computed on the gathered positions. Every score is
-scattered back to ``[B, T]`` (0 off the response), so what ``score_batch`` returns is unchanged.
-**[our choice]** the static number of kept positions per row is ``P = T - N_img``: every row holds
-its image's ``N_img`` placeholder tokens, which are never response tokens, so no row has more
-response positions; it is a function of the batch's static shapes (no recompilation per step, no
-host-side look at the masks). At the 7B preset (576 image tokens, buckets 1024/2048) it keeps 448
-of 1024 positions; a tighter bound would need a response-length bucket passed to the step.
+Logits only where a loss reads them: each forward is kept at its rows' response positions
+(``engine.kept_positions``, which records the **[our choice]** of their static number,
+``P = T - N_img``): the final norm, the last layer's queries and MLP, the probes and, chunk by
+chunk, the LM head and log-softmax run there only; the responses needing token KL get both models'
+log-probs and the KL in one pass; TPO's label logits are dot products with the label's LM-head
+column; Cat-PO's weights are computed on the kept positions (all its signals are per token, its
+min-max ranges and top-k ranking read response tokens only, kept in order). Every score is
+scattered back to ``[B, T]``, so what ``score_batch`` returns is unchanged.
 """
 
 from __future__ import annotations
@@ -55,6 +51,8 @@ from mmpo_jax.data import fields, interventions
 from mmpo_jax.data.batch import Batch, SftBatch, shift_for_next_token, token_field
 from mmpo_jax.data.fields import ENHANCED, IMAGE_KINDS, ORIGINAL, TOKEN_GROUPS
 from mmpo_jax.data.image_processing import ImageProcessorConfig
+from mmpo_jax.engine import kept_positions as kept
+from mmpo_jax.engine.kept_positions import KeptRead
 from mmpo_jax.models.attention import ProbeSpec
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives import logprobs, registry
@@ -266,90 +264,23 @@ def _forward(model: Llava, rows: _Rows, visual: Mapping[str, jax.Array],
                  output_positions=output_positions, return_logits=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Read:
-    """One forward over stacked rows, kept at their response positions (see the module doc).
-
-    Attributes:
-      rows: the rows (``[R*B, T]``).
-      positions, valid, labels: ``[R*B, P]`` int32 / bool / int32: each row's response positions
-        in order, padded (``valid`` False) to ``P``, and the tokens they predict.
-      hidden: ``[R*B, P, D]`` final hidden states there; probes: their query axis is ``P``.
-      head: the model's ``[D, V]`` LM head.
-    """
-
-    rows: _Rows
-    positions: jax.Array
-    valid: jax.Array
-    labels: jax.Array
-    hidden: jax.Array
-    probes: dict
-    head: jax.Array
-
-    def cut(self, array: jax.Array, keys: tuple[tuple[str, str], ...]) -> jax.Array:
-        """The ``[len(keys)*B, ...]`` rows of ``array`` ``[R*B, ...]`` for ``keys``, in that order."""
-        if keys == self.rows.keys:
-            return array
-        parts = self.rows.split(array)
-        return jnp.concatenate([parts[key] for key in keys], axis=0)
-
-    def scatter(self, values: jax.Array, keys: tuple[tuple[str, str], ...]) -> dict:
-        """``values [len(keys)*B, P]`` back to ``{key: [B, T]}``, 0 off the response."""
-        length = self.rows.mask.shape[1]
-        full = logprobs.scatter_positions(values, self.cut(self.positions, keys),
-                                          self.cut(self.valid, keys), length)
-        return dict(zip(keys, jnp.split(full, len(keys), axis=0)))
-
-    def of(self, array: jax.Array, responses: tuple[Response, ...]) -> dict[Response, jax.Array]:
-        """``array`` ``[R*B, P, ...]`` cut into each response's ``[B, P, ...]``."""
-        return self.rows.of(array, responses)
-
-    def unkeep(self, values: jax.Array, response: Response) -> jax.Array:
-        """One response's ``values [B, P]`` back to ``[B, T]``, 0 off the response."""
-        return self.scatter(values, (_row(response),))[_row(response)]
-
-
 def _read(model: Llava, rows: _Rows, visual: Mapping[str, jax.Array],
-          probe: ProbeSpec | None = None, *, frozen: bool = False) -> _Read:
+          probe: ProbeSpec | None = None, *, frozen: bool = False) -> KeptRead:
     """``_forward`` kept at ``P = T - N_img`` response positions per row (the module doc);
     ``frozen``: no gradient flows into the model's outputs (the reference)."""
-    length = rows.mask.shape[1]
     num_image_tokens = min(visual[image].shape[1] for _, image in rows.keys)
-    positions, valid = logprobs.response_positions(rows.mask, max(length - num_image_tokens, 1))
+    positions, valid = logprobs.response_positions(
+        rows.mask, kept.num_kept_positions(rows.mask.shape[1], num_image_tokens))
     out = _forward(model, rows, visual, probe, output_positions=positions)
     head = model.language_model.lm_head_table()
     if frozen:
         out, head = jax.lax.stop_gradient((out, head))
     labels = logprobs.gather_positions(rows.labels, positions)
-    return _Read(rows, positions, valid, labels, out.last_hidden_state, out.probes, head)
+    return KeptRead(rows, positions, valid, labels, out.last_hidden_state, out.probes, head)
 
 
 def _keys(responses: tuple[Response, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(dict.fromkeys(_row(r) for r in responses))
-
-
-def _read_logprobs(read: _Read, keys: tuple[tuple[str, str], ...],
-                   chunk_size: int | None) -> dict[tuple[str, str], jax.Array]:
-    """``{key: [B, T]}`` token log-probs of the rows ``keys`` of ``read``."""
-    if not keys:
-        return {}
-    logps = logprobs.hidden_token_logprobs(read.cut(read.hidden, keys), read.head,
-                                           read.cut(read.labels, keys), read.cut(read.valid, keys),
-                                           chunk_size=chunk_size)
-    return read.scatter(logps, keys)
-
-
-def _read_logprobs_and_kl(policy: _Read, reference: _Read, keys: tuple[tuple[str, str], ...],
-                          chunk_size: int | None) -> tuple[dict, dict, dict]:
-    """``({key: policy logps}, {key: reference logps}, {key: KL})``, each ``[B, T]``, of the rows
-    ``keys`` both reads hold (the same tokens, hence the same positions)."""
-    if not keys:
-        return {}, {}, {}
-    outputs = logprobs.hidden_token_logprobs_and_kl(
-        policy.cut(policy.hidden, keys), policy.head, reference.cut(reference.hidden, keys),
-        reference.head, policy.cut(policy.labels, keys), policy.cut(policy.valid, keys),
-        chunk_size=chunk_size)
-    return tuple(policy.scatter(values, keys) for values in outputs)
 
 
 def enhancement_mask(reference: Llava, batch: Batch, visual: Mapping[str, jax.Array], *,
@@ -434,7 +365,7 @@ def _preferred(response: Response) -> bool:
     return bool(TOKEN_GROUPS[response.tokens].preferred)
 
 
-def _catpo_weights(plan: ScoringPlan, reference: Llava, read: _Read, visual,
+def _catpo_weights(plan: ScoringPlan, reference: Llava, read: KeptRead, visual,
                    eos_token_id: int) -> Scored:
     """Computed at the kept positions: every Cat-PO signal is per token, and the min-max ranges
     and the top-k ranking (ties by position) read the response tokens only, kept in order."""
@@ -449,19 +380,18 @@ def _catpo_weights(plan: ScoringPlan, reference: Llava, read: _Read, visual,
         jax.lax.stop_gradient(attention[r]), jax.lax.stop_gradient(embed(labels[r])),
         visual[r.image], mask[r], chosen=_preferred(r), alpha=plan.options["alpha"],
         lambda_ref=plan.options["lambda_ref"], normalize=plan.options["normalize"],
-        special_token_mask=labels[r] == eos_token_id, top_k_percent=top_k if top_k else None), r)
-        for r in plan.weighted}
+        special_token_mask=labels[r] == eos_token_id, top_k_percent=top_k if top_k else None),
+        _row(r)) for r in plan.weighted}
 
 
-def _tpo_weights(plan: ScoringPlan, reference: Llava, read: _Read, visual,
+def _tpo_weights(plan: ScoringPlan, reference: Llava, read: KeptRead, visual,
                  eos_token_id: int) -> Scored:
     del reference, visual, eos_token_id
     both = plan.weighted + plan.rereads
-    label_logits = read.of(logprobs.hidden_label_logits(read.hidden, read.head, read.labels,
-                                                        read.valid), both)
+    label_logits = read.of(kept.label_logits(read), both)
     mask = read.of(read.valid, both)
     return {terms_lib.token_weights(r): read.unkeep(tpo_token_weights(
-        label_logits[r], label_logits[noisy], mask[r], chosen=_preferred(r)), r)
+        label_logits[r], label_logits[noisy], mask[r], chosen=_preferred(r)), _row(r))
         for r, noisy in zip(plan.weighted, plan.rereads)}
 
 
@@ -478,14 +408,14 @@ def _reference_probe(plan: ScoringPlan, reference: Llava) -> ProbeSpec | None:
 
 
 def _reference_read(plan: ScoringPlan, reference: Llava, batch: Batch | SftBatch,
-                    visual: Mapping[str, jax.Array]) -> _Read:
+                    visual: Mapping[str, jax.Array]) -> KeptRead:
     """The reference forward over its rows (no gradient), kept at their response positions."""
     rows = _stack_rows(batch, plan.reference_rows)
     with jax.named_scope("reference_forward"):
         return _read(reference, rows, visual, _reference_probe(plan, reference), frozen=True)
 
 
-def _reference_part(plan: ScoringPlan, reference: Llava, read: _Read,
+def _reference_part(plan: ScoringPlan, reference: Llava, read: KeptRead,
                     visual: Mapping[str, jax.Array], *, eos_token_id: int,
                     chunk_size: int | None, known: Mapping | None = None) -> Scored:
     """The reference's outputs (``plan.reference_outputs``) from its read; ``known``: log-probs
@@ -493,7 +423,7 @@ def _reference_part(plan: ScoringPlan, reference: Llava, read: _Read,
     logps = dict(known or {})
     with jax.named_scope("reference_logprobs"):
         missing = tuple(key for key in _keys(plan.reference) if key not in logps)
-        logps.update(_read_logprobs(read, missing, chunk_size))
+        logps.update(kept.token_logprobs(read, missing, chunk_size))
     scored: Scored = {terms_lib.token_logps(REFERENCE, r): logps[_row(r)] for r in plan.reference}
     if plan.weighting is not None:
         with jax.named_scope("token_weights"):
@@ -540,13 +470,13 @@ def score_batch(plan: ScoringPlan, policy: Llava, reference: Llava | None,
     if use_reference:
         ref_read = _reference_read(plan, ref_model, batch, ref_visual)
         # the KL's rows: both models' log-probs and the KL in one pass (scopes inside)
-        policy_logps, ref_logps, kls = _read_logprobs_and_kl(policy_read, ref_read,
-                                                             _keys(plan.token_kl), chunk_size)
+        policy_logps, ref_logps, kls = kept.token_logprobs_and_kl(policy_read, ref_read,
+                                                                  _keys(plan.token_kl), chunk_size)
     else:
         policy_logps, ref_logps, kls = {}, {}, {}
     with jax.named_scope("policy_logprobs"):
         missing = tuple(key for key in _keys(plan.policy) if key not in policy_logps)
-        policy_logps.update(_read_logprobs(policy_read, missing, chunk_size))
+        policy_logps.update(kept.token_logprobs(policy_read, missing, chunk_size))
     scored: Scored = {terms_lib.token_logps(POLICY, r): policy_logps[_row(r)] for r in plan.policy}
     if use_reference:
         scored.update(_reference_part(plan, ref_model, ref_read, ref_visual,
