@@ -28,6 +28,15 @@ input embedding of ``y`` itself; the EOS label is the special token with weight 
 **[our choice]** ADAPT's anchor is taken under teacher forcing: the reference reads the chosen
 response, and the attention of the queries generating its first ``K`` tokens stands in for the
 first ``K`` decoding steps (a response shorter than ``K`` repeats its last position).
+
+Logits only where a loss reads them: each forward is kept at its rows' response positions
+(``engine.kept_positions``, which records the **[our choice]** of their static number,
+``P = T - N_img``): the final norm, the last layer's queries and MLP, the probes and, chunk by
+chunk, the LM head and log-softmax run there only; the responses needing token KL get both models'
+log-probs and the KL in one pass; TPO's label logits are dot products with the label's LM-head
+column; Cat-PO's weights are computed on the kept positions (all its signals are per token, its
+min-max ranges and top-k ranking read response tokens only, kept in order). Every score is
+scattered back to ``[B, T]``, so what ``score_batch`` returns is unchanged.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ from mmpo_jax.data import fields, interventions
 from mmpo_jax.data.batch import Batch, SftBatch, shift_for_next_token, token_field
 from mmpo_jax.data.fields import ENHANCED, IMAGE_KINDS, ORIGINAL, TOKEN_GROUPS
 from mmpo_jax.data.image_processing import ImageProcessorConfig
+from mmpo_jax.engine import kept_positions as kept
+from mmpo_jax.engine.kept_positions import KeptRead
 from mmpo_jax.models.attention import ProbeSpec
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.objectives import logprobs, registry
 from mmpo_jax.objectives import terms as terms_lib
 from mmpo_jax.objectives.terms import CHOSEN, POLICY, REFERENCE, SAMPLER, Response, Score
-from mmpo_jax.objectives.tpo import label_token_logits, tpo_token_weights
+from mmpo_jax.objectives.tpo import tpo_token_weights
 from mmpo_jax.rewards import adapt as adapt_rewards
 from mmpo_jax.rewards import catpo as catpo_rewards
 
@@ -245,11 +256,33 @@ def _positions(attention_mask: jax.Array) -> jax.Array:
 
 
 def _forward(model: Llava, rows: _Rows, visual: Mapping[str, jax.Array],
-             probe: ProbeSpec | None = None):
+             probe: ProbeSpec | None = None, output_positions: jax.Array | None = None):
+    """The model over ``rows``, without the LM head (``last_hidden_state`` and probes at
+    ``output_positions [R*B, P]`` when given)."""
     # [sum_rows B*K, N, D]: the model scatters them over the rows' placeholders in order
     tokens = jnp.concatenate([visual[image] for _, image in rows.keys], axis=0)
     return model(rows.inputs, visual_tokens=tokens, attention_mask=rows.attention_mask,
-                 positions=_positions(rows.attention_mask), probe=probe)
+                 positions=_positions(rows.attention_mask), probe=probe,
+                 output_positions=output_positions, return_logits=False)
+
+
+def _read(model: Llava, rows: _Rows, visual: Mapping[str, jax.Array],
+          probe: ProbeSpec | None = None, *, frozen: bool = False) -> KeptRead:
+    """``_forward`` kept at ``P = T - N_img`` response positions per row (the module doc);
+    ``frozen``: no gradient flows into the model's outputs (the reference)."""
+    num_image_tokens = min(visual[image].shape[1] for _, image in rows.keys)
+    positions, valid = logprobs.response_positions(
+        rows.mask, kept.num_kept_positions(rows.mask.shape[1], num_image_tokens))
+    out = _forward(model, rows, visual, probe, output_positions=positions)
+    head = model.language_model.lm_head_table()
+    if frozen:
+        out, head = jax.lax.stop_gradient((out, head))
+    labels = logprobs.gather_positions(rows.labels, positions)
+    return KeptRead(rows, positions, valid, labels, out.last_hidden_state, out.probes, head)
+
+
+def _keys(responses: tuple[Response, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(dict.fromkeys(_row(r) for r in responses))
 
 
 def enhancement_mask(reference: Llava, batch: Batch, visual: Mapping[str, jax.Array], *,
@@ -338,37 +371,39 @@ def _preferred(response: Response) -> bool:
     return bool(TOKEN_GROUPS[response.tokens].preferred)
 
 
-def _catpo_weights(plan: ScoringPlan, reference: Llava, rows: _Rows, out, visual,
+def _catpo_weights(plan: ScoringPlan, reference: Llava, read: KeptRead, visual,
                    eos_token_id: int) -> Scored:
+    """Computed at the kept positions: every Cat-PO signal is per token, and the min-max ranges
+    and the top-k ranking (ties by position) read the response tokens only, kept in order."""
     band = catpo_rewards.layer_band(reference.config.text_config.num_hidden_layers,
                                     tuple(plan.options["layer_band"]))
-    attention = rows.of(jnp.mean(jnp.stack([out.probes[layer] for layer in band]), axis=0),
+    attention = read.of(jnp.mean(jnp.stack([read.probes[layer] for layer in band]), axis=0),
                         plan.weighted)
-    labels, mask = rows.of(rows.labels, plan.weighted), rows.of(rows.mask, plan.weighted)
+    labels, mask = read.of(read.labels, plan.weighted), read.of(read.valid, plan.weighted)
     embed = reference.language_model.model.embed_tokens
     top_k = plan.options["top_k_percent"]
-    return {terms_lib.token_weights(r): catpo_rewards.token_weights(
+    return {terms_lib.token_weights(r): read.unkeep(catpo_rewards.token_weights(
         jax.lax.stop_gradient(attention[r]), jax.lax.stop_gradient(embed(labels[r])),
         visual[r.image], mask[r], chosen=_preferred(r), alpha=plan.options["alpha"],
         lambda_ref=plan.options["lambda_ref"], normalize=plan.options["normalize"],
-        special_token_mask=labels[r] == eos_token_id, top_k_percent=top_k if top_k else None)
-        for r in plan.weighted}
+        special_token_mask=labels[r] == eos_token_id, top_k_percent=top_k if top_k else None),
+        _row(r)) for r in plan.weighted}
 
 
-def _tpo_weights(plan: ScoringPlan, reference: Llava, rows: _Rows, out, visual,
+def _tpo_weights(plan: ScoringPlan, reference: Llava, read: KeptRead, visual,
                  eos_token_id: int) -> Scored:
     del reference, visual, eos_token_id
     both = plan.weighted + plan.rereads
-    logits, labels, mask = (rows.of(x, both) for x in (out.logits, rows.labels, rows.mask))
-    return {terms_lib.token_weights(r): tpo_token_weights(
-        label_token_logits(logits[r], labels[r], mask[r]),
-        label_token_logits(logits[noisy], labels[noisy], mask[noisy]),
-        mask[r], chosen=_preferred(r)) for r, noisy in zip(plan.weighted, plan.rereads)}
+    label_logits = read.of(kept.label_logits(read), both)
+    mask = read.of(read.valid, both)
+    return {terms_lib.token_weights(r): read.unkeep(tpo_token_weights(
+        label_logits[r], label_logits[noisy], mask[r], chosen=_preferred(r)), _row(r))
+        for r, noisy in zip(plan.weighted, plan.rereads)}
 
 
 WEIGHT_PROVIDERS: dict[str, Callable[..., Scored]] = {"catpo": _catpo_weights,
                                                       "tpo": _tpo_weights}
-"""Weighting name -> ``(plan, reference, rows, reference output, visual, eos) -> {Score: [B, T]}``."""
+"""Weighting name -> ``(plan, reference, reference read, visual, eos) -> {Score: [B, T]}``."""
 
 
 def _reference_probe(plan: ScoringPlan, reference: Llava) -> ProbeSpec | None:
@@ -378,23 +413,29 @@ def _reference_probe(plan: ScoringPlan, reference: Llava) -> ProbeSpec | None:
                                               tuple(plan.options["layer_band"])), "image")
 
 
-def _reference_part(plan: ScoringPlan, reference: Llava, batch: Batch | SftBatch,
-                    visual: Mapping[str, jax.Array], *, eos_token_id: int,
-                    chunk_size: int | None) -> tuple[Scored, _Rows, Any]:
-    """The reference's outputs (``plan.reference_outputs``), its rows and its raw output."""
+def _reference_read(plan: ScoringPlan, reference: Llava, batch: Batch | SftBatch,
+                    visual: Mapping[str, jax.Array]) -> KeptRead:
+    """The reference forward over its rows (no gradient), kept at their response positions."""
     rows = _stack_rows(batch, plan.reference_rows)
     with jax.named_scope("reference_forward"):
-        out = jax.lax.stop_gradient(_forward(reference, rows, visual,
-                                             _reference_probe(plan, reference)))
+        return _read(reference, rows, visual, _reference_probe(plan, reference), frozen=True)
+
+
+def _reference_part(plan: ScoringPlan, reference: Llava, read: KeptRead,
+                    visual: Mapping[str, jax.Array], *, eos_token_id: int,
+                    chunk_size: int | None, known: Mapping | None = None) -> Scored:
+    """The reference's outputs (``plan.reference_outputs``) from its read; ``known``: log-probs
+    ``{row key: [B, T]}`` already computed (with the token KL)."""
+    logps = dict(known or {})
     with jax.named_scope("reference_logprobs"):
-        logps = rows.of(logprobs.token_logprobs(out.logits, rows.labels, rows.mask,
-                                                chunk_size=chunk_size), plan.reference)
-    scored: Scored = {terms_lib.token_logps(REFERENCE, r): logps[r] for r in plan.reference}
+        missing = tuple(key for key in _keys(plan.reference) if key not in logps)
+        logps.update(kept.token_logprobs(read, missing, chunk_size))
+    scored: Scored = {terms_lib.token_logps(REFERENCE, r): logps[_row(r)] for r in plan.reference}
     if plan.weighting is not None:
         with jax.named_scope("token_weights"):
-            scored.update(WEIGHT_PROVIDERS[plan.weighting](plan, reference, rows, out, visual,
+            scored.update(WEIGHT_PROVIDERS[plan.weighting](plan, reference, read, visual,
                                                            eos_token_id))
-    return scored, rows, out
+    return scored
 
 
 def score_batch(plan: ScoringPlan, policy: Llava, reference: Llava | None,
@@ -431,24 +472,23 @@ def score_batch(plan: ScoringPlan, policy: Llava, reference: Llava | None,
                                         vision_frozen)
     policy_rows = _stack_rows(batch, plan.policy_rows)
     with jax.named_scope("policy_forward"):
-        policy_out = _forward(policy, policy_rows, policy_visual)
-    with jax.named_scope("policy_logprobs"):
-        policy_logps = policy_rows.of(logprobs.token_logprobs(
-            policy_out.logits, policy_rows.labels, policy_rows.mask, chunk_size=chunk_size),
-            plan.policy)
-    scored: Scored = {terms_lib.token_logps(POLICY, r): policy_logps[r] for r in plan.policy}
+        policy_read = _read(policy, policy_rows, policy_visual)
     if use_reference:
-        ref_scored, ref_rows, ref_out = _reference_part(
-            plan, ref_model, batch, ref_visual, eos_token_id=eos_token_id, chunk_size=chunk_size)
-        scored.update(ref_scored)
-        if plan.token_kl:
-            with jax.named_scope("token_kl"):
-                policy_logits = policy_rows.of(policy_out.logits, plan.token_kl)
-                ref_logits = ref_rows.of(ref_out.logits, plan.token_kl)
-                kl_mask = policy_rows.of(policy_rows.mask, plan.token_kl)
-                scored.update({terms_lib.token_kl(r): logprobs.token_kl(
-                    policy_logits[r], ref_logits[r], kl_mask[r], chunk_size=chunk_size)
-                    for r in plan.token_kl})
+        ref_read = _reference_read(plan, ref_model, batch, ref_visual)
+        # the KL's rows: both models' log-probs and the KL in one pass (scopes inside)
+        policy_logps, ref_logps, kls = kept.token_logprobs_and_kl(policy_read, ref_read,
+                                                                  _keys(plan.token_kl), chunk_size)
+    else:
+        policy_logps, ref_logps, kls = {}, {}, {}
+    with jax.named_scope("policy_logprobs"):
+        missing = tuple(key for key in _keys(plan.policy) if key not in policy_logps)
+        policy_logps.update(kept.token_logprobs(policy_read, missing, chunk_size))
+    scored: Scored = {terms_lib.token_logps(POLICY, r): policy_logps[_row(r)] for r in plan.policy}
+    if use_reference:
+        scored.update(_reference_part(plan, ref_model, ref_read, ref_visual,
+                                      eos_token_id=eos_token_id, chunk_size=chunk_size,
+                                      known=ref_logps))
+        scored.update({terms_lib.token_kl(r): kls[_row(r)] for r in plan.token_kl})
     else:
         scored.update({score: jnp.asarray(cached[score.key], jnp.float32)
                        for score in plan.reference_outputs})
@@ -466,6 +506,6 @@ def reference_scores(plan: ScoringPlan, reference: Llava, batch: Batch, *,
     ``plan.reference_outputs`` (what a reference cache or a generated pair stores)."""
     del vision_frozen  # one model: its tower runs once either way
     _, visual = _images(plan, reference, reference, batch, image_config, vision_frozen=True)
-    scored, _, _ = _reference_part(plan, reference, batch, visual, eos_token_id=eos_token_id,
-                                   chunk_size=chunk_size)
+    scored = _reference_part(plan, reference, _reference_read(plan, reference, batch, visual),
+                             visual, eos_token_id=eos_token_id, chunk_size=chunk_size)
     return {score.key: scored[score] for score in plan.reference_outputs}

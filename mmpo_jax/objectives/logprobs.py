@@ -206,10 +206,16 @@ def _chunked_logprobs_and_kl(policy_source, ref_source, to_policy_logits, to_ref
     valid, safe_labels = _valid_and_safe_labels(labels, mask)
 
     def chunk(policy_c, ref_c, labels_c, valid_c):
-        policy_logp = _safe_log_softmax(to_policy_logits(policy_c), valid_c)
-        ref_logp = _safe_log_softmax(jax.lax.stop_gradient(to_ref_logits(ref_c)), valid_c)
-        kl = jnp.where(valid_c, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
-        return _label_logprobs(policy_logp, labels_c, valid_c), _label_logprobs(ref_logp, labels_c, valid_c), kl
+        # the scopes name each part in a profile, as separate calls would
+        with jax.named_scope("policy_logprobs"):
+            policy_logp = _safe_log_softmax(to_policy_logits(policy_c), valid_c)
+            policy_picked = _label_logprobs(policy_logp, labels_c, valid_c)
+        with jax.named_scope("reference_logprobs"):
+            ref_logp = _safe_log_softmax(jax.lax.stop_gradient(to_ref_logits(ref_c)), valid_c)
+            ref_picked = _label_logprobs(ref_logp, labels_c, valid_c)
+        with jax.named_scope("token_kl"):
+            kl = jnp.where(valid_c, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
+        return policy_picked, ref_picked, kl
 
     return _map_sequence_chunks(chunk, (policy_source, ref_source, safe_labels), valid, chunk_size)
 
@@ -328,6 +334,25 @@ def hidden_token_logprobs(
     """
     _check_hidden(hidden, lm_head, mask, labels=labels)
     return _chunked_label_logprobs(hidden, lambda h: head_logits(h, lm_head), labels, mask, chunk_size)
+
+
+def hidden_label_logits(hidden: jax.Array, lm_head: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """The logit of each label token, ``(hidden @ lm_head)[b, p, labels[b, p]]``, without the other
+    ``V - 1``: each position's hidden state times its label's LM-head column.
+
+    Args:
+      hidden: ``[B, P, D]`` final hidden states; lm_head: ``[D, V]``.
+      labels: ``[B, P]`` token ids; any value where ``mask`` is false.
+      mask: ``[B, P]`` bool or 0/1.
+
+    Returns:
+      ``[B, P]`` float32 (``head_logits``' precision), 0 where masked.
+    """
+    _check_hidden(hidden, lm_head, mask, labels=labels)
+    valid, safe_labels = _valid_and_safe_labels(labels, mask)
+    columns = jnp.take(lm_head.T, safe_labels, axis=0).astype(hidden.dtype)  # [B, P, D]
+    picked = jnp.einsum("bpd,bpd->bp", hidden, columns, preferred_element_type=jnp.float32)
+    return jnp.where(valid, picked, 0.0)
 
 
 def hidden_token_logprobs_and_kl(

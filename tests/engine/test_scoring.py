@@ -23,6 +23,7 @@ from mmpo_jax.data.fields import ENHANCED, IMAGE_KINDS, TOKEN_GROUPS
 from mmpo_jax.engine import scoring
 from mmpo_jax.engine.state import copy_model
 from mmpo_jax.models.attention import ProbeSpec
+from mmpo_jax.objectives import logprobs
 from mmpo_jax.objectives import metrics as metric_lib
 from mmpo_jax.objectives import registry, terms
 from mmpo_jax.objectives.p2dpo import PAIRS, ddw_weights
@@ -270,3 +271,40 @@ def test_plan_of_every_preference_method():
     assert len(rows.keys) == len(combined.policy_rows) - 2
     with pytest.raises(NotImplementedError, match="rollouts"):
         scoring.plan_scoring({"name": "fisao"})
+
+
+def test_scoring_at_response_positions_equals_the_full_logits_path():
+    """Scoring runs the LM head at the response positions only (``P = T - N_img``, see the
+    module doc): its log-probs, token KL and weights equal ``logprobs``' full-logits functions
+    over the same forward to 1e-5, on a batch with a padding row and responses of different
+    lengths; the lowered scoring holds no ``[., T, V]`` logits."""
+    method = {"name": "catpo"}
+    plan = scoring.plan_scoring(method)
+    batch = jax.tree.map(jnp.asarray, next(fx.batches(plan, batch_size=4, count=3)))
+    policy, reference = _models()
+    eos = fx.tokenizer().eos_token_id
+    assert list(np.asarray(batch.example_mask)) == [1, 1, 1, 0]
+    lowered = jax.jit(lambda b: scoring.score_batch(
+        plan, policy, reference, b, image_config=fx.IMAGE_CONFIG, eos_token_id=eos)).lower(batch)
+    scored = lowered.compile()(batch)
+    # only P = T - 16 positions meet the vocabulary
+    length, vocab = batch.sequence_length, reference.config.text_config.vocab_size
+    text = lowered.as_text()
+    assert f"x{length - 16}x{vocab}xf32>" in text and f"x{length}x{vocab}xf32>" not in text
+    logits = {}
+    for response in (CHOSEN, REJECTED):
+        for model_kind, model in ((POLICY, policy), (REFERENCE, reference)):
+            input_ids, loss_mask, attention_mask = scoring.batch_tokens(batch, response.tokens)
+            inputs, labels, mask = shift_for_next_token(input_ids, loss_mask)
+            out = model(inputs, visual_tokens=model.encode_images(batch.pixel_values),
+                        attention_mask=attention_mask, positions=scoring._positions(attention_mask))
+            logits[model_kind] = out.logits
+            np.testing.assert_allclose(
+                scored[terms.token_logps(model_kind, response)],
+                logprobs.token_logprobs(out.logits, labels, mask), rtol=1e-5, atol=1e-5,
+                err_msg=f"{model_kind} {response.name}")
+        lengths = np.sum(np.asarray(mask), axis=-1)
+        assert len(set(lengths[:3])) > 1 and lengths[3] == 0
+        np.testing.assert_allclose(
+            scored[terms.token_kl(response)],
+            logprobs.token_kl(logits[POLICY], logits[REFERENCE], mask), rtol=1e-4, atol=1e-6)
