@@ -105,11 +105,7 @@ def plan(config_spec: str, overrides: tuple[str, ...] = (), devices: int | None 
     num_steps = max(int(config.train.num_steps), 1)
     tx = optimizer_lib.make_optimizer(config.optimizer, num_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
-    # as training.loop.init_opt_state: moments inherit their parameter's sharding, scalars are
-    # replicated
-    opt_shardings = jax.tree.map(
-        lambda s: s if isinstance(s, NamedSharding) else replicated,
-        jax.jit(tx.init).lower(trainable).compile().output_shardings)
+    opt_shardings = optimizer_lib.opt_state_shardings(tx, trainable, mesh)  # as the loop's
     opt_state = abstract_target(jax.eval_shape(tx.init, trainable), opt_shardings)
 
     rows, length = int(config.data.batch_size), max(int(b) for b in config.data.buckets)

@@ -123,3 +123,32 @@ def make_optimizer(
         mask=weight_decay_mask or default_weight_decay_mask,
     )
     return optax.chain(clip, adamw)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, trainable: Any, mesh: Any) -> Any:
+    """The shardings of ``tx.init(trainable)``: each leaf whose tree path ends with a parameter's
+    path (Adam's ``mu``/``nu``, any per-parameter state) and has its shape takes that parameter's
+    sharding; every other leaf (step counts, scalars) is replicated over ``mesh``.
+
+    ``jit(tx.init)`` alone leaves the moments' layout to XLA, which replicates them: at the 7B
+    preset over 8 chips that is 2.4 GiB of Adam state per chip instead of 0.3.
+
+    ``trainable``: arrays (or ``jax.ShapeDtypeStruct``s) with ``NamedSharding``s; the result is a
+    tree of ``NamedSharding`` of ``tx.init``'s structure.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+
+    def sharding_of(path: tuple, leaf: Any) -> Any:
+        for start in range(len(path)):
+            parameter = by_path.get(tuple(path[start:]))
+            if parameter is not None and parameter.shape == leaf.shape:
+                return parameter.sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(tx.init, trainable))
+
+
+def init_opt_state(tx: optax.GradientTransformation, trainable: Any, mesh: Any) -> Any:
+    """``tx.init(trainable)`` laid out by ``opt_state_shardings`` (created in place, sharded)."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)

@@ -357,7 +357,7 @@ def train_fisao(config: Any, *, model: Llava, tokenizer: Any, source: Sequence[A
     num_updates = num_steps * ppo_epochs
     tx = optimizer_lib.make_optimizer(config.optimizer, num_updates)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_updates)
-    opt_state = loop.init_opt_state(tx, trainable, mesh)
+    opt_state = optimizer_lib.init_opt_state(tx, trainable, mesh)
     ckpt, trainable, opt_state, rng, start = loop.open_and_resume(
         config, workdir, trainable, opt_state, jax.random.key(int(config.seed)))
 

@@ -179,15 +179,6 @@ def place_policy(split: state_lib.PolicySplit, mesh: Mesh, rules: Any) -> tuple[
                  for tree in (split.trainable, split.frozen))
 
 
-def init_opt_state(tx: Any, trainable: Any, mesh: Mesh) -> Any:
-    """``tx.init(trainable)``: moments inherit their parameter's sharding; scalars (step counts)
-    are replicated over ``mesh``."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        jax.jit(tx.init)(trainable))
-
-
 def open_and_resume(config: Any, workdir: pathlib.Path, trainable: Any, opt_state: Any,
                     rng: jax.Array, data_iterator: Any = None
                     ) -> tuple[Checkpointer, Any, Any, jax.Array, int]:
@@ -328,7 +319,7 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
     trainable, frozen = place_policy(split, mesh, rules)
     tx = optimizer_lib.make_optimizer(config.optimizer, num_steps)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
-    opt_state = init_opt_state(tx, trainable, mesh)
+    opt_state = optimizer_lib.init_opt_state(tx, trainable, mesh)
     it = data_iterator if data_iterator is not None else iterator()
     replicated = NamedSharding(mesh, PartitionSpec())
     # one global key (orbax saves arrays that span the processes, not per-process copies)

@@ -226,3 +226,26 @@ def test_nnx_optimizer_drives_a_model():
     losses = [float(train_step(model, optimizer, x)) for _ in range(5)]
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0]
+
+
+def test_adam_moments_are_sharded_like_their_parameters():
+    """On an FSDP mesh every moment of the run's optimizer has its parameter's sharding (jit of
+    tx.init alone replicated them: the whole Adam state on every device)."""
+    from mmpo_jax.engine import optimizer as optimizer_lib
+    from mmpo_jax.engine import sharding
+    from mmpo_jax.engine import state as state_lib
+    from tests.engine import step_fixtures as fx
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8}, devices=jax.devices())
+    split = state_lib.split_policy(state_lib.copy_model(fx.base_model()), fx.MODEL_CONFIG)
+    trainable = jax.device_put(
+        split.trainable, sharding.state_shardings(split.trainable, mesh, sharding.DEFAULT_RULES))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    opt_state = optimizer_lib.init_opt_state(tx, trainable, mesh)
+    adam = opt_state[1][0]
+    parameters = jax.tree.leaves(trainable)
+    assert sum(not p.sharding.is_fully_replicated for p in parameters) > 10
+    for moments in (adam.mu, adam.nu):
+        for moment, parameter in zip(jax.tree.leaves(moments), parameters, strict=True):
+            assert moment.sharding.is_equivalent_to(parameter.sharding, moment.ndim)
+    assert adam.count.sharding.is_fully_replicated
