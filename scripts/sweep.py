@@ -12,6 +12,7 @@ import logging
 
 from absl import logging as absl_logging
 
+from mmpo_jax.config.loading import exit_on_config_error
 from mmpo_jax.engine import distributed
 from mmpo_jax.training.sweep import file_overrides, grid_overrides, run_sweep
 
@@ -25,8 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
-    sweep = grid_overrides(args.axes) if args.axes else file_overrides(args.config)
-    run_sweep(args.config, sweep, common=args.set)
+    with exit_on_config_error():  # a bad config or override: its problems in a list, status 2
+        sweep = grid_overrides(args.axes) if args.axes else file_overrides(args.config)
+        run_sweep(args.config, sweep, common=args.set)
 
 
 if __name__ == "__main__":
