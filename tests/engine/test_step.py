@@ -26,6 +26,18 @@ def _first_batch(plan, **kwargs):
     return fx.as_numpy(next(fx.batches(plan, **kwargs)))
 
 
+def _unsharded_step(plan, method):
+    """``(step, policy split, reference state, tx)``: the step of ``method`` without shardings,
+    from the base model, reference a frozen copy, SGD."""
+    split = state_lib.split_policy(state_lib.copy_model(fx.base_model()), fx.MODEL_CONFIG)
+    ref_graphdef, ref_state = nnx.split(state_lib.copy_model(fx.base_model()))
+    tx = optax.sgd(1e-3)
+    fn = make_train_step(graphdef=split.graphdef, plan=plan, method_config=method, tx=tx,
+                         reference_mode="copy", reference_graphdef=ref_graphdef,
+                         image_config=fx.IMAGE_CONFIG, eos_token_id=fx.tokenizer().eos_token_id)
+    return fn, split, ref_state, tx
+
+
 def test_eight_device_fsdp_tensor_mesh_matches_one_device():
     plan = scoring.plan_scoring(CATPO)
     batch = _first_batch(plan)
@@ -76,13 +88,7 @@ def test_step_compiles_once_per_length_bucket():
     plan = scoring.plan_scoring(DPO)
     buckets = (30, 32, 34, 36, 38, 40, 96)
     iterator = fx.batches(plan, batch_size=2, buckets=buckets)
-    policy = state_lib.copy_model(fx.base_model())
-    split = state_lib.split_policy(policy, fx.MODEL_CONFIG)
-    ref_graphdef, ref_state = nnx.split(state_lib.copy_model(fx.base_model()))
-    tx = optax.sgd(1e-3)
-    fn = make_train_step(graphdef=split.graphdef, plan=plan, method_config=DPO, tx=tx,
-                         reference_mode="copy", reference_graphdef=ref_graphdef,
-                         image_config=fx.IMAGE_CONFIG, eos_token_id=fx.tokenizer().eos_token_id)
+    fn, split, ref_state, tx = _unsharded_step(plan, DPO)
     trainable, opt_state = split.trainable, tx.init(split.trainable)
     lengths = []
     for index, batch in enumerate(iterator):
@@ -131,13 +137,7 @@ def test_a_step_with_a_non_finite_loss_or_gradient_norm_changes_nothing():
 def test_a_profile_of_the_step_reads_as_the_data_flow():
     """The compiled step's ops carry the named scopes of its stages (what a profiler shows)."""
     plan = scoring.plan_scoring(CATPO)
-    policy = state_lib.copy_model(fx.base_model())
-    split = state_lib.split_policy(policy, fx.MODEL_CONFIG)
-    ref_graphdef, ref_state = nnx.split(state_lib.copy_model(fx.base_model()))
-    tx = optax.sgd(1e-3)
-    fn = make_train_step(graphdef=split.graphdef, plan=plan, method_config=CATPO, tx=tx,
-                         reference_mode="copy", reference_graphdef=ref_graphdef,
-                         image_config=fx.IMAGE_CONFIG, eos_token_id=fx.tokenizer().eos_token_id)
+    fn, split, ref_state, tx = _unsharded_step(plan, CATPO)
     batch = jax.tree.map(jnp.asarray, _first_batch(plan, batch_size=2))
     text = fn.lower(split.trainable, tx.init(split.trainable), split.frozen, ref_state, batch, {},
                     jax.random.key(0)).as_text(debug_info=True)
