@@ -26,13 +26,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Made by the first process that loads this file (xdist's controller, or a serial run) and
 # inherited through the environment by the workers and the subprocesses tests start.
+_MIN_COMPILE_SECONDS = 0.2  # programs that compile faster are not worth a cache file
 _CREATED_HERE = "MMPO_JAX_TEST_XLA_CACHE" not in os.environ
 if _CREATED_HERE:
     os.environ["MMPO_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="mmpo_jax_test_xla_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["MMPO_JAX_TEST_XLA_CACHE"]
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(_MIN_COMPILE_SECONDS)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
 
 
 def pytest_sessionfinish(session):
