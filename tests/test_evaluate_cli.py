@@ -20,6 +20,7 @@ from mmpo_jax.engine.loading import load_model
 from mmpo_jax.evaluation.records import load_rgb
 from mmpo_jax.evaluation.runner import caption_metrics, generate_texts
 from tests.evaluation import real_fixtures
+from tests.traces import traced_functions
 from tests.models import hf_fixtures
 
 CAPTION_TOKENS, ANSWER_TOKENS = 6, 3
@@ -115,6 +116,23 @@ def test_in_training_evaluation_api_samples_and_limits(setup):
     assert {"chair_s_std", "amber_chair", "amber_cover_std"} <= set(metrics)
     assert not any(name.startswith(("pope", "amber_accuracy")) for name in metrics)
     assert metrics == suite.evaluate(model, tokenizer, image_config, spec, benchmarks)  # seeded
+
+
+@pytest.mark.slow
+def test_all_benchmarks_share_one_decode_compilation_per_length_cap(setup):
+    """Captions, POPE and AMBER prompts of many lengths: padded to the longest of all, they compile
+    the decode loop once per `max_new_tokens` (twice here: captions and answers)."""
+    root, paths, _ = setup
+    model, tokenizer, image_config = load_model(root / "hf")
+    spec = suite.EvaluationSpec.from_dict(dict(
+        coco_instances=str(paths["instances"]), coco_images=str(paths["images"]),
+        pope_questions=[str(p) for p in paths["pope"]], pope_images=str(paths["images"]),
+        amber_dir=str(paths["amber_data"]), amber_images=str(paths["amber_images"]),
+        caption_prompt="Describe the picture in detail, please, every object in it.", batch_size=2,
+        caption_max_new_tokens=CAPTION_TOKENS + 1, answer_max_new_tokens=ANSWER_TOKENS + 1))
+    with traced_functions() as traced:
+        suite.evaluate(model, tokenizer, image_config, spec)
+    assert traced.count("_generate") == 2, traced
 
 
 @pytest.mark.parametrize("extra, message", [

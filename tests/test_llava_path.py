@@ -38,7 +38,8 @@ from tests.models import hf_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_RECORDS = 20
-# size: the tiny model's sequences, batches a few records, 2 steps; short decodes
+# size: the tiny model's sequences, batches a few records, 2 steps; short decodes, one length cap for
+# captions and answers (one decode compilation per model)
 SIZE = {"gpu": ("data.batch_size=16",), "tpu": ("data.batch_size=32",)}
 COMMON = ("data.buckets=(128,)", "data.num_epochs=2", "train.num_steps=2",
           "train.progress_bar=false", "checkpoint.async_save=false")
@@ -55,7 +56,7 @@ def _benchmarks(files: dict[str, pathlib.Path]) -> tuple[str, ...]:
             f"benchmarks.pope_questions=({', '.join(repr(str(p)) for p in files['pope'])},)",
             f"benchmarks.pope_images={files['images']}", f"benchmarks.amber_dir={files['amber']}",
             f"benchmarks.amber_images={files['amber_images']}",
-            "benchmarks.caption_max_new_tokens=6", "benchmarks.answer_max_new_tokens=2",
+            "benchmarks.caption_max_new_tokens=3", "benchmarks.answer_max_new_tokens=3",
             "benchmarks.every=1")
 
 

@@ -69,8 +69,13 @@ def _batches(count: int, batch_size: int) -> list[tuple[list[int], int]]:
 def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Sequence[np.ndarray],
                    prompts: Sequence[str], *, image_config: ImageProcessorConfig, num_image_tokens: int,
                    batch_size: int, max_new_tokens: int, temperature: float = 0.0,
-                   rng: jax.Array | None = None, controller: DecodeController | None = None) -> list[str]:
+                   rng: jax.Array | None = None, controller: DecodeController | None = None,
+                   prompt_length: int = 0) -> list[str]:
     """Generates one reply per (image, prompt) with the LLaVA-1.5 template.
+
+    Every batch is left-padded to the longest prompt of the call (at least ``prompt_length``), so
+    the decode loop compiles once per call however the prompts' lengths vary; callers with several
+    prompt sets pass their longest prompt as ``prompt_length`` to share one compilation.
 
     Args:
       model: the `Llava` to decode with.
@@ -84,6 +89,7 @@ def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Seq
       temperature: 0 greedy; > 0 samples (needs `rng`; batch b uses `fold_in(rng, b)`).
       rng: PRNG key for sampling.
       controller: a decode controller for every `generate` call (e.g. `AdaptDecoding`), or None.
+      prompt_length: pad the templated prompt ids to at least this many tokens.
 
     Returns:
       the decoded replies (cut at EOS, special tokens dropped), in input order.
@@ -92,9 +98,10 @@ def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Seq
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
     ids = prompt_ids(tokenizer, prompts, num_image_tokens=num_image_tokens)
     pad_id = pad_token_id(tokenizer)
+    length = max([prompt_length, *map(len, ids)])
     texts: list[str] = []
     for number, (rows, real) in enumerate(_batches(len(prompts), batch_size)):
-        input_ids, mask = left_pad([ids[i] for i in rows], pad_id)
+        input_ids, mask = left_pad([ids[i] for i in rows], pad_id, min_length=length)
         pixels = np.stack([image_config(images[i]) for i in rows])
         output = generate(model, input_ids, pixels, attention_mask=mask, max_new_tokens=max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, temperature=temperature,

@@ -47,6 +47,7 @@ from mmpo_jax.evaluation.runner import (
     pass_rng,
     summarise_passes,
 )
+from mmpo_jax.generation.prompts import prompt_ids
 from mmpo_jax.models.llava import Llava
 
 Record = Mapping[str, Any]
@@ -206,6 +207,13 @@ def evaluate(model: Llava, tokenizer: PreTrainedTokenizerBase, image_config: Ima
     if benchmarks.amber is not None:
         shown = amber.AmberRecords(limit(benchmarks.amber.generative), limit(benchmarks.amber.discriminative))
     options = decoding_options(spec.decoding, spec.num_samples, spec.temperature)
+    asked = [(records, field) for records, field in ((captions, "prompt"), (heldout, "prompt"), (pope_split, "question"))
+             if records is not None]
+    if shown is not None:
+        asked += [(shown.generative, "prompt"), (shown.discriminative, "question")]
+    # every benchmark's prompts padded to the longest of all: one decode compilation per length cap
+    prompt_length = max([0, *(len(ids) for records, field in asked for ids in prompt_ids(
+        tokenizer, [f[field] for f in records.fields], num_image_tokens=model.config.num_image_tokens))])
 
     def reply(records: ImageRecords | coco.HeldoutRecords, prompt_field: str, max_new_tokens: int,
               rng: jax.Array | None, stream: int) -> list[str]:
@@ -214,7 +222,8 @@ def evaluate(model: Llava, tokenizer: PreTrainedTokenizerBase, image_config: Ima
         return generate_texts(model, tokenizer, Column(records, "image"), [f[prompt_field] for f in records.fields],
                               image_config=image_config, num_image_tokens=model.config.num_image_tokens,
                               batch_size=spec.batch_size, max_new_tokens=max_new_tokens,
-                              rng=None if rng is None else jax.random.fold_in(rng, stream), **options)
+                              rng=None if rng is None else jax.random.fold_in(rng, stream),
+                              prompt_length=prompt_length, **options)
 
     passes = []
     for sample in range(spec.num_samples):

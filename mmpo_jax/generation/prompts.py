@@ -35,20 +35,23 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
     return [np.asarray(e.input_ids, np.int32) for e in encoded]
 
 
-def pad_rows(sequences: Sequence[np.ndarray], pad_id: int, *, side: str
+def pad_rows(sequences: Sequence[np.ndarray], pad_id: int, *, side: str, min_length: int = 0
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Pads 1-D id rows to ``[len, T]``, ``T`` the longest rounded up to ``LENGTH_MULTIPLE``.
+    """Pads 1-D id rows to ``[len, T]``, ``T`` the longest (or ``min_length`` when longer) rounded
+    up to ``LENGTH_MULTIPLE``.
 
     Args:
       side: ``"left"`` (prompts to generate from: real tokens at the right end) or ``"right"``
         (sequences to score: real tokens from position 0).
+      min_length: pad to at least this length, so that batches of different prompt sets share one
+        shape (and one compiled decode loop).
 
     Returns:
       ``(input_ids int32 [B, T], attention_mask bool [B, T])``.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side={side!r} is not 'left' or 'right'")
-    longest = max(len(row) for row in sequences)
+    longest = max(min_length, *(len(row) for row in sequences))
     length = -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
     input_ids = np.full((len(sequences), length), pad_id, np.int32)
     mask = np.zeros((len(sequences), length), bool)
@@ -59,9 +62,10 @@ def pad_rows(sequences: Sequence[np.ndarray], pad_id: int, *, side: str
     return input_ids, mask
 
 
-def left_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(sequences: Sequence[np.ndarray], pad_id: int, *, min_length: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
     """``pad_rows(sequences, pad_id, side="left")``: a batch of prompts for ``generate``."""
-    return pad_rows(sequences, pad_id, side="left")
+    return pad_rows(sequences, pad_id, side="left", min_length=min_length)
 
 
 def left_padded_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
