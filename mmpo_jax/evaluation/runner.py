@@ -110,6 +110,14 @@ def generate_texts(model: Llava, tokenizer: PreTrainedTokenizerBase, images: Seq
     return texts
 
 
+def longest_prompt(tokenizer: PreTrainedTokenizerBase, prompt_sets: Sequence[Sequence[str]], *,
+                   num_image_tokens: int) -> int:
+    """The most templated prompt ids of any prompt in ``prompt_sets``: ``generate_texts``'
+    ``prompt_length`` for prompt sets that share one decode compilation."""
+    return max([0, *(len(ids) for prompts in prompt_sets
+                     for ids in prompt_ids(tokenizer, prompts, num_image_tokens=num_image_tokens))])
+
+
 @nnx.jit
 def _next_token_logps(model: Llava, input_ids: jax.Array, attention_mask: jax.Array,
                       pixel_values: jax.Array) -> jax.Array:
@@ -205,8 +213,11 @@ def evaluate_model(
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
     captions, questions = _records(caption_split), _records(pope_split)
+    prompt_length = longest_prompt(tokenizer, [[r["prompt"] for r in captions], [r["question"] for r in questions]],
+                                   num_image_tokens=num_image_tokens)  # one decode compilation for both
     decode = dict(image_config=image_config, num_image_tokens=num_image_tokens, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, **decoding_options(decoding, num_samples, temperature))
+                  max_new_tokens=max_new_tokens, prompt_length=prompt_length,
+                  **decoding_options(decoding, num_samples, temperature))
     passes = []
     for sample in range(num_samples):
         rng = pass_rng(decoding, seed, sample)

@@ -44,10 +44,10 @@ from mmpo_jax.evaluation.runner import (
     caption_metrics,
     decoding_options,
     generate_texts,
+    longest_prompt,
     pass_rng,
     summarise_passes,
 )
-from mmpo_jax.generation.prompts import prompt_ids
 from mmpo_jax.models.llava import Llava
 
 Record = Mapping[str, Any]
@@ -212,8 +212,8 @@ def evaluate(model: Llava, tokenizer: PreTrainedTokenizerBase, image_config: Ima
     if shown is not None:
         asked += [(shown.generative, "prompt"), (shown.discriminative, "question")]
     # every benchmark's prompts padded to the longest of all: one decode compilation per length cap
-    prompt_length = max([0, *(len(ids) for records, field in asked for ids in prompt_ids(
-        tokenizer, [f[field] for f in records.fields], num_image_tokens=model.config.num_image_tokens))])
+    prompt_length = longest_prompt(tokenizer, [[f[field] for f in records.fields] for records, field in asked],
+                                   num_image_tokens=model.config.num_image_tokens)
 
     def reply(records: ImageRecords | coco.HeldoutRecords, prompt_field: str, max_new_tokens: int,
               rng: jax.Array | None, stream: int) -> list[str]:

@@ -21,6 +21,7 @@ from mmpo_jax.evaluation.table import format_table
 from mmpo_jax.models.clip import CLIPVisionConfig
 from mmpo_jax.models.llama import LlamaConfig
 from mmpo_jax.models.llava import Llava, LlavaConfig
+from tests.traces import traced_functions
 
 WORLD = shapes_world.WorldSpec(test_caption_size=3, test_pope_images=1, seed=3)
 BATCH = 4
@@ -62,7 +63,9 @@ def _check_well_formed(metrics):
 
 @pytest.mark.slow
 def test_greedy_and_sampled_evaluation_run_and_are_well_formed(setup):
-    greedy = _evaluate(setup, decoding="greedy")
+    with traced_functions() as traced:
+        greedy = _evaluate(setup, decoding="greedy")
+    assert traced.count("_generate") <= 1, traced  # captions and POPE questions share one decode loop
     _check_well_formed(greedy)
     assert greedy["num_samples"] == 1.0 and not any(k.endswith("_std") for k in greedy)
     sampled = _evaluate(setup, decoding="sample", num_samples=2, seed=1)
