@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 
 def _launch(phase: str, workdir: pathlib.Path, port: int) -> list[subprocess.Popen]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     return [subprocess.Popen(
         [sys.executable, "-m", "tests.multiprocess_worker", f"--process_id={index}",
