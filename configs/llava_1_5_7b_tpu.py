@@ -1,9 +1,22 @@
-"""LLaVA-1.5-7B on a v4-8 / v5e-8 TPU VM slice, for any method: ``--config=<this>:catpo``.
+"""LLaVA-1.5-7B on a TPU slice, for any method: ``--config=<this>:catpo`` or ``<this>:catpo,<chips>``.
 
 The method block and the paper's reference settings come from ``configs/<method>.py``
 (`base.llava_1_5_7b`: bf16 compute over f32 parameters, remat, LoRA, RLHF-V, 2048-token buckets).
-Mesh: FSDP over every chip (8 on v5e-8, 4 on v4-8), no tensor parallelism; the batch of 32 runs as
-4 accumulated micro-batches of 8 (1-2 per chip).
+Mesh: FSDP over every chip, no tensor parallelism. The batch of 32 is split into accumulated
+micro-batches of ``max(8, chips)`` rows, which every chip count dividing it spreads evenly:
+
+    chips (slice)               micro-batches   rows per chip
+    4 (v4-8), 8 (v5e-8)         4 of 8          2, 1            <- the default, ``:catpo``
+    16 (v4-32, v5e-16)          2 of 16         1               ``:catpo,16``
+    32 (v4-64, v5e-32)          1 of 32         1               ``:catpo,32``
+
+(``jax.device_count()`` on the slice is the chip count; a v4 chip is one device.) The chip count
+is part of the config argument because the config is read before the job's devices are known (a
+multi-host job starts ``jax.distributed`` after reading it); a count that does not match the
+slice is caught before anything is compiled, naming the valid ``optimizer.grad_accum_steps``.
+[our choice] ``max(8, chips)`` keeps the step at one or two rows per chip, what a v5e chip's
+16 GB holds beside the sharded 7B state (``scripts/plan_memory.py``), with as few accumulation
+passes as that allows.
 
 Placeholders to set before running: see `base.llava_1_5_7b`.
 """
@@ -14,11 +27,36 @@ from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
+BATCH_SIZE = 32  # base.llava_1_5_7b's, the papers' effective batch
+DEFAULT_CHIPS = 8
+MIN_MICRO_BATCH = 8
+
+
+def grad_accum_steps(chips: int) -> int:
+    """Micro-batches of ``max(8, chips)`` rows per batch of 32 (module doc); one-line
+    ``ValueError`` for a chip count the batch cannot spread over evenly."""
+    valid = [c for c in range(1, BATCH_SIZE + 1) if BATCH_SIZE % c == 0]
+    if chips not in valid:
+        raise ValueError(f"chips={chips}: the batch of {BATCH_SIZE} spreads evenly over "
+                         f"{valid} chips only (or set --config.data.batch_size and "
+                         "--config.optimizer.grad_accum_steps yourself)")
+    return BATCH_SIZE // max(MIN_MICRO_BATCH, chips)
+
 
 def get_config(arg: str | None = None):
-    """``arg``: the method (a ``configs/<method>.py``), default "catpo"."""
-    return base.llava_1_5_7b(
-        base.method_file_config(arg or "catpo"),
+    """``arg``: ``"<method>"`` or ``"<method>,<chips>"``: a ``configs/<method>.py`` (default
+    "catpo") and the slice's chip count (default 8, also right for 4)."""
+    method, _, chips = (arg or "catpo").partition(",")
+    if chips and not chips.strip().isdigit():
+        raise ValueError(f"{arg!r}: expected '<method>,<chips>' with an integer chip count, "
+                         f"e.g. 'catpo,16'")
+    chips = int(chips) if chips else DEFAULT_CHIPS
+    config = base.llava_1_5_7b(
+        base.method_file_config(method.strip() or "catpo"),
         mesh=dict(data=1, fsdp=-1, tensor=1),
-        optimizer=dict(grad_accum_steps=4),
+        optimizer=dict(grad_accum_steps=grad_accum_steps(chips)),
     )
+    if config.data.batch_size != BATCH_SIZE:  # the accumulation above divides this batch
+        raise ValueError(f"base.llava_1_5_7b's data.batch_size={config.data.batch_size}, "
+                         f"this preset's accumulation assumes {BATCH_SIZE}")
+    return config

@@ -1,7 +1,12 @@
 """Per-device memory of a preset's real train step, compiled ahead of time on fake devices.
 
-    python scripts/plan_memory.py --config=configs/llava_1_5_7b_tpu.py:catpo --devices=4,8,16,32
+    python scripts/plan_memory.py --config=configs/llava_1_5_7b_tpu.py:catpo,{devices} \
+        --devices=4,8,16,32
     python scripts/plan_memory.py --config=configs/llava_1_5_7b_gpu.py:catpo --devices=1
+
+``{devices}`` in ``--config`` stands for each device count (the TPU preset takes its slice's
+chip count after the method); a config that is invalid at a count (e.g. a micro-batch the
+data-parallel devices do not divide) stops the script with the config checks' message, exit 2.
 
 For each device count ``N`` the script starts itself once with ``N`` fake CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before jax is imported), builds
@@ -36,6 +41,8 @@ import sys
 from typing import Any
 
 import numpy as np
+
+from mmpo_jax.config.loading import USAGE_ERROR_STATUS, exit_on_config_error
 
 GIB = 1024**3
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -73,8 +80,9 @@ def plan(config_spec: str, overrides: tuple[str, ...] = (), devices: int | None 
     from mmpo_jax.training import experiment
     from mmpo_jax.training.loop import is_sft
 
-    config = load_config(config_spec, overrides)
     devices = jax.device_count() if devices is None else devices
+    config_spec = config_for(config_spec, devices)
+    config = load_config(config_spec, overrides)
     config_checks.validate(config, device_count=devices)
     tokenizer = (build_word_tokenizer(shapes_world.vocabulary(), model_max_length=4096)
                  if config.model.preset.startswith("tiny") else None)
@@ -176,6 +184,11 @@ def plan(config_spec: str, overrides: tuple[str, ...] = (), devices: int | None 
     }
 
 
+def config_for(config_spec: str, devices: int) -> str:
+    """``config_spec`` with ``{devices}`` replaced by the device count."""
+    return config_spec.replace("{devices}", str(devices))
+
+
 def _nbytes(shape, dtype) -> int:
     count = 1
     for dim in shape:
@@ -203,6 +216,9 @@ def _child(config_spec: str, devices: int, overrides: tuple[str, ...], timeout: 
                "--child", *(f"--override={o}" for o in overrides),
                *(["--state-only"] if state_only else [])]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode == USAGE_ERROR_STATUS:  # the config's checks: their message only
+        print(f"{devices} devices: {result.stderr.strip()}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR_STATUS)
     if result.returncode:
         raise RuntimeError(f"{devices} devices failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -239,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = tuple(args.override)
     if args.child:
-        print(json.dumps(plan(args.config, overrides, compile_step=not args.state_only)))
+        with exit_on_config_error():
+            row = plan(args.config, overrides, compile_step=not args.state_only)
+        print(json.dumps(row))
         return
     rows = []
     for devices in (int(d) for d in args.devices.split(",")):

@@ -30,3 +30,12 @@ def test_plan_of_the_tiny_dpo_config_counts_its_sharded_state():
     assert row["alias"] >= row["trainable"] + 2 * row["trainable"] * 0.9
     assert plan_memory.peak(row) > row["argument"]
     assert "v5e (16 GB)" in plan_memory._table([row])
+
+
+def test_device_count_fills_the_config_argument():
+    """``--config=configs/llava_1_5_7b_tpu.py:catpo,{devices} --devices=4,8,16,32``: each child
+    loads the preset for its own chip count."""
+    plan_memory = _module()
+    assert plan_memory.config_for("configs/llava_1_5_7b_tpu.py:catpo,{devices}", 16) == (
+        "configs/llava_1_5_7b_tpu.py:catpo,16")
+    assert plan_memory.config_for("configs/dpo.py", 16) == "configs/dpo.py"

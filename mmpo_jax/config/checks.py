@@ -373,9 +373,20 @@ def _mesh_and_batch_problems(tree: Mapping[str, Any], device_count: int | None) 
     if tree["model"]["init"] == "sft_base":
         batches["sft_base.batch_size"] = tree["sft_base"]["batch_size"]
     problems += [f"the {what} = {size} is not divisible by the data-parallel size {parallel} "
-                 f"(mesh {sizes}, batch axes {axes})"
+                 f"(mesh {sizes}, batch axes {axes}){_valid_accumulation(what, batch, parallel)}"
                  for what, size in batches.items() if size % parallel]
     return problems
+
+
+def _valid_accumulation(what: str, batch: int, parallel: int) -> str:
+    """For the micro-batch problem: the ``optimizer.grad_accum_steps`` that would fit, if any."""
+    if not what.startswith("micro-batch"):
+        return ""
+    valid = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % parallel == 0]
+    if not valid:
+        return f"; data.batch_size={batch} must be a multiple of {parallel}"
+    return (f"; valid optimizer.grad_accum_steps for data.batch_size={batch} on this mesh: "
+            f"{', '.join(map(str, valid))}")
 
 
 def _reference_problems(tree: Mapping[str, Any]) -> list[str]:

@@ -3,9 +3,11 @@
 Every parameter of the models carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
 ``kv_heads``; ``None`` for axes never sharded) in its ``out_sharding`` metadata. A rules table — one
 vocabulary for parameters, activations and batches, declared in the config — maps each logical name
-to a mesh axis (``data``, ``fsdp``, ``tensor``) or to nothing. A dimension that the mesh axis does
-not divide is replicated instead of failing to compile: tiny models on many devices stay runnable,
-and ``describe_replications`` says which parameters that happened to.
+to a mesh axis (``data``, ``fsdp``, ``tensor``) or to nothing; an axis named by a tuple of logical
+names (a LoRA factor's large axis, ``models.partitioning``) takes the mesh axes of each, in order.
+A dimension that the mesh axes do not divide is replicated instead of failing to compile: tiny
+models on many devices stay runnable, and ``describe_replications`` says which parameters that
+happened to.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmpo_jax.models.partitioning import AxisName, axis_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -70,22 +74,25 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(grid, MESH_AXES)
 
 
-def _mesh_axes_for(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
-    if name is None:
-        return ()
-    target = rules.get(name)
-    if target is None:
-        return ()
-    return (target,) if isinstance(target, str) else tuple(target)
+def _mesh_axes_for(name: AxisName, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    """The mesh axes of one array axis's logical name(s), in order, each once."""
+    axes: list[str] = []
+    for logical_name in axis_names(name):
+        target = rules.get(logical_name)
+        for axis in () if target is None else (target,) if isinstance(target, str) else target:
+            if axis not in axes:
+                axes.append(axis)
+    return tuple(axes)
 
 
 def logical_to_spec(
-    names: Sequence[str | None],
+    names: Sequence[AxisName],
     shape: Sequence[int],
     mesh: Mesh,
     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
 ) -> PartitionSpec:
-    """The ``PartitionSpec`` for an array whose axes carry logical ``names``.
+    """The ``PartitionSpec`` for an array whose axes carry logical ``names`` (a name, a tuple of
+    names or None per axis).
 
     A mesh axis is used at most once per array (first come, first served) and only where it
     divides the dimension; otherwise that dimension is replicated over it.
@@ -107,7 +114,7 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def _logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+def _logical_names(variable: nnx.Variable) -> tuple[AxisName, ...] | None:
     names = variable.get_metadata().get("out_sharding")
     return tuple(names) if names else None
 

@@ -314,6 +314,7 @@ def hidden_token_logprobs(
     mask: jax.Array,
     *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    banned_token_ids: jax.Array | None = None,
 ) -> jax.Array:
     """``token_logprobs`` of the logits ``hidden @ lm_head``, the LM head applied chunk by chunk.
 
@@ -328,12 +329,20 @@ def hidden_token_logprobs(
       labels: ``[B, P]`` token ids each position predicts; any value where ``mask`` is false.
       mask: ``[B, P]`` bool or 0/1.
       chunk_size: positions per chunk; None computes all at once.
+      banned_token_ids: ``[K]`` int token ids whose logits are set to ``-inf`` in each chunk before
+        the log-softmax (tokens a sampler never draws, e.g. FiSAO's image placeholder), as
+        ``logits.at[..., banned].set(-inf)`` on the full logits would; None bans nothing.
 
     Returns:
       ``[B, P]`` float32, 0 where masked.
     """
     _check_hidden(hidden, lm_head, mask, labels=labels)
-    return _chunked_label_logprobs(hidden, lambda h: head_logits(h, lm_head), labels, mask, chunk_size)
+
+    def to_logits(h: jax.Array) -> jax.Array:
+        logits = head_logits(h, lm_head)
+        return logits if banned_token_ids is None else logits.at[..., banned_token_ids].set(-jnp.inf)
+
+    return _chunked_label_logprobs(hidden, to_logits, labels, mask, chunk_size)
 
 
 def hidden_label_logits(hidden: jax.Array, lm_head: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

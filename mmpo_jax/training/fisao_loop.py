@@ -8,7 +8,8 @@
    each from the current policy (``pipelines.fisao.sample_rollouts``, jitted ``generate``);
 2. object words, verifier scores and calibrated token rewards (``pipelines.fisao``);
 3. one jitted forward of the sampling policy and of the frozen reference over the samples:
-   ``old`` and ``ref`` per-token log-probs;
+   ``old`` and ``ref`` per-token log-probs (the LM head at the response positions only,
+   ``response_token_logps``);
 4. ``rollout.ppo_epochs`` jitted PPO-clip updates over the whole batch
    (``registry.compute_objective`` with the ``fisao_ppo`` term, through
    ``step.masked_objective``: one update per epoch, the group baseline spans the batch
@@ -60,10 +61,9 @@ from mmpo_jax.engine import reference_cache, sharding
 from mmpo_jax.engine import state as state_lib
 from mmpo_jax.engine.step import masked_objective
 from mmpo_jax.models.llava import Llava
-from mmpo_jax.objectives import registry
+from mmpo_jax.objectives import logprobs, registry
 from mmpo_jax.objectives import terms as terms_lib
 from mmpo_jax.objectives.fisao import PPO_READS, SAMPLE
-from mmpo_jax.objectives.logprobs import token_logprobs
 from mmpo_jax.objectives.metrics import Metric, accumulate, mean_metric
 from mmpo_jax.pipelines import fisao as rollouts
 from mmpo_jax.pipelines import verifier as verifier_lib
@@ -82,16 +82,28 @@ VERIFIER_HOLDOUT = 512
 # ----------------------------------------------------------------------------- jitted pieces
 
 
-def response_token_logps(model: Llava, batch: RolloutBatch,
-                         banned_token_ids: jax.Array) -> jax.Array:
+def response_token_logps(model: Llava, batch: RolloutBatch, banned_token_ids: jax.Array, *,
+                         chunk_size: int | None = logprobs.DEFAULT_CHUNK_SIZE) -> jax.Array:
     """Teacher-forced log-probs of the sampled response tokens: ``[B, M]`` float32, 0 off the
-    response; the ``banned_token_ids`` ``[K]`` get logit ``-inf`` as in sampling."""
+    response; the ``banned_token_ids`` ``[K]`` get logit ``-inf`` as in sampling.
+
+    Logits only where the loss reads them (issue 16): the response slots sit at the same ``M``
+    positions of every row, so the forward keeps the final hidden states of the ``M`` positions
+    that predict them (``T - 1 .. T + M - 2``, a static slice: nothing recompiles) and the LM head
+    and the log-softmax run chunk by chunk on those (``hidden_token_logprobs``, the banned ids at
+    ``-inf`` inside each chunk); no ``[B, T + M, V]`` logits exist, forward or backward.
+    """
     inputs = batch.sequences[:, :-1]
+    num_new = batch.response_mask.shape[1]
+    # position t predicts token t + 1
+    positions = jnp.broadcast_to(batch.prompt_length - 1 + jnp.arange(num_new, dtype=jnp.int32),
+                                 batch.response_mask.shape)
     out = model(inputs, pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask[:, :-1])
-    logits = out.logits[:, batch.prompt_length - 1:]  # position t predicts token t + 1
-    logits = logits.at[..., banned_token_ids].set(-jnp.inf)
-    return token_logprobs(logits, batch.new_tokens, batch.response_mask)
+                attention_mask=batch.attention_mask[:, :-1], output_positions=positions,
+                return_logits=False)
+    return logprobs.hidden_token_logprobs(
+        out.last_hidden_state, model.language_model.lm_head_table(), batch.new_tokens,
+        batch.response_mask, chunk_size=chunk_size, banned_token_ids=banned_token_ids)
 
 
 def _merge(graphdef: Any, *states: Any) -> nnx.Module:

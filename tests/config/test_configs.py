@@ -117,6 +117,32 @@ def test_llava_catpo_takes_the_papers_settings():
     assert epoch_steps(mdpo, 5733) == 540  # 3 x ceil(5733 / 32): each epoch's last batch padded
 
 
+@pytest.mark.parametrize("chips", [4, 8, 16, 32])
+def test_tpu_preset_is_valid_on_every_documented_slice(chips):
+    """v4-8 (4 chips), v5e-8 (8), v4-32 (16), v4-64 / v5e-32 (32): ``:catpo,<chips>`` is valid at
+    one or two rows per chip per micro-batch; the default (``:catpo``) is 4 and 8 chips'."""
+    config = _load(f"llava_1_5_7b_tpu.py:catpo,{chips}")
+    validate(config, device_count=chips)
+    accum = config.optimizer.grad_accum_steps
+    assert config.data.batch_size % accum == 0
+    assert config.data.batch_size // accum // chips in (1, 2)
+    if chips <= 8:
+        assert _load("llava_1_5_7b_tpu.py:catpo").to_dict() == config.to_dict()
+    else:  # the default on a larger slice: the valid accumulation is named
+        message = _problems(_load("llava_1_5_7b_tpu.py:catpo"), device_count=chips)
+        valid = "1, 2" if chips == 16 else "1"
+        assert message.endswith(f"valid optimizer.grad_accum_steps for data.batch_size=32 on "
+                                f"this mesh: {valid}"), message
+
+
+def test_tpu_preset_rejects_a_chip_count_the_batch_cannot_spread_over():
+    with pytest.raises(ConfigError, match=r"chips=12: the batch of 32 spreads evenly over "
+                                          r"\[1, 2, 4, 8, 16, 32\] chips only"):
+        _load("llava_1_5_7b_tpu.py:catpo,12")
+    with pytest.raises(ConfigError, match="expected '<method>,<chips>'"):
+        _load("llava_1_5_7b_tpu.py:catpo,v4")
+
+
 def test_unknown_llava_method_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown method 'bogus'.*'catpo'"):
         _load("llava_1_5_7b_tpu.py:bogus")
@@ -188,6 +214,12 @@ def test_batch_splits():
     micro = _load("dpo.py", "optimizer.grad_accum_steps=8")  # micro-batch 4 over 8 devices
     validate(micro, device_count=4)
     assert "micro-batch" in _problems(micro, device_count=8)
+    batch = micro.data.batch_size
+    assert _problems(micro, device_count=8).endswith(  # the accumulations that would fit
+        f"valid optimizer.grad_accum_steps for data.batch_size={batch} on this mesh: "
+        + ", ".join(str(a) for a in range(1, batch + 1) if batch % a == 0 and batch // a % 8 == 0))
+    assert _problems(_load("dpo.py", "data.batch_size=12"), device_count=8).endswith(
+        "data.batch_size=12 must be a multiple of 8")
     sft = _load("dpo.py", "sft_base.batch_size=12")
     assert "sft_base.batch_size = 12" in _problems(sft, device_count=8)
     validate(_load("dpo.py", "sft_base.batch_size=12", "model.init=random"), device_count=8)

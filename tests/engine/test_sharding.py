@@ -1,5 +1,7 @@
 """Mesh construction and logical-axis sharding on 8 fake CPU devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mmpo_jax.models.partitioning import logical
 from mmpo_jax.engine import sharding
+from mmpo_jax.models.lora import LLAMA_LINEAR_NAMES, LoraConfig, apply_lora
+from mmpo_jax.models.partitioning import logical
+from mmpo_jax.models.llama import LlamaForCausalLM
+from tests.models.test_lora import TEXT
 
 
 class _TwoLayer(nnx.Module):
@@ -61,3 +66,44 @@ def test_sharded_state_computes_the_same_as_unsharded():
     # fsdp splits the contraction, so the float32 sum is reassociated: ~1e-5 relative at worst.
     np.testing.assert_allclose(forward(placed, x_placed), forward(state, x), rtol=1e-5, atol=1e-7)
     assert forward(placed, x_placed).sharding.spec[0] == ("data", "fsdp")
+
+
+
+def test_lora_adapters_shard_over_fsdp_and_a_lora_step_matches_one_device():
+    """Every adapter factor of a LoRA decoder is split over the 8 fsdp devices on its large
+    axis, the rank axis whole (as its kernel is split, on ``embed``); an SGD step of the adapters
+    on that mesh equals one device's."""
+    one_layer = LlamaForCausalLM(dataclasses.replace(TEXT, num_hidden_layers=1), rngs=nnx.Rngs(0))
+    model = apply_lora(one_layer, LoraConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+    # lora_b starts at 0, where lora_a's gradient is 0 too: move it so both factors are tested
+    adapters = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                            adapters)
+    mesh = sharding.make_mesh({"fsdp": 8})
+    adapter_shardings = sharding.state_shardings(adapters, mesh)
+    specs = {path: leaf.get_value().spec for path, leaf in nnx.to_flat_state(adapter_shardings)}
+    assert len(specs) == 2 * len(LLAMA_LINEAR_NAMES)
+    for path, spec in specs.items():
+        assert spec == (P("fsdp", None) if path[-1] == "lora_a" else P(None, "fsdp")), (path, spec)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 63, size=(8, 12)), jnp.int32)
+
+    def step(adapters, rest, ids):
+        def loss(adapters):
+            logits, _ = nnx.merge(graphdef, adapters, rest)(ids[:, :-1])
+            picked = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)
+            return -jnp.mean(picked)
+
+        value, grads = jax.value_and_grad(loss)(adapters)
+        return value, jax.tree.map(lambda p, g: p - 0.5 * g, adapters, grads)
+
+    one = jax.jit(step)(adapters, rest, ids)
+    placed = (jax.device_put(adapters, adapter_shardings),
+              jax.device_put(rest, sharding.state_shardings(rest, mesh)),
+              jax.device_put(ids, sharding.batch_sharding(mesh, rank=2)))
+    eight = jax.jit(step)(*placed)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one[1], adapters)
+    assert min(jax.tree.leaves(moved)) > 0  # every factor has a gradient
+    np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
+    for (path, new), (_, want) in zip(nnx.to_flat_state(eight[1]), nnx.to_flat_state(one[1])):
+        assert new.get_value().sharding.spec == specs[path]  # the step keeps the split
+        np.testing.assert_allclose(new.get_value(), want.get_value(), rtol=1e-5, atol=1e-6)

@@ -235,13 +235,17 @@ def test_adapters_carry_logical_axis_names_and_shard():
     model = apply_lora(llama(), CONFIG, rngs=nnx.Rngs(1))
     for layer in lora_layers(model):
         in_axis, out_axis = layer.kernel.get_metadata()["out_sharding"]
-        assert layer.lora_a.get_metadata()["out_sharding"] == (in_axis, None)
-        assert layer.lora_b.get_metadata()["out_sharding"] == (None, out_axis)
+        # the large axis takes both kernel axes' names, its own first; the rank axis none
+        assert layer.lora_a.get_metadata()["out_sharding"] == ((in_axis, out_axis), None)
+        assert layer.lora_b.get_metadata()["out_sharding"] == (None, (out_axis, in_axis))
     mesh = make_mesh({"fsdp": 2, "tensor": 4})
     shardings = state_shardings(nnx.state(model, nnx.LoRAParam), mesh)
-    q_proj = shardings["model"]["layers"][0]["self_attn"]["q_proj"]
-    assert q_proj["lora_a"].spec == jax.sharding.PartitionSpec("fsdp", None)
-    assert q_proj["lora_b"].spec == jax.sharding.PartitionSpec(None, "tensor")
+    attention = shardings["model"]["layers"][0]["self_attn"]
+    P = jax.sharding.PartitionSpec
+    assert attention["q_proj"]["lora_a"].spec == P(("fsdp", "tensor"), None)  # kernel (embed, heads)
+    assert attention["q_proj"]["lora_b"].spec == P(None, ("tensor", "fsdp"))
+    assert attention["o_proj"]["lora_a"].spec == P(("tensor", "fsdp"), None)  # kernel (heads, embed)
+    assert attention["o_proj"]["lora_b"].spec == P(None, ("fsdp", "tensor"))
 
 
 def test_lora_a_follows_peft_kaiming_uniform_and_b_starts_at_zero():

@@ -13,6 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
+from mmpo_jax.engine.step import masked_objective
+from mmpo_jax.objectives import fisao as fisao_objective
+from mmpo_jax.objectives import logprobs, terms
 from mmpo_jax.pipelines import fisao
 from mmpo_jax.pipelines.verifier import WordClipSpec
 from mmpo_jax.config import checks as config_checks
@@ -47,6 +50,57 @@ def _perturbed(model, scale: float, seed: int):
 def test_old_log_probs_are_the_sampling_distribution(rollout):
     old = nnx.jit(fisao_loop.response_token_logps)(fx.base_model(), rollout, BANNED)
     np.testing.assert_allclose(old, rollout.sampler_logps, rtol=1e-5, atol=1e-5)
+
+
+def _full_logits_logps(model, batch, banned):
+    """The log-probs as FiSAO computed them before issue 16: the full ``[B, T + M - 1, V]``
+    logits, the banned columns at ``-inf``, the response slice read by ``token_logprobs``."""
+    out = model(batch.sequences[:, :-1], pixel_values=batch.pixel_values,
+                attention_mask=batch.attention_mask[:, :-1])
+    logits = out.logits[:, batch.prompt_length - 1:].at[..., banned].set(-jnp.inf)
+    return logprobs.token_logprobs(logits, batch.new_tokens, batch.response_mask)
+
+
+def _left_padded(batch, extra: int):
+    """``batch`` with ``extra`` more pad columns left of the prompt (masked out)."""
+    pad = lambda x, value: jnp.pad(x, ((0, 0), (extra, 0)), constant_values=value)
+    return batch.replace(sequences=pad(batch.sequences, fx.tokenizer().pad_token_id),
+                         attention_mask=pad(batch.attention_mask, False),
+                         prompt_length=batch.prompt_length + extra)
+
+
+def test_kept_positions_log_probs_and_ppo_loss_match_the_full_logits(rollout):
+    """Scoring only the response positions changes nothing: the log-probs and the PPO loss equal
+    the full-logits path's, also in chunks (with a tail) and with more prompt padding."""
+    model = fx.base_model()
+    noise = jax.random.normal(jax.random.key(3), (2,) + rollout.response_mask.shape)
+    method = {"name": "fisao", "beta_kl": 0.05}
+
+    def loss(batch, old, logps):
+        fixed = fisao_loop.fixed_scores(batch, noise[0], old,
+                                        jnp.where(batch.response_mask, old + 0.1 * noise[1], 0.0))
+        scored = {**fixed, terms.token_logps(terms.POLICY, fisao_objective.SAMPLE): logps}
+        return masked_objective(method, scored, batch.example_mask)[0]
+
+    @nnx.jit
+    def paths(model):
+        old = _full_logits_logps(model, rollout, BANNED)
+        padded = _left_padded(rollout, 8)
+        kept = {"kept": fisao_loop.response_token_logps(model, rollout, BANNED),
+                "padded": fisao_loop.response_token_logps(model, padded, BANNED),
+                "chunked": fisao_loop.response_token_logps(model, rollout, BANNED, chunk_size=3)}
+        # the old policy moved a little, so the ratio (and the loss) depend on the log-probs
+        moved = jnp.where(rollout.response_mask, old + 0.05 * noise[1], 0.0)
+        return ({name: (logps, loss(rollout, moved, logps)) for name, logps in kept.items()},
+                (old, loss(rollout, moved, old)), _full_logits_logps(model, rollout, BANNED[:0]))
+
+    kept, (want, want_loss), unbanned = paths(model)
+    # The image placeholder has a real probability under the random model: banning it matters.
+    assert np.max(np.abs(unbanned - want)) > 1e-3
+    assert float(want_loss) != 0.0 and np.all(want[rollout.response_mask] < 0)
+    for name, (logps, kept_loss) in kept.items():
+        np.testing.assert_allclose(logps, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(kept_loss, want_loss, rtol=1e-5, err_msg=name)
 
 
 @functools.lru_cache(maxsize=None)
