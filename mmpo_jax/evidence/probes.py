@@ -7,12 +7,14 @@
   caption's first tokens (``engine.scoring.enhancement_mask``, ``configs/adapt.py``'s options).
 
 The caption is the SFT base's own greedy caption of the image (from its test evaluation), as a
-preference pair whose chosen and rejected sides are that caption.
+preference pair whose chosen and rejected sides are that caption. `cached` stores the result
+beside the runs, so a resumed study does not recompile the two probes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any
 
@@ -25,7 +27,7 @@ from mmpo_jax.data.batch import shift_for_next_token
 from mmpo_jax.data.fields import ORIGINAL
 from mmpo_jax.data.pipeline import preference_pipeline
 from mmpo_jax.engine.scoring import enhancement_mask, plan_scoring, reference_scores
-from mmpo_jax.evidence.runs import Study
+from mmpo_jax.evidence.runs import Study, digest
 from mmpo_jax.objectives import terms as terms_lib
 
 
@@ -75,3 +77,20 @@ def compute(study: Study, record: dict[str, Any], caption: str) -> Probes:
     anchor = anchor_mask(study.base, batch)
     return Probes(np.asarray(record["image"]), caption, list(tokens), weights,
                   np.asarray(anchor[0]))
+
+
+def cached(study: Study, record: dict[str, Any], caption: str) -> Probes:
+    """`compute`, stored under ``<cache>/probes/`` by the SFT base, the record and the caption."""
+    key = digest({"base": study.base_digest, "record": record["id"], "caption": caption})
+    path = study.cache / "probes" / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            return Probes(stored["image"], str(stored["caption"]), stored["tokens"].tolist(),
+                          stored["weights"], stored["anchor_mask"])
+    probes = compute(study, record, caption)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial.npz")
+    np.savez(partial, image=probes.image, caption=probes.caption, tokens=np.asarray(probes.tokens),
+             weights=probes.weights, anchor_mask=probes.anchor_mask)
+    os.replace(partial, path)
+    return probes

@@ -2,9 +2,10 @@
 evaluated on one set of splits, each cached on disk under a hash of everything that decides it.
 
 - ``<cache>/train/<key>/``: ``run/`` (the training loop's workdir: checkpoints, ``metrics.jsonl``,
-  ``summary.json``; a run killed mid-way resumes from its last checkpoint), ``train.json`` (the
-  config, the summary, the chosen / rejected log-probability change, wall time) and ``model/``
-  (the final policy, written last under a temporary name: its presence means the run is done).
+  ``summary.json``; a run killed mid-way resumes from its last checkpoint), ``model/`` (the final
+  policy, committed under a temporary name) and ``train.json`` (the config, the summary, the
+  chosen / rejected log-probability change, wall time; written last: its presence means the run
+  is done).
   The key hashes the config (without its workdir) and the SFT base's parameters.
 - ``<cache>/eval/<key>.json``: one evaluation (``training.experiment.evaluate``: greedy,
   sampled and the requested ADAPT decodings) with its per-item details and the splits it read.
@@ -21,6 +22,7 @@ Training and evaluation are the main job's (``training.experiment``): the same i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
@@ -127,6 +129,13 @@ def logp_change(model: Llava, study: Study) -> dict[str, float]:
             for field in ("chosen", "rejected")}
 
 
+@functools.lru_cache(maxsize=1)
+def _load_model(directory: pathlib.Path) -> Llava:
+    """The last model loaded stays in memory: a run is scored, evaluated on validation and on
+    test one after the other, and building the model is a good part of a tiny run's cost."""
+    return model_io.load_model(directory)[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Trained:
     """A finished training run: its key, directory and ``train.json``."""
@@ -140,7 +149,7 @@ class Trained:
         return self.directory / "run"
 
     def model(self) -> Llava:
-        return model_io.load_model(self.directory / "model")[0]
+        return _load_model(self.directory / "model")
 
 
 def _ensure_p2dpo_pairs(study: Study, config: ml_collections.ConfigDict) -> None:
@@ -156,7 +165,7 @@ def train(study: Study, config: ml_collections.ConfigDict, label: str) -> Traine
     """The run of ``config`` from the SFT base: cached, or trained now (resuming a killed run)."""
     key = digest({"config": config_identity(config), "base": study.base_digest})
     directory = study.cache / "train" / key
-    if experiment.is_complete_model(directory / "model"):
+    if (directory / "train.json").is_file():
         study.log(f"  {label}: cached ({directory})")
         return Trained(key, directory, json.loads((directory / "train.json").read_text()))
     started = time.time()
@@ -172,10 +181,12 @@ def train(study: Study, config: ml_collections.ConfigDict, label: str) -> Traine
     result = experiment.train_variant(config, model=study.base, tokenizer=study.tokenizer,
                                       source=source, image_config=image_config,
                                       workdir=directory / "run")
+    experiment.commit_model(result.model, directory / "model")
+    trained = Trained(key, directory, {})
+    # scored unsharded, as loaded for evaluation (one compiled scorer for the base and every run)
     record = {"config": config_identity(config), "summary": result.summary,
-              **logp_change(result.model, study), "wall_s": time.time() - started}
-    write_atomic(directory / "train.json", json.dumps(record, indent=1, default=float))
-    experiment.commit_model(result.model, directory / "model")  # last: the run is complete
+              **logp_change(trained.model(), study), "wall_s": time.time() - started}
+    write_atomic(directory / "train.json", json.dumps(record, indent=1, default=float))  # last
     study.trained_now.append(key)
     study.log(f"  {label}: trained in {record['wall_s']:.0f} s")
     return Trained(key, directory, record)

@@ -195,7 +195,7 @@ def run_study(protocol: Any, out: pathlib.Path, cache: pathlib.Path, *, command:
     caption_records = load_split("shapes_world", splits.caption,
                                  data_dir=os.path.expanduser(protocol.world_config().data.data_dir),
                                  **splits.builder)
-    probe = probes.compute(study, caption_records[0], _base_caption(measured))
+    probe = probes.cached(study, caption_records[0], _base_caption(measured))
     plot_names = plots.write(out, summary["rows"], probe)
     results = {
         "command": command, "version": mmpo_jax.__version__, "commit": _commit(),

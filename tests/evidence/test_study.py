@@ -16,7 +16,7 @@ from mmpo_jax.evidence import runs, selection, study
 from mmpo_jax.evidence.protocol import Protocol
 from mmpo_jax.training import experiment
 
-WORLD = {"sft_size": 16, "preference_size": 16, "test_caption_size": 4, "test_pope_images": 1}
+WORLD = {"sft_size": 16, "preference_size": 16, "test_caption_size": 2, "test_pope_images": 1}
 
 
 def _protocol(tmp_path) -> Protocol:
@@ -24,8 +24,8 @@ def _protocol(tmp_path) -> Protocol:
                     betas=(0.1,), updates=2, batch_size=8, world=WORLD, bootstrap_samples=20,
                     logp_records=4, overrides=(
                         f"data.data_dir={tmp_path / 'data'}", "model.init=random",
-                        "eval.num_samples=1", "eval.max_new_tokens=6",
-                        "eval.batch_size=8", "checkpoint.async_save=false"))
+                        "eval.num_samples=1", "eval.max_new_tokens=4",
+                        "eval.batch_size=4", "checkpoint.async_save=false"))
 
 
 @pytest.mark.slow
