@@ -14,7 +14,6 @@ Progress is printed per run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pathlib
 import shlex
@@ -23,27 +22,13 @@ from collections.abc import Sequence
 
 from absl import logging as absl_logging
 
-from mmpo_jax.config.loading import exit_on_config_error
+from mmpo_jax.config.loading import exit_on_config_error, world_options
 from mmpo_jax.evidence import protocol as protocol_lib
 from mmpo_jax.evidence.study import run_study
 
 
 def _numbers(text: str, kind: type) -> tuple:
     return tuple(kind(x) for x in text.split(",") if x.strip())
-
-
-def _world(pairs: Sequence[str]) -> dict[str, object]:
-    """``["world=v2", "p=0.5"]`` -> ``{"world": "v2", "p": 0.5}`` (values read as JSON, else text)."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise SystemExit(f"--world {pair!r} is not KEY=VALUE (e.g. --world world=v2)")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def parse_protocol(argv: Sequence[str] | None = None) -> tuple[protocol_lib.Protocol, argparse.Namespace]:
@@ -65,7 +50,7 @@ def parse_protocol(argv: Sequence[str] | None = None) -> tuple[protocol_lib.Prot
     parser.add_argument("--cache", default="runs/evidence", help="the runs' cache (resumable)")
     parser.add_argument("--configs", default="configs", help="the config files' directory")
     args = parser.parse_args(argv)
-    changes: dict[str, object] = {"world": _world(args.world), "overrides": tuple(args.set),
+    changes: dict[str, object] = {"world": world_options(args.world), "overrides": tuple(args.set),
                                   "configs": args.configs}
     if args.methods != "all" or not args.quick:
         changes["rows"] = protocol_lib.parse_rows(args.methods)

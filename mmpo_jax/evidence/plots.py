@@ -21,7 +21,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
 
 from mmpo_jax.evidence.probes import Probes  # noqa: E402
 from mmpo_jax.training.logging import read_metrics  # noqa: E402
