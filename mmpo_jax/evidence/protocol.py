@@ -34,6 +34,7 @@ from typing import Any
 import ml_collections
 
 from mmpo_jax.config.loading import load_config
+from mmpo_jax.config.schema import OPTIONAL_SECTIONS
 from mmpo_jax.data.builders.shapes_world import WORLDS
 from mmpo_jax.evidence import rows as rows_lib
 
@@ -97,7 +98,8 @@ class Protocol:
       learning_rates, betas: the selection grid.
       updates, batch_size: every trained row's budget (module doc).
       world: shapes-world builder options (``world="v2"`` for v2; ``{}``: the default world).
-      overrides: config overrides applied to every run (``--set``), after the world's.
+      overrides: config overrides applied to every run (``--set``), after the world's; one
+        naming an optional section applies to the runs whose config has it.
       recall_tolerance: a setting is eligible when its validation sampled recall is at least the
         base's minus this.
       base_seed: the seed of the one SFT base.
@@ -146,8 +148,16 @@ class Protocol:
         """The config of the SFT base and of every evaluation: ``configs/sft.py``'s sections
         with the world, the common overrides and ``extra`` (an evaluation's `Splits`)."""
         seed = self.base_seed if seed is None else seed
-        return load_config(str(pathlib.Path(self.configs, "sft.py")),
-                           (*self.world_overrides(), *self.overrides, f"seed={seed}", *extra))
+        path = str(pathlib.Path(self.configs, "sft.py"))
+        return load_config(path, (*self.world_overrides(), *self.common_overrides(load_config(path)),
+                                  f"seed={seed}", *extra))
+
+    def common_overrides(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """``overrides`` that apply to ``config``: one naming an optional section (``pairs``,
+        ``rollout``, ``benchmarks``) applies only to configs that have that section."""
+        return tuple(o for o in self.overrides
+                     if o.split("=", 1)[0].split(".", 1)[0] in config
+                     or o.split(".", 1)[0] not in OPTIONAL_SECTIONS)
 
     def budget_overrides(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
         """The budget of the module doc for ``config``'s method."""
@@ -186,7 +196,7 @@ class Protocol:
         chosen = [f"optimizer.learning_rate={settings['learning_rate']!r}"] if settings else []
         if "beta" in settings:
             chosen.append(f"method.beta={settings['beta']!r}")
-        overrides = (*world, *self.overrides, *row.overrides, *self.budget_overrides(file_config),
+        overrides = (*world, *self.common_overrides(file_config), *row.overrides, *self.budget_overrides(file_config),
                      *chosen, f"seed={seed}", "train.progress_bar=false", "eval.control=false")
         return load_config(path, overrides)
 

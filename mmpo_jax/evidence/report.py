@@ -15,6 +15,7 @@ from typing import Any
 
 from mmpo_jax.engine.disk import write_atomic
 from mmpo_jax.evidence import statistics
+from mmpo_jax.evidence.rows import ROWS
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "EVIDENCE.md"
@@ -118,8 +119,10 @@ def protocol_text(results: Mapping[str, Any]) -> str:
 def markdown(results: Mapping[str, Any]) -> str:
     rows = results["rows"]
     labels = {key: r["label"] for key, r in rows.items()}
-    groups = {g: {k: r for k, r in rows.items() if r["group"] == g or k in ("base",)}
-              for g in ("main", "ablation", "decoding")}
+    context = {"main": set(), "ablation": {"base", "dpo", *(r.parent for r in ROWS.values())},
+               "decoding": {"base", *(r.model_of for r in ROWS.values())}}
+    groups = {g: {k: r for k, r in rows.items() if r["group"] == g or k in context[g]}
+              for g in context}
     parts = [
         "# Evidence: which methods make the tiny LLaVA hallucinate less", "",
         f"Command: `{results['command']}`  ",
@@ -132,9 +135,9 @@ def markdown(results: Mapping[str, Any]) -> str:
         "## Test metrics (mean ± std over seeds)", "", metrics_table(groups["main"], MAIN_COLUMNS),
         "",
     ]
-    for group, title in (("ablation", "Ablations (parent's settings)"),
-                         ("decoding", "ADAPT's decodings (greedy, no training)")):
-        if len(groups[group]) > 1:
+    for group, title in (("ablation", "Ablations (parent's settings), with their parents"),
+                         ("decoding", "ADAPT's decodings (greedy, no training), with their models")):
+        if any(r["group"] == group for r in groups[group].values()):
             parts += [f"### {title}", "", metrics_table(groups[group], MAIN_COLUMNS), ""]
     parts += ["### POPE per split", "", metrics_table(rows, POPE_COLUMNS), ""]
     for reference, title in (("control", "the control"), ("dpo", "DPO")):
