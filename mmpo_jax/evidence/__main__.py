@@ -61,7 +61,10 @@ def parse_protocol(argv: Sequence[str] | None = None) -> tuple[protocol_lib.Prot
     if args.betas:
         changes["betas"] = _numbers(args.betas, float)
     build = protocol_lib.quick if args.quick else protocol_lib.Protocol
-    return build(**changes), args
+    try:
+        return build(**changes), args
+    except ValueError as error:  # an unknown row or world, an empty grid: one line, status 2
+        parser.error(str(error))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

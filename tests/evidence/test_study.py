@@ -129,3 +129,15 @@ def test_every_row_budget_is_the_same_number_of_updates():
             config.rollout.ppo_epochs if config.method.name == "fisao" else 1)
         assert (updates, config.data.batch_size) == (protocol.updates, protocol.batch_size), key
     assert runs.digest({"a": 1}) != runs.digest({"a": 2})
+
+
+def test_the_command_line_names_a_bad_row_in_one_line(capsys):
+    from mmpo_jax.evidence.__main__ import parse_protocol
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_protocol(["--methods", "dpo,catpoo"])
+    assert exit_info.value.code == 2
+    assert "unknown row(s) ['catpoo']; valid:" in capsys.readouterr().err
+    protocol, _ = parse_protocol(["--quick", "--world", "world=v2", "--seeds", "3"])
+    assert protocol.rows == ("base", "control", "dpo", "catpo") and protocol.seeds == (3,)
+    assert protocol.world == {"world": "v2"} and "model.preset=tiny_v2" in protocol.world_overrides()
