@@ -86,7 +86,7 @@ def training_curves(rows: Mapping[str, Any], path: pathlib.Path) -> bool:
             if name is None:
                 continue
             points = [(r["step"], r[name]) for r in records if name in r]
-            axis.plot(*zip(*points), label=label, linewidth=1)
+            axis.plot(*zip(*points), label=label, linewidth=1, marker=".", markersize=3)
             axis.set_title(title)
             axis.set_xlabel("optimizer step (FiSAO: rollout step)")
     axes[0].legend(fontsize=6)
