@@ -49,6 +49,7 @@ import pathlib
 import re
 from collections.abc import Sequence
 
+from mmpo_jax.config.loading import world_options
 from mmpo_jax.data import image_processing
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
@@ -153,20 +154,6 @@ def path_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def _world_options(pairs: Sequence[str]) -> dict[str, object]:
-    """["p=0.5", "seed=3"] -> {"p": 0.5, "seed": 3} (values read as JSON, else kept as text)."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise SystemExit(f"--world {pair!r} is not KEY=VALUE (e.g. --world p=0.5)")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def spec_from_args(args: argparse.Namespace) -> suite.EvaluationSpec:
     """The evaluation spec of the command line; a bad combination exits naming the flags, with
     every path flag that names nothing (`path_problems`)."""
@@ -187,7 +174,7 @@ def _exit_if(problems: list[str]) -> None:
 
 def _shapes_world(args: argparse.Namespace) -> dict[str, float]:
     _exit_if(path_problems(args))
-    world = _world_options(args.world)
+    world = world_options(args.world)
     model, config = load_orbax_model(args.checkpoint)
     caption_split = distributed.primary_first("prepare shapes_world", lambda: load_split(
         "shapes_world", "test_caption", data_dir=args.data_dir, **world))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -147,6 +148,21 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     except flags.Error as error:
         raise ValueError(f"{path}: {error}") from error
     return holder.value
+
+
+def world_options(pairs: Sequence[str]) -> dict[str, object]:
+    """``--world`` flags of the CLIs: ``["p=0.5", "seed=3"]`` -> ``{"p": 0.5, "seed": 3}``
+    (shapes-world builder options; values read as JSON, else kept as text)."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise SystemExit(f"--world {pair!r} is not KEY=VALUE (e.g. --world p=0.5)")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def _check_key(config: ml_collections.ConfigDict, key: str) -> None:

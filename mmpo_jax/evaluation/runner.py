@@ -21,6 +21,7 @@ Batches are padded to `batch_size` rows and prompt lengths to a multiple of 8
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,12 +35,13 @@ from transformers import PreTrainedTokenizerBase
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.data.template import decode_response
 from mmpo_jax.data.tokenizer import pad_token_id
-from mmpo_jax.evaluation.chair import chair_counts, coco_mentions
+from mmpo_jax.evaluation.chair import ChairCounts, caption_chair_counts, chair_counts, coco_mentions
 from mmpo_jax.evaluation.coco_synonyms import COCO_SYNONYMS
-from mmpo_jax.evaluation.pope import pope_metrics
+from mmpo_jax.evaluation.pope import pope_counts, pope_metrics
 from mmpo_jax.evaluation.shapes import (
     ScoreFn,
     continuation_probability,
+    object_chair_counts,
     objects_from_json,
     partner_hallucination_rate,
     shapes_chair_metrics,
@@ -170,6 +172,36 @@ def caption_metrics(task: str, captions: Sequence[str], records: Sequence[Record
     raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
 
 
+def caption_item_counts(task: str, captions: Sequence[str], records: Sequence[Record]) -> list[ChairCounts]:
+    """Object-level CHAIR counts of each caption (`caption_metrics`' CHAIR is their sum), for
+    statistics over images."""
+    if task == "shapes_world":
+        return object_chair_counts(captions, [objects_from_json(r["objects"]) for r in records])
+    if task == "coco":
+        return [caption_chair_counts(coco_mentions(c), _coco_truth(r["objects"])) for c, r in zip(captions, records)]
+    raise ValueError(f"unknown evaluation task {task!r}; valid: {TASKS}")
+
+
+def image_key(record: Record) -> str:
+    """The image a record asks about: its metadata's "image_id" (a shapes-world POPE image has
+    several questions), else the record's "id", else ""."""
+    metadata = json.loads(record.get("metadata") or "{}")
+    image_id = metadata.get("image_id") if isinstance(metadata, dict) else None
+    return str(image_id or record.get("id", ""))
+
+
+def pass_details(task: str, captions: Sequence[Record], texts: Sequence[str], questions: Sequence[Record],
+                 answers: Sequence[str]) -> dict[str, list]:
+    """One decoding pass, item by item: `"captions"` (the texts), `"chair"` (each caption's
+    `ChairCounts` fields, `caption_item_counts`), `"answers"` (the POPE replies), `"pope"` (each
+    question's `PopeCounts` fields), `"pope_images"` (each question's `image_key`)."""
+    return {"captions": list(texts),
+            "chair": [list(dataclasses.astuple(c)) for c in caption_item_counts(task, texts, captions)] if captions else [],
+            "answers": list(answers),
+            "pope": [list(dataclasses.astuple(pope_counts([a], [r["answer"]]))) for a, r in zip(answers, questions)],
+            "pope_images": [image_key(r) for r in questions]}
+
+
 def _records(split: Sequence[Record] | None) -> list[Record]:
     return [] if split is None else [split[i] for i in range(len(split))]
 
@@ -189,6 +221,7 @@ def evaluate_model(
     max_new_tokens: int = 32,
     seed: int = 0,
     task: str = "shapes_world",
+    details: list[dict[str, list]] | None = None,
 ) -> dict[str, float]:
     """Hallucination metrics of `model` on a caption split and a POPE split.
 
@@ -204,6 +237,8 @@ def evaluate_model(
         METHODS.md §4 defaults; the model's images must form square patch grids).
       batch_size, max_new_tokens: of every `generate` call (captions and answers alike).
       task: "shapes_world" or "coco": how caption ground truth is read and text is parsed.
+      details: a list to which each decoding pass appends its items (`pass_details`: texts and
+        per-caption / per-question counts), for statistics over images; None keeps none.
 
     Returns:
       floats: caption metrics ("chair_s", "chair_i", "recall"; shapes world also "_attr" versions and
@@ -222,6 +257,8 @@ def evaluate_model(
     for sample in range(num_samples):
         rng = pass_rng(decoding, seed, sample)
         metrics: dict[str, float] = {}
+        texts: list[str] = []
+        answers: list[str] = []
         if captions:
             texts = generate_texts(model, tokenizer, [r["image"] for r in captions], [r["prompt"] for r in captions],
                                    rng=rng, **decode)
@@ -232,6 +269,8 @@ def evaluate_model(
                                      [r["question"] for r in questions], rng=pope_rng, **decode)
             metrics.update(pope_metrics(answers, [r["answer"] for r in questions], [r["category"] for r in questions]))
         passes.append(metrics)
+        if details is not None:
+            details.append(pass_details(task, captions, texts, questions, answers))
     result = summarise_passes(passes, with_spread=decoding == "sample")
     if task == "shapes_world" and captions:
         scorer = model_scorer(model, image_config, pad_id=pad_token_id(tokenizer), batch_size=batch_size)

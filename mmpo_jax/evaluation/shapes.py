@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from mmpo_jax.data import shapes_world
 from mmpo_jax.data.shapes_world import PARTNERS, ShapeObject
 from mmpo_jax.data.template import DropReason, encode_prompt_response
-from mmpo_jax.evaluation.chair import chair_counts
+from mmpo_jax.evaluation.chair import ChairCounts, caption_chair_counts, chair_counts
 
 ScoreFn = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[np.ndarray]], list[np.ndarray]]
 """`score(images, prompt_ids, continuation_ids) -> logps`: for each example i, the model's
@@ -57,11 +57,19 @@ def shapes_chair_metrics(captions: Sequence[str], scenes: Sequence[Sequence[Shap
       {"chair_s", "chair_i", "recall"} (object level) and the same names + "_attr" (attribute level).
     """
     mentions = [shapes_world.parse_caption(text) for text in captions]
-    objects = chair_counts([[shape for _, shape in m] for m in mentions],
-                           [{o.shape for o in scene} for scene in scenes])
+    objects = sum(object_chair_counts(captions, scenes), ChairCounts())
     attributes = chair_counts(mentions, [{(o.color, o.shape) for o in scene} for scene in scenes],
                               _attribute_grounds)
     return {**objects.metrics(), **attributes.metrics("_attr")}
+
+
+def object_chair_counts(captions: Sequence[str], scenes: Sequence[Sequence[ShapeObject]]) -> list[ChairCounts]:
+    """Object-level CHAIR counts of each caption against its scene (their sum is
+    `shapes_chair_metrics`' object level): what a bootstrap over images resamples."""
+    if len(captions) != len(scenes):
+        raise ValueError(f"{len(captions)} captions but {len(scenes)} scenes; give one scene per caption")
+    return [caption_chair_counts([shape for _, shape in shapes_world.parse_caption(text)], {o.shape for o in scene})
+            for text, scene in zip(captions, scenes)]
 
 
 def record_partners(record: Mapping[str, Any]) -> dict[str, str]:

@@ -34,7 +34,7 @@ shapes world (generated there), the SFT-base cache (``<data.data_dir>/sft_base``
 prepared copy may sit on a read-only mount.
 
 The SFT-base cache entry ``<key>/model/`` is written under a temporary name and renamed into
-place last (``_commit_model``), so a run killed at any moment leaves no model or a complete one;
+place last (``commit_model``), so a run killed at any moment leaves no model or a complete one;
 the next run rebuilds a missing or incomplete one (its training resumes from ``<key>/run/``'s
 checkpoints).
 """
@@ -48,7 +48,7 @@ import logging
 import os
 import pathlib
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -213,7 +213,7 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
     model_dir = directory / "model"
     distributed.check_shared_directory(root, "sft_base.cache_dir")
     # Process 0's view decides, so that every process takes the same (collective) path.
-    if distributed.broadcast("sft base cached", _is_complete_model(model_dir)):
+    if distributed.broadcast("sft base cached", is_complete_model(model_dir)):
         logger.info("SFT base: using the cached model in %s", directory)
         return model_io.load_model(model_dir)[0]
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
@@ -221,7 +221,7 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
     result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
                    tokenizer=tokenizer, source=source, image_config=image_config,
                    workdir=directory / "run")
-    _commit_model(result.model, model_dir)
+    commit_model(result.model, model_dir)
     return model_io.load_model(model_dir)[0]
 
 
@@ -229,15 +229,15 @@ def _sft_base_root(config: Any) -> pathlib.Path:
     return _expand(config.sft_base.cache_dir or os.path.join(config.data.data_dir, "sft_base"))
 
 
-def _is_complete_model(model_dir: pathlib.Path) -> bool:
-    """Whether the cache entry holds a whole model; ``_commit_model`` writes only such entries,
+def is_complete_model(model_dir: pathlib.Path) -> bool:
+    """Whether the cache entry holds a whole model; ``commit_model`` writes only such entries,
     the check also refuses the half-written ones of older versions (a ``model/`` without its
     ``params/``)."""
     return ((model_dir / model_io.CONFIG_FILE).is_file()
             and (model_dir / model_io.PARAMS_DIR).is_dir())
 
 
-def _commit_model(model: Llava, model_dir: pathlib.Path) -> None:
+def commit_model(model: Llava, model_dir: pathlib.Path) -> None:
     """``model_io.save_model`` (collective) into ``<model_dir>.partial``, renamed to ``model_dir``
     last by process 0; a leftover of an interrupted write and an incomplete ``model_dir`` are
     removed first (by process 0, before any process writes)."""
@@ -268,8 +268,13 @@ def control_config(config: Any) -> ml_collections.ConfigDict:
 
 
 def evaluate(config: Any, model: Llava, tokenizer: Any,
-             image_config: image_processing.ImageProcessorConfig) -> dict[str, float]:
-    """Greedy metrics plus sampled ones (``sampled/<name>``, temperature ``eval.temperature``)."""
+             image_config: image_processing.ImageProcessorConfig, *,
+             decodings: Sequence[str] | None = None,
+             details: dict[str, list] | None = None) -> dict[str, float]:
+    """Greedy metrics plus sampled ones (``sampled/<name>``, temperature ``eval.temperature``)
+    and those of ``decodings`` (``<decoding>/<name>``; None: `evaluation_decodings`). With
+    ``details``, ``details["greedy" | "sampled" | <decoding>]`` gets each pass's items
+    (`runner.pass_details`)."""
     evaluation = config.eval
     data = config.data
     world = data.builder.to_dict()
@@ -282,15 +287,17 @@ def evaluate(config: Any, model: Llava, tokenizer: Any,
                   num_image_tokens=model.config.num_image_tokens,
                   batch_size=int(evaluation.batch_size),
                   max_new_tokens=int(evaluation.max_new_tokens), seed=int(config.seed))
-    metrics = evaluate_model(model, tokenizer, decoding="greedy", **common)
+    sink = (lambda name: None) if details is None else (lambda name: details.setdefault(name, []))
+    metrics = evaluate_model(model, tokenizer, decoding="greedy", details=sink("greedy"), **common)
     if evaluation.num_samples:
         sampled = evaluate_model(model, tokenizer, decoding="sample",
                                  num_samples=int(evaluation.num_samples),
-                                 temperature=float(evaluation.temperature), **{
-                                     **common, "pope_split": None})
+                                 temperature=float(evaluation.temperature),
+                                 details=sink("sampled"), **{**common, "pope_split": None})
         metrics.update({f"sampled/{k}": v for k, v in sampled.items()})
-    for decoding in evaluation_decodings(config):
-        adapted = evaluate_model(model, tokenizer, decoding=decoding, **common)
+    for decoding in evaluation_decodings(config) if decodings is None else decodings:
+        adapted = evaluate_model(model, tokenizer, decoding=decoding, details=sink(decoding),
+                                 **common)
         metrics.update({f"{decoding}/{k}": v for k, v in adapted.items()})
     return metrics
 
@@ -380,7 +387,7 @@ def world_config(config: Any) -> Any:
     return prompt_source_config(config)
 
 
-def _train_variant(variant: Any, *, evaluator: benchmarks.Evaluator | None = None,
+def train_variant(variant: Any, *, evaluator: benchmarks.Evaluator | None = None,
                    **kwargs: Any):
     """``train`` (benchmarks in the loop), or FiSAO's loop with the benchmarks of its final
     policy added to the returned summary (its loop takes no evaluator)."""
@@ -452,7 +459,7 @@ def run_variants(config: Any, variants: Mapping[str, tuple[Any, pathlib.Path]], 
     if real is not None:
         rows.setdefault(initial, {}).update(_unprefixed(real(base)))
     for name, (variant, variant_dir) in variants.items():
-        result = _train_variant(variant, model=base, tokenizer=tokenizer, source=source,
+        result = train_variant(variant, model=base, tokenizer=tokenizer, source=source,
                                 image_config=image_config, workdir=variant_dir, evaluator=real)
         summaries[name] = result.summary
         if evaluation:

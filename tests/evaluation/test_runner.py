@@ -16,6 +16,8 @@ from mmpo_jax.data.template import encode_prompt
 from mmpo_jax.data.tokenizer import build_word_tokenizer
 from mmpo_jax.evaluate import _parser as evaluate_parser
 from mmpo_jax.evaluate import main as evaluate_main
+from mmpo_jax.evaluation.chair import ChairCounts
+from mmpo_jax.evaluation.pope import pope_metrics
 from mmpo_jax.evaluation.runner import caption_metrics, evaluate_model, model_scorer, summarise_passes
 from mmpo_jax.evaluation.table import format_table
 from mmpo_jax.models.clip import CLIPVisionConfig
@@ -99,6 +101,26 @@ def test_scorer_matches_a_plain_forward_one_row_at_a_time(setup):
         log_probs = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
         expected = log_probs[np.arange(len(prompt) - 1, ids.shape[1] - 1), continuation]
         np.testing.assert_allclose(scored, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_details_hold_every_pass_item_by_item_and_add_up_to_the_metrics(setup):
+    details = []
+    metrics = _evaluate(setup, decoding="sample", num_samples=2, seed=1, details=details)
+    assert len(details) == 2
+    passes = [caption_metrics("shapes_world", one["captions"], setup["captions"]) for one in details]
+    for one, scored in zip(details, passes):
+        assert len(one["chair"]) == len(setup["captions"]) and len(one["pope"]) == len(setup["pope"])
+        assert ChairCounts(*np.sum(one["chair"], axis=0)).metrics() == pytest.approx(
+            {k: scored[k] for k in ("chair_s", "chair_i", "recall")})
+        tp, fp, tn, fn = np.sum(one["pope"], axis=0)
+        pope = pope_metrics(one["answers"], [r["answer"] for r in setup["pope"]],
+                            [r["category"] for r in setup["pope"]])
+        # the categories have as many questions each, so pooled accuracy is their mean
+        assert (tp + tn) / (tp + fp + tn + fn) == pytest.approx(pope["pope_accuracy"])
+        assert (tp + fp) / (tp + fp + tn + fn) == pytest.approx(pope["pope_yes_ratio"])
+        assert len(set(one["pope_images"])) == WORLD.test_pope_images
+    assert metrics["chair_i"] == pytest.approx(np.mean([p["chair_i"] for p in passes]))
 
 
 @pytest.mark.slow

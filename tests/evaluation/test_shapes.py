@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from mmpo_jax.data.tokenizer import build_word_tokenizer
 from mmpo_jax.evaluation.shapes import (
     continuation_probability,
     continuation_targets,
+    object_chair_counts,
     objects_from_json,
     partner_hallucination_rate,
     shapes_chair_metrics,
@@ -47,6 +49,13 @@ def test_object_and_attribute_level_by_hand():
         "chair_s": 1 / 2, "chair_i": 1 / 4, "recall": 2 / 3,
         "chair_s_attr": 1 / 2, "chair_i_attr": 2 / 4, "recall_attr": 2 / 3,
     })
+
+
+def test_object_counts_per_caption_by_hand():
+    scenes = [scene("red circle", "blue square"), scene("green star")]
+    counts = object_chair_counts(["a red circle, a blue circle and a green star.", "a green star."], scenes)
+    # (captions, hallucinated captions, mentions, hallucinated mentions, truths, recalled truths)
+    assert [dataclasses.astuple(c) for c in counts] == [(1, 1, 3, 1, 2, 1), (1, 0, 1, 0, 1, 1)]
 
 
 def test_wrong_colour_is_an_attribute_hallucination_only():

@@ -1,0 +1,143 @@
+"""The evidence study end to end on a micro budget: two trained rows, one seed, two steps each.
+
+Checks that the report, results.json and the plots are written, that the selection phase read
+no test split (a recording wrapper around the real `load_split`), and that a second invocation
+trains and evaluates nothing (every run cached).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmpo_jax.evidence import protocol as protocol_lib
+from mmpo_jax.evidence import runs, selection, study
+from mmpo_jax.evidence.protocol import Protocol
+from mmpo_jax.training import experiment
+
+WORLD = {"sft_size": 16, "preference_size": 16, "test_caption_size": 2, "test_pope_images": 1}
+
+
+def _protocol(tmp_path) -> Protocol:
+    return Protocol(rows=("control", "dpo"), seeds=(0,), learning_rates=(1e-3,),
+                    betas=(0.1,), updates=2, batch_size=8, world=WORLD, bootstrap_samples=20,
+                    logp_records=4, overrides=(
+                        f"data.data_dir={tmp_path / 'data'}", "model.init=random",
+                        "eval.num_samples=1", "eval.max_new_tokens=4",
+                        "eval.batch_size=4", "checkpoint.async_save=false"))
+
+
+@pytest.mark.slow
+def test_micro_study_writes_its_report_selects_on_validation_and_resumes(tmp_path, monkeypatch):
+    protocol = _protocol(tmp_path)
+    test = protocol_lib.test_splits(protocol.world)
+    read: list[tuple[str, dict]] = []
+    real_load_split = experiment.load_split
+
+    def recording_load_split(name, split, **options):
+        read.append((split, {k: v for k, v in options.items() if k not in ("data_dir", "manual_dir")}))
+        return real_load_split(name, split, **options)
+
+    monkeypatch.setattr(experiment, "load_split", recording_load_split)
+    lines: list[str] = []
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    real_select = study.select_settings
+    selection_reads: list[tuple[str, dict]] = []
+
+    def select_and_record(context):
+        start = len(read)
+        result = real_select(context)
+        selection_reads.extend(read[start:])
+        return result
+
+    monkeypatch.setattr(study, "select_settings", select_and_record)
+    results = study.run_study(protocol, out, cache, command="test", log=lines.append)
+
+    # The selection evaluated on validation splits only: no record of a test split was read.
+    evaluated = [(split, builder) for split, builder in selection_reads
+                 if split not in ("sft", "preference")]
+    assert evaluated, "the selection evaluated nothing"
+    assert all((split, builder) not in ((test.caption, dict(test.builder)),
+                                        (test.pope, dict(test.builder)))
+               for split, builder in evaluated), evaluated
+    assert all(builder["seed"] == protocol_lib.VALIDATION_SEED_OFFSET for _, builder in evaluated)
+    # ... and the measurement did read the test splits.
+    assert (test.caption, dict(test.builder)) in read[len(selection_reads):]
+
+    report = (out / "EVIDENCE.md").read_text()
+    assert report.index("## Protocol") < report.index("## Test metrics")
+    for text in ("SFT base", "control (SFT on chosen)", "DPO", "validation", "CHAIR_i sampled",
+                 "Paired differences to the control", json.dumps(WORLD)):
+        assert text in report, text
+    stored = json.loads((out / "results.json").read_text())
+    assert set(stored["rows"]) == {"base", "control", "dpo"}
+    assert set(stored["selection"]) == {"control", "dpo"}
+    assert all(len(choice["candidates"]) == 1 for choice in stored["selection"].values())
+    assert "sampled/chair_i" in stored["rows"]["dpo"]["paired"]["control"]
+    assert stored["trained_now"] == 2  # one per row: the test evaluation reuses seed 0's runs
+    for name in ("bar_sampled_chair_i.png", "chair_vs_recall.png", "curves.png", "probes.png"):
+        assert (out / name).stat().st_size > 1000, name
+        assert name in stored["plots"]
+
+    # A second invocation reuses every cached run: nothing is trained or evaluated again.
+    again = study.run_study(protocol, tmp_path / "out2", cache, command="test", log=lines.append)
+    assert again["trained_now"] == 0 and again["evaluated_now"] == 0
+    assert again["rows"]["dpo"]["summary"] == results["rows"]["dpo"]["summary"]
+
+
+def test_the_selection_refuses_a_test_evaluation():
+    validation = {"splits": {"role": "validation", "caption": "validation_caption"},
+                  "metrics": {"sampled/chair_i": 0.2, "sampled/recall": 0.8}}
+    test = {"splits": {"role": "test", "caption": "test_caption"},
+            "metrics": {"sampled/chair_i": 0.1, "sampled/recall": 0.9}}
+    with pytest.raises(selection.SelectionError, match="'test' splits"):
+        selection.choose([({"learning_rate": 1e-5}, test)], validation, recall_tolerance=0.02)
+    with pytest.raises(selection.SelectionError, match="'test' splits"):
+        selection.choose([({"learning_rate": 1e-5}, validation)], test, recall_tolerance=0.02)
+
+
+def test_the_selection_rule_keeps_recall_then_minimises_chair():
+    def evaluation(chair_i, recall):
+        return {"splits": {"role": "validation", "caption": "v"},
+                "metrics": {"sampled/chair_i": chair_i, "sampled/recall": recall}}
+
+    base = evaluation(0.3, 0.80)
+    grid = [({"learning_rate": 1e-5}, evaluation(0.20, 0.79)),   # eligible
+            ({"learning_rate": 2e-5}, evaluation(0.10, 0.70)),   # lowest CHAIR, lost recall
+            ({"learning_rate": 5e-5}, evaluation(0.15, 0.785))]  # eligible, lowest of those
+    choice = selection.choose(grid, base, recall_tolerance=0.02)
+    assert choice.settings == {"learning_rate": 5e-5} and choice.eligible
+    none_kept = selection.choose(grid[1:2], base, recall_tolerance=0.02)
+    assert none_kept.settings == {"learning_rate": 2e-5} and not none_kept.eligible
+
+
+def test_v1_validation_is_another_sample_and_v2_has_its_own_splits():
+    v1 = protocol_lib.validation_splits({"seed": 3})
+    assert (v1.caption, v1.builder["seed"]) == ("test_caption", 3 + protocol_lib.VALIDATION_SEED_OFFSET)
+    v2 = protocol_lib.validation_splits({"world": "v2"})
+    assert (v2.caption, v2.pope, dict(v2.builder)) == ("validation_caption", "validation_pope",
+                                                       {"world": "v2"})
+
+
+def test_every_row_budget_is_the_same_number_of_updates():
+    protocol = Protocol()
+    for key in ("dpo", "fisao", "control"):
+        config = protocol.row_config(protocol_lib.rows_lib.ROWS[key], {"learning_rate": 1e-5},
+                                     0, data_root=None)
+        updates = config.train.num_steps * (
+            config.rollout.ppo_epochs if config.method.name == "fisao" else 1)
+        assert (updates, config.data.batch_size) == (protocol.updates, protocol.batch_size), key
+    assert runs.digest({"a": 1}) != runs.digest({"a": 2})
+
+
+def test_the_command_line_names_a_bad_row_in_one_line(capsys):
+    from mmpo_jax.evidence.__main__ import parse_protocol
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_protocol(["--methods", "dpo,catpoo"])
+    assert exit_info.value.code == 2
+    assert "unknown row(s) ['catpoo']; valid:" in capsys.readouterr().err
+    protocol, _ = parse_protocol(["--quick", "--world", "world=v2", "--seeds", "3"])
+    assert protocol.rows == ("base", "control", "dpo", "catpo") and protocol.seeds == (3,)
+    assert protocol.world == {"world": "v2"} and "model.preset=tiny_v2" in protocol.world_overrides()
