@@ -193,6 +193,32 @@ def method_file_config(method_name: str) -> ml_collections.ConfigDict:
     return config_module(pathlib.Path(__file__).with_name(f"{method_name}.py")).get_config()
 
 
+def method_and_devices(arg: str | None, *, default_devices: int) -> tuple[str, int]:
+    """A platform preset's argument ``"<method>"`` or ``"<method>,<devices>"`` -> (method, devices);
+    the method defaults to "catpo". The device count is part of the argument because a config is
+    read before the job's devices are known (a multi-host job starts ``jax.distributed`` after)."""
+    method, _, devices = (arg or "catpo").partition(",")
+    if devices and not devices.strip().isdigit():
+        raise ValueError(f"{arg!r}: expected '<method>,<devices>' with an integer device count, "
+                         "e.g. 'catpo,16'")
+    return method.strip() or "catpo", int(devices) if devices else default_devices
+
+
+def accumulation_steps(devices: int, *, batch_size: int, rows_per_device: int, min_rows: int) -> int:
+    """``optimizer.grad_accum_steps`` that split ``batch_size`` into micro-batches of
+    ``max(min_rows, rows_per_device * devices)`` rows spread evenly over ``devices``; a one-line
+    ``ValueError`` naming the valid counts for one the batch cannot spread over."""
+    def micro(count: int) -> int:
+        return max(min_rows, rows_per_device * count)
+
+    valid = [c for c in range(1, batch_size + 1) if batch_size % micro(c) == 0 and micro(c) % c == 0]
+    if devices not in valid:
+        raise ValueError(f"{devices} devices: the batch of {batch_size} spreads evenly over {valid} "
+                         "devices only (or set --config.data.batch_size and "
+                         "--config.optimizer.grad_accum_steps yourself)")
+    return batch_size // micro(devices)
+
+
 def llava_1_5_7b(method_config: ml_collections.ConfigDict, **sections: Any
                  ) -> ml_collections.ConfigDict:
     """LLaVA-1.5-7B on RLHF-V with the method block and reference settings of ``method_config``.

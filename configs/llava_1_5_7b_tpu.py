@@ -28,33 +28,17 @@ from mmpo_jax.config.loading import config_module
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
 BATCH_SIZE = 32  # base.llava_1_5_7b's, the papers' effective batch
-DEFAULT_CHIPS = 8
-MIN_MICRO_BATCH = 8
-
-
-def grad_accum_steps(chips: int) -> int:
-    """Micro-batches of ``max(8, chips)`` rows per batch of 32 (module doc); one-line
-    ``ValueError`` for a chip count the batch cannot spread over evenly."""
-    valid = [c for c in range(1, BATCH_SIZE + 1) if BATCH_SIZE % c == 0]
-    if chips not in valid:
-        raise ValueError(f"chips={chips}: the batch of {BATCH_SIZE} spreads evenly over "
-                         f"{valid} chips only (or set --config.data.batch_size and "
-                         "--config.optimizer.grad_accum_steps yourself)")
-    return BATCH_SIZE // max(MIN_MICRO_BATCH, chips)
 
 
 def get_config(arg: str | None = None):
     """``arg``: ``"<method>"`` or ``"<method>,<chips>"``: a ``configs/<method>.py`` (default
     "catpo") and the slice's chip count (default 8, also right for 4)."""
-    method, _, chips = (arg or "catpo").partition(",")
-    if chips and not chips.strip().isdigit():
-        raise ValueError(f"{arg!r}: expected '<method>,<chips>' with an integer chip count, "
-                         f"e.g. 'catpo,16'")
-    chips = int(chips) if chips else DEFAULT_CHIPS
+    method, chips = base.method_and_devices(arg, default_devices=8)
+    accumulation = base.accumulation_steps(chips, batch_size=BATCH_SIZE, rows_per_device=1, min_rows=8)
     config = base.llava_1_5_7b(
-        base.method_file_config(method.strip() or "catpo"),
+        base.method_file_config(method),
         mesh=dict(data=1, fsdp=-1, tensor=1),
-        optimizer=dict(grad_accum_steps=grad_accum_steps(chips)),
+        optimizer=dict(grad_accum_steps=accumulation),
     )
     if config.data.batch_size != BATCH_SIZE:  # the accumulation above divides this batch
         raise ValueError(f"base.llava_1_5_7b's data.batch_size={config.data.batch_size}, "

@@ -102,8 +102,8 @@ def test_llava_presets_build_every_method(name, method):
     if name.endswith("tpu.py"):
         validate(config, device_count=8)
         validate(config, device_count=4)  # a v4-8 slice has 4 chips
-    else:  # one GPU: a mesh of ones
-        assert "8 devices" in _problems(config, device_count=8)
+    else:  # one GPU by default: 8 GPUs need ``:<method>,8``, whose accumulation is named
+        assert "valid optimizer.grad_accum_steps" in _problems(config, device_count=8)
 
 
 def test_llava_catpo_takes_the_papers_settings():
@@ -135,11 +135,24 @@ def test_tpu_preset_is_valid_on_every_documented_slice(chips):
                                 f"this mesh: {valid}"), message
 
 
-def test_tpu_preset_rejects_a_chip_count_the_batch_cannot_spread_over():
-    with pytest.raises(ConfigError, match=r"chips=12: the batch of 32 spreads evenly over "
-                                          r"\[1, 2, 4, 8, 16, 32\] chips only"):
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8, 16])
+def test_gpu_preset_is_valid_on_one_or_several_gpus(gpus):
+    """``:catpo,<gpus>``: FSDP over the GPUs, micro-batches of 2 rows per GPU (one host or a
+    SLURM job of several)."""
+    config = _load(f"llava_1_5_7b_gpu.py:catpo,{gpus}")
+    validate(config, device_count=gpus)
+    assert config.data.batch_size // config.optimizer.grad_accum_steps == 2 * gpus
+    if gpus == 1:
+        assert _load("llava_1_5_7b_gpu.py:catpo").to_dict() == config.to_dict()
+
+
+def test_platform_presets_reject_a_device_count_the_batch_cannot_spread_over():
+    with pytest.raises(ConfigError, match=r"12 devices: the batch of 32 spreads evenly over "
+                                          r"\[1, 2, 4, 8, 16, 32\] devices only"):
         _load("llava_1_5_7b_tpu.py:catpo,12")
-    with pytest.raises(ConfigError, match="expected '<method>,<chips>'"):
+    with pytest.raises(ConfigError, match=r"32 devices: .* over \[1, 2, 4, 8, 16\] devices only"):
+        _load("llava_1_5_7b_gpu.py:catpo,32")
+    with pytest.raises(ConfigError, match="expected '<method>,<devices>'"):
         _load("llava_1_5_7b_tpu.py:catpo,v4")
 
 
