@@ -45,6 +45,7 @@ from absl import logging as absl_logging
 from flax import nnx
 
 from mmpo_jax.data import image_processing, interventions
+from mmpo_jax.data.fields import ORIGINAL
 from mmpo_jax.data.pipeline import preference_pipeline
 from mmpo_jax.data.shapes_world import ShapeObject
 from mmpo_jax.data.shapes_world_v2 import object_coverage, patch_coverage
@@ -100,7 +101,7 @@ def model_report(config, model, tokenizer, image_config, records, percentile) ->
                                             threshold_percentile=threshold))
         masks, objects = [], []
         for batch in batches():
-            visual = {"pixel_values": model.multi_modal_projector(model.image_features(batch.pixel_values))}
+            visual = {ORIGINAL: model.multi_modal_projector(model.image_features(batch.pixel_values))}
             batch_masks = np.asarray(mask_fn(model, batch, visual))
             for row, index in enumerate(np.asarray(batch.example_index)):
                 if index >= 0:
