@@ -13,7 +13,11 @@ CHAIR, POPE), plus:
 - ``exact_caption_rate``: greedy captions equal to the faithful caption;
 - ``recall_easy`` / ``recall_hard``: share of the (colour, shape) objects named, for objects that
   are not small, faint or occluded, and for those that are (v2's ``hard`` flag);
-- ``question_accuracy/<kind>``: greedy answers to the caption split's per-image questions (v2).
+- ``question_accuracy/<kind>``: greedy answers to the caption split's per-image questions (v2);
+- ``nll/<word class>`` and ``nll_shuffled/<word class>``: the mean NLL of the faithful captions'
+  colour, shape, count (and article) and other words with each record's own image and with
+  another record's (``image_dependence``); a class whose two figures are equal is not read from
+  the image (what showed that ``tiny_v2`` learns colours but never shapes).
 
 Prints one JSON object with the timings (and ``uptime``'s load) and the metrics. The image
 preprocessing comes from the world's metadata (``image_processing.for_shapes_world``): CLIP's
@@ -32,11 +36,13 @@ import pathlib
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 from flax import nnx
 
-from mmpo_jax.data import image_processing, shapes_world
+from mmpo_jax.data import image_processing, shapes_world, template
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.evaluation.runner import generate_texts
@@ -104,9 +110,46 @@ def seeing_metrics(model: Llava, tokenizer: Any, records: list[dict], image_conf
     return out
 
 
+def _word_classes(tokenizer: Any) -> dict[int, str]:
+    """Token id -> "colour" / "shape" / "count" (count words and articles) for the world's words."""
+    classes = {}
+    for name, words in (("colour", shapes_world.COLOR_CATALOGUE),
+                        ("shape", [*shapes_world.SHAPE_CATALOGUE, *shapes_world.CATALOGUE_PLURALS.values()]),
+                        ("count", [*shapes_world.ALL_COUNT_WORDS.values(), "a", "an"])):
+        classes.update({tokenizer.convert_tokens_to_ids(w): name for w in words})
+    return classes
+
+
+def image_dependence(model: Llava, tokenizer: Any, records: list[dict], image_config: Any
+                     ) -> dict[str, float]:
+    """Mean NLL per word class of the records' faithful captions, with their own images and with
+    the images rolled by one record (``nll/<class>``, ``nll_shuffled/<class>``)."""
+    encoded = [template.encode_prompt_response(tokenizer, r["prompt"], json.loads(r["metadata"])["caption"],
+                                               num_image_tokens=model.config.num_image_tokens, max_length=1024)
+               for r in records]
+    length = max(len(e.input_ids) for e in encoded)
+    ids = np.full((len(records), length), tokenizer.pad_token_id, np.int32)
+    valid, supervised = np.zeros_like(ids), np.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, :len(e.input_ids)], valid[row, :len(e.input_ids)] = e.input_ids, 1
+        supervised[row, :len(e.input_ids)] = e.loss_mask
+    pixels = np.stack([image_config(r["image"]) for r in records])
+    classes = _word_classes(tokenizer)
+    kind = np.vectorize(lambda t: classes.get(int(t), "other"))(ids[:, 1:])
+    out = {}
+    for name, images in (("nll", pixels), ("nll_shuffled", np.roll(pixels, 1, axis=0))):
+        logits = model(jnp.asarray(ids), pixel_values=jnp.asarray(images), attention_mask=jnp.asarray(valid)).logits
+        logps = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        nll = -np.asarray(jnp.take_along_axis(logps, jnp.asarray(ids[:, 1:, None]), -1)[..., 0])
+        for word_class in ("colour", "shape", "count", "other"):
+            chosen = (supervised[:, 1:] == 1) & (kind == word_class)
+            out[f"{name}/{word_class}"] = float(nll[chosen].mean())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/sft.py")
+    parser.add_argument("--config", default="configs/shapes_world_v2.py:sft")
     parser.add_argument("--world", action="append", default=[], metavar="OPTION=VALUE",
                         help="shapes-world builder option (JSON value), e.g. world=v2; repeatable")
     parser.add_argument("--preset", default="tiny_v2")
@@ -149,6 +192,7 @@ def main() -> None:
     records = [captions[i] for i in range(len(captions))][: int(config.eval.num_captions) or None]
     metrics.update(seeing_metrics(result.model, tokenizer, records, image_config,
                                   int(config.eval.batch_size), int(config.eval.max_new_tokens)))
+    metrics.update(image_dependence(result.model, tokenizer, records[:128], image_config))
     report["eval_seconds"] = time.perf_counter() - start
     report["metrics"] = metrics
     report["load_after"] = os.getloadavg()
