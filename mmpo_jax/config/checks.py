@@ -39,7 +39,7 @@ from mmpo_jax.objectives import registry
 from mmpo_jax.pipelines.p2dpo import PairSettings
 from mmpo_jax.rewards.fisao import REWARD_GRANULARITIES
 
-PRESETS = ("tiny", "llava_1_5_7b", "llava_1_5_13b")  # mmpo_jax.models.presets
+PRESETS = ("tiny", "tiny_v2", "llava_1_5_7b", "llava_1_5_13b")  # mmpo_jax.models.presets
 INITS = ("sft_base", "random", "checkpoint")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant", "linear")

@@ -341,6 +341,29 @@ def patch_coverage(objects: Sequence[sw.ShapeObject], image_size: int, grid: int
     return object_coverage(objects, image_size).reshape(grid, cell, grid, cell).mean(axis=(1, 3))
 
 
+def cell_labels(objects: Sequence[sw.ShapeObject], image_size: int, grid: int,
+                shapes: Sequence[str], colors: Sequence[str], min_share: float = 0.25
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell ground truth for a vision tower's tokens: int32 `[grid * grid]` shape and colour
+    indices (into `shapes` / `colors`; `len(shapes)` / `len(colors)` where no object covers
+    `min_share` of the cell), row-major cells of `image_size / grid` px. A cell two objects cover
+    takes the one covering more of it. [our choice] coverage of the object's drawn pixels, not of
+    what stays visible (records keep no draw order), so an occluded object keeps its cells."""
+    if image_size % grid:
+        raise ValueError(f"grid={grid} does not divide image_size={image_size}")
+    cell = image_size // grid
+    shape_ids = np.full(grid * grid, len(shapes), np.int32)
+    color_ids = np.full(grid * grid, len(colors), np.int32)
+    best = np.full(grid * grid, min_share, np.float32)
+    for obj in objects:
+        share = shape_mask(obj.shape, obj.bbox, image_size).reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        share = share.reshape(-1)
+        wins = share >= best
+        shape_ids[wins], color_ids[wins] = shapes.index(obj.shape), colors.index(obj.color)
+        best = np.where(wins, share, best)
+    return shape_ids, color_ids
+
+
 def fill_color(spec: WorldSpecV2, obj: SceneObject) -> tuple[int, int, int]:
     """The RGB fill of `obj`: its catalogue colour blended over the background level by `alpha`."""
     rgb = np.asarray(sw.COLOR_CATALOGUE[obj.color], np.float64)

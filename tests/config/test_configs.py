@@ -55,7 +55,40 @@ def _problems(config, **kwargs) -> str:
 
 def test_every_method_has_a_config_file():
     assert {path.stem for path in CONFIGS.glob("*.py")} == {
-        "base", *METHOD_FILES, *(name.removesuffix(".py") for name in LLAVA_FILES)}
+        "base", "shapes_world_v2", *METHOD_FILES, *(name.removesuffix(".py") for name in LLAVA_FILES)}
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_v2_file_moves_every_method_to_the_v2_world(method):
+    config = _load(f"shapes_world_v2.py:{method}")
+    tiny = _load(f"{method}.py")
+    assert config.method.to_dict() == tiny.method.to_dict()
+    assert (config.data.builder.to_dict(), config.model.preset) == ({"world": "v2"}, "tiny_v2")
+    validate(config, device_count=1)
+
+
+def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
+    """5 objects, each an unpaired partner trigger of its own colour, plus the 3 partners the bias
+    appends: 8 groups, every word one token of the world's word-level tokenizer."""
+    from mmpo_jax.data import shapes_world as sw
+    from mmpo_jax.data import shapes_world_v2 as w2
+    from mmpo_jax.data.template import encode_prompt_response
+    from mmpo_jax.data.tokenizer import build_word_tokenizer
+    from mmpo_jax.models import presets
+
+    spec = w2.WorldSpecV2()
+    tokenizer = build_word_tokenizer(w2.vocabulary(spec), model_max_length=512)
+    triggers = [t for t, _ in spec.partners]
+    objects = [(color, triggers[i % len(triggers)]) for i, color in enumerate(spec.colors[:spec.max_objects])]
+    mentions = objects + [(color, spec.partner_map[shape]) for color, shape in objects[:len(triggers)]]
+    caption = sw.caption_text(sw.caption_groups(mentions), spec.count_words)
+    assert len(sw.caption_groups(mentions)) == spec.max_objects + len(spec.partners)
+    tokens = presets.tiny_v2(vocab_size=len(tokenizer), image_token_id=0).num_image_tokens
+    longest = max(len(encode_prompt_response(tokenizer, prompt, caption, num_image_tokens=tokens,
+                                             max_length=10_000).input_ids)
+                  for prompt in (sw.CAPTION_PROMPT, w2.COUNT_TEMPLATE.format(plural="diamonds")))
+    buckets = _load("shapes_world_v2.py").data.buckets
+    assert max(_load("catpo.py").data.buckets) < longest <= max(buckets)
 
 
 @pytest.mark.parametrize("name", [f"{method}.py" for method in METHOD_FILES])

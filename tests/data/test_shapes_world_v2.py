@@ -300,3 +300,18 @@ def test_every_generator_parameter_is_a_builder_option_recorded_in_the_metadata(
     with pytest.raises(ValueError, match="unknown split.*validation_caption"):
         load_split("shapes_world", "validation_caption", data_dir=tmp_path / "b", sft_size=4, preference_size=4,
                    test_caption_size=2, test_pope_images=2)
+
+
+def test_cell_labels_name_the_object_covering_each_cell():
+    square = sw.ShapeObject("square", "red", (0, 0, 32, 32))  # exactly cells (0, 0)..(1, 1) of 16 px
+    circle = sw.ShapeObject("circle", "blue", (64, 64, 72, 72))  # 8 px: a quarter of one cell
+    shapes, colors = w2.cell_labels([square, circle], 128, 8, sw.SHAPES, tuple(sw.COLORS))
+    expected = np.full(64, len(sw.SHAPES))
+    expected[[0, 1, 8, 9]] = sw.SHAPES.index("square")
+    np.testing.assert_array_equal(shapes, expected)
+    assert set(colors[[0, 1, 8, 9]]) == {tuple(sw.COLORS).index("red")}
+    assert colors[4 * 8 + 4] == len(sw.COLORS)  # the circle fills ~20 % < 25 % of its cell
+    bigger = sw.ShapeObject("circle", "blue", (64, 64, 80, 80))
+    assert w2.cell_labels([bigger], 128, 8, sw.SHAPES, tuple(sw.COLORS))[0][4 * 8 + 4] == 0
+    with pytest.raises(ValueError, match="grid=7"):
+        w2.cell_labels([square], 128, 7, sw.SHAPES, tuple(sw.COLORS))
