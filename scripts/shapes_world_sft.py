@@ -19,13 +19,9 @@ CHAIR, POPE), plus:
   another record's (``image_dependence``); a class whose two figures are equal is not read from
   the image (what showed that ``tiny_v2`` learns colours but never shapes).
 
-``--vision-steps N`` first trains the vision tower alone for N steps (batches of the SFT batch
-size, the SFT learning rate, warmup 5 % then cosine) to name the shape and colour of the object
-in each token's cell (`shapes_world_v2.cell_labels`, a linear head dropped afterwards), as
-LLaVA starts from a pretrained CLIP; ``--freeze-vision`` keeps the tower fixed during the SFT.
-Measured on v2 (see the v2 base note): without it the SFT base never learns shapes (shape-word NLL
-at chance after 1300 steps, while colours are read); 800 tower steps reach 87 % per-cell shape
-accuracy.
+``configs/shapes_world_v2.py`` trains the vision tower alone first (``sft_base.vision_steps``,
+``sft_base.freeze_vision``: `training.vision_pretrain`), as the main job does; ``--set
+sft_base.vision_steps=0`` measures the SFT alone.
 
 Prints one JSON object with the timings (and ``uptime``'s load) and the metrics. The image
 preprocessing comes from the world's metadata (``image_processing.for_shapes_world``): CLIP's
@@ -47,11 +43,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging as absl_logging
 from flax import nnx
 
-from mmpo_jax.data import image_processing, shapes_world, shapes_world_v2, template
+from mmpo_jax.data import image_processing, shapes_world, template
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.evaluation.runner import generate_texts
@@ -60,7 +55,6 @@ from mmpo_jax.models.llava import Llava, LlavaConfig
 from mmpo_jax.engine import model_io
 from mmpo_jax.training import experiment
 from mmpo_jax.config.loading import load_config
-from mmpo_jax.training.loop import train
 
 
 def _options(items: list[str]) -> dict[str, Any]:
@@ -156,56 +150,6 @@ def image_dependence(model: Llava, tokenizer: Any, records: list[dict], image_co
     return out
 
 
-class _CellHead(nnx.Module):
-    """The vision tower with a linear head: each visual token's shape and colour logits."""
-
-    def __init__(self, model: Llava, num_shapes: int, num_colors: int, rngs: nnx.Rngs):
-        self.tower = model.vision_tower
-        self.num_shapes = num_shapes
-        self.head = nnx.Linear(model.config.vision_config.hidden_size, num_shapes + num_colors + 2, rngs=rngs)
-
-    def __call__(self, pixel_values):
-        features = self.tower(pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]
-        logits = self.head(features)
-        return logits[..., :self.num_shapes + 1], logits[..., self.num_shapes + 1:]
-
-
-def pretrain_vision(model: Llava, source: Any, image_config: Any, world: dict, *, steps: int,
-                    batch_size: int, learning_rate: float, seed: int) -> dict[str, float]:
-    """Trains ``model.vision_tower`` in place on `shapes_world_v2.cell_labels` of ``source``'s
-    records (background cells weigh 0.2); returns the final loss."""
-    if world.get("world") != shapes_world_v2.WORLD:
-        raise SystemExit(f"--vision-steps needs the v2 world (its objects' shapes and colours), got {world.get('world')!r}")
-    shapes, colors = tuple(world["shapes"]), tuple(world["colors"])
-    grid = model.vision_tower.grid_size
-    net = _CellHead(model, len(shapes), len(colors), nnx.Rngs(seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), max(steps, 2))
-    optimizer = nnx.Optimizer(net, optax.adam(schedule), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(net, optimizer, pixels, shape_ids, color_ids):
-        def loss_fn(net):
-            shape_logits, color_logits = net(pixels)
-            weight = jnp.where(shape_ids < len(shapes), 1.0, 0.2)
-            losses = (optax.softmax_cross_entropy_with_integer_labels(shape_logits, shape_ids)
-                      + optax.softmax_cross_entropy_with_integer_labels(color_logits, color_ids))
-            return (losses * weight).sum() / weight.sum()
-        loss, grads = nnx.value_and_grad(loss_fn)(net)
-        optimizer.update(net, grads)
-        return loss
-
-    rng = np.random.default_rng(seed)
-    loss = float("nan")
-    for _ in range(steps):
-        records = [source[int(i)] for i in rng.integers(0, len(source), batch_size)]
-        labels = [shapes_world_v2.cell_labels([shapes_world.ShapeObject(o["shape"], o["color"], tuple(o["bbox"]))
-                                               for o in json.loads(r["objects"])],
-                                              int(world["image_size"]), grid, shapes, colors) for r in records]
-        loss = float(step(net, optimizer, jnp.asarray(np.stack([image_config(r["image"]) for r in records])),
-                          jnp.asarray(np.stack([a for a, _ in labels])), jnp.asarray(np.stack([b for _, b in labels]))))
-    return {"vision_pretrain_loss": loss}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/shapes_world_v2.py:sft")
@@ -218,9 +162,6 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-dir", default="~/mmpo_data")
     parser.add_argument("--name", default="sft_base")
-    parser.add_argument("--vision-steps", type=int, default=0,
-                        help="steps of per-cell shape/colour training of the vision tower before the SFT")
-    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed in the SFT")
     args = parser.parse_args()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
@@ -228,8 +169,7 @@ def main() -> None:
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
     config = load_config(args.config, [f"data.data_dir={data_dir}", f"data.builder={options!r}", *args.set])
     report: dict[str, Any] = {"world": options, "preset": args.preset, "width": args.width, "vision": args.vision,
-                              "overrides": args.set, "vision_steps": args.vision_steps,
-                              "freeze_vision": args.freeze_vision, "load_before": os.getloadavg()}
+                              "overrides": args.set, "load_before": os.getloadavg()}
 
     start = time.perf_counter()
     source = load_split(config.data.dataset, config.sft_base.split, data_dir=data_dir, **options)
@@ -240,31 +180,22 @@ def main() -> None:
     report["parameters"] = presets.count_parameters(llava_config)
 
     base_config = experiment.sft_base_config(config)
-    base_config.model.freeze_vision = args.freeze_vision
     report["sft"] = base_config.sft_base.to_dict()
     workdir = data_dir / "sft_runs" / args.name
-    model = Llava(llava_config, rngs=nnx.Rngs(int(config.seed)))
     start = time.perf_counter()
-    if args.vision_steps:
-        report.update(pretrain_vision(model, source, image_config, source.metadata["world"],
-                                      steps=args.vision_steps, batch_size=int(config.sft_base.batch_size),
-                                      learning_rate=float(config.sft_base.learning_rate),
-                                      seed=int(config.seed)))
-    report["vision_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = train(base_config, model=model,
-                   tokenizer=tokenizer, source=source, image_config=image_config, workdir=workdir / "run")
-    report["sft_seconds"] = time.perf_counter() - start
+    model = experiment.train_sft_base(base_config, Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
+                                      tokenizer, source, image_config, workdir / "run")
+    report["sft_seconds"] = time.perf_counter() - start  # the vision tower's steps included
     report["load_after_sft"] = os.getloadavg()
-    model_io.save_model(result.model, workdir / "model")
+    model_io.save_model(model, workdir / "model")
 
     start = time.perf_counter()
-    metrics = experiment.evaluate(config, result.model, tokenizer, image_config)
+    metrics = experiment.evaluate(config, model, tokenizer, image_config)
     captions = load_split(config.data.dataset, config.eval.caption_split, data_dir=data_dir, **options)
     records = [captions[i] for i in range(len(captions))][: int(config.eval.num_captions) or None]
-    metrics.update(seeing_metrics(result.model, tokenizer, records, image_config,
+    metrics.update(seeing_metrics(model, tokenizer, records, image_config,
                                   int(config.eval.batch_size), int(config.eval.max_new_tokens)))
-    metrics.update(image_dependence(result.model, tokenizer, records[:128], image_config))
+    metrics.update(image_dependence(model, tokenizer, records[:128], image_config))
     report["eval_seconds"] = time.perf_counter() - start
     report["metrics"] = metrics
     report["load_after"] = os.getloadavg()

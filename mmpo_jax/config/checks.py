@@ -67,6 +67,7 @@ _RANGES = {  # inclusive bounds, None = open
     "optimizer.weight_decay": (0.0, None), "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0),
     "optimizer.grad_clip": (0.0, None), "eval.num_captions": (0, None),
     "eval.num_samples": (0, None), "train.num_steps": (0, None), "data.image_size": (0, None),
+    "sft_base.vision_steps": (0, None),
 }
 
 

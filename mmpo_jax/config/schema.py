@@ -83,7 +83,9 @@ SCHEMA: dict[str, Any] = {
         "control_learning_rate": 5e-5,  # the control run's (configs/sft.py's) learning rate
     },
     "sft_base": {"split": "sft", "num_steps": 1300, "batch_size": 32, "learning_rate": 1e-3,
-                 "cache_dir": ""},
+                 "cache_dir": "",
+                 # training.vision_pretrain: the tower alone first (v2 only), then frozen or not
+                 "vision_steps": 0, "freeze_vision": False},
     # several processes (hosts of a pod): engine.distributed.Settings
     "distributed": dataclasses.asdict(distributed.Settings()),
 }

@@ -70,6 +70,7 @@ from mmpo_jax.config import model_files
 from mmpo_jax.config.schema import method_defaults
 from mmpo_jax.training import benchmarks
 from mmpo_jax.training.loop import train
+from mmpo_jax.training.vision_pretrain import pretrain_vision
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +177,25 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
     base.optimizer.weight_decay = 0.0
     base.method = ml_collections.ConfigDict(method_defaults("sft"))
     base.model.lora.enabled = False
-    base.model.freeze_vision = False  # the tiny model learns to see from scratch
+    # the tiny model learns to see from scratch (in the SFT, or first alone: vision_pretrain)
+    base.model.freeze_vision = bool(section.freeze_vision)
     base.model.train_projector = True
     base.reference.mode = "copy"
     return base
+
+
+def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
+                   image_config: ImageProcessorConfig, workdir: pathlib.Path) -> Llava:
+    """The SFT base trained from ``model`` by ``sft_base_config``'s ``base_config``: the vision
+    tower alone first when ``sft_base.vision_steps`` > 0 (`vision_pretrain`), then the SFT."""
+    section = base_config.sft_base
+    if int(section.vision_steps):
+        logger.info("SFT base: %d steps of the vision tower alone first", int(section.vision_steps))
+        pretrain_vision(model, source, image_config, source.metadata["world"],
+                        steps=int(section.vision_steps), batch_size=int(section.batch_size),
+                        learning_rate=float(section.learning_rate), seed=int(base_config.seed))
+    return train(base_config, model=model, tokenizer=tokenizer, source=source,
+                 image_config=image_config, workdir=workdir).model
 
 
 def initial_model(config: Any, tokenizer: Any) -> Llava:
@@ -218,10 +234,9 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
         return model_io.load_model(model_dir)[0]
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
     source, _, image_config = load_data(base_config)
-    result = train(base_config, model=Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
-                   tokenizer=tokenizer, source=source, image_config=image_config,
-                   workdir=directory / "run")
-    commit_model(result.model, model_dir)
+    model = train_sft_base(base_config, Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
+                           tokenizer, source, image_config, directory / "run")
+    commit_model(model, model_dir)
     return model_io.load_model(model_dir)[0]
 
 
