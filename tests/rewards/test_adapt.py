@@ -157,7 +157,7 @@ def test_boundary_score_hand_cases():
     inside[2:6, 2:6] = 1.0
     assert float(adapt.boundary_score(inside)) == 1.0  # r = 0
     flat = np.ones((8, 8), np.float32)
-    np.testing.assert_allclose(adapt.boundary_score(flat), 1 - 2 * (1 - 0.6), rtol=1e-6)  # r = 1
+    np.testing.assert_allclose(adapt.boundary_score(flat), 1 - 2 * (1 - 0.6), rtol=1e-5)  # r = 1, float32 sums
     frame_only = 1.0 - inside
     assert float(adapt.boundary_score(frame_only)) == 0.0  # r = inf, fully penalised
 
