@@ -43,12 +43,13 @@ def test_an_unloadable_config_file_is_one_line(tmp_path):
 def test_config_problems_and_placeholders_print_as_one_list(tmp_path):
     """The GPU preset as shipped, with one mistake more: every problem at once, nothing loaded."""
     result = _run("train", f"--config={REPO / 'configs/llava_1_5_7b_gpu.py'}:catpo",
-                  f"--config.data.data_dir={tmp_path / 'data'}", "--config.mesh.data=2",
+                  f"--config.data.data_dir={tmp_path / 'data'}", "--config.mesh.data=3",
                   cwd=tmp_path, home=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert lines[0] == "config 'llava_1_5_7b_catpo' is invalid:" and len(lines) == 5, lines
-    assert lines[1].startswith("  - mesh {'data': 2, 'fsdp': 1, 'tensor': 1} has 2 slots")
+    assert lines[1] == ("  - mesh {'data': 3, 'fsdp': -1, 'tensor': 1}: 8 devices are not divisible by "
+                        "the fixed axes' product 3")
     assert [line.split(" ")[3].split("=")[0] for line in lines[2:]] == [
         "--config.model.checkpoint", "--config.data.manual_dir", "--config.data.tokenizer"]
     assert not (tmp_path / "data").exists()  # nothing prepared
