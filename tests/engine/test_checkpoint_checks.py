@@ -54,8 +54,10 @@ def _largest_file(directory: pathlib.Path) -> pathlib.Path:
 
 
 def _flip_bytes(step_dir):
-    """1000 bytes of the params' largest data file inverted, its size unchanged. (Here the
-    compressed chunk still decodes, to wrong numbers: only the checksum can tell.)"""
+    """1000 bytes of the params' largest data file inverted, its size unchanged. Usually the
+    compressed chunk still decodes, to wrong numbers, and only the checksum can tell; the files'
+    layout varies between runs, and when the range covers a zstd frame header zstd refuses the
+    chunk itself (both are reports of the same damage)."""
     path = _largest_file(step_dir / "params")
     data = bytearray(path.read_bytes())
     data[100:1100] = bytes(b ^ 0xFF for b in data[100:1100])
@@ -80,7 +82,8 @@ def _garbage_data_position(step_dir):
 
 
 @pytest.mark.parametrize("damage, reason, where", [
-    (_flip_bytes, "checksum", r"params/\S+: its contents do not match the checksum saved"),
+    (_flip_bytes, "checksum|unreadable",
+     r"params/\S+: its contents do not match the checksum saved|params/: ValueError: \S+ Error reading"),
     (_truncate, "unreadable", r"params/: ValueError: \S+ Error reading"),
     (_delete_metadata, "missing", r"params/_METADATA: the file is missing"),
     (_delete_params, "missing", r"params/: the directory is missing"),
@@ -113,7 +116,9 @@ def test_a_damaged_checkpoint_is_reported_set_aside_and_the_previous_one_restore
     assert len(reports) == 1 and "\n" not in reports[0], reports
     assert reports[0].startswith(f"checkpoint of step 4 in {tmp_path} is unusable: ")
     assert re.search(where, reports[0]), reports[0]
-    assert f"set aside as 4.corrupt-{reason}, falling back" in reports[0]
+    set_aside = re.search(r"set aside as 4\.corrupt-(\S+), falling back", reports[0])
+    assert set_aside and set_aside.group(1) in reason.split("|"), reports[0]
+    reason = set_aside.group(1)
     assert (tmp_path / f"4.corrupt-{reason}").is_dir()  # kept for whoever investigates
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4", f"4.corrupt-{reason}"]
 
