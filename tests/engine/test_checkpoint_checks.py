@@ -64,6 +64,13 @@ def _flip_bytes(step_dir):
     path.write_bytes(bytes(data))
 
 
+def _swap_params(step_dir):
+    """Step 2's saved params in place of step 4's: every file decodes, to another checkpoint's
+    numbers, so only the checksum can tell."""
+    shutil.rmtree(step_dir / "params")
+    shutil.copytree(step_dir.parent / "2" / "params", step_dir / "params")
+
+
 def _truncate(step_dir):
     path = _largest_file(step_dir / "params")
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
@@ -84,11 +91,12 @@ def _garbage_data_position(step_dir):
 @pytest.mark.parametrize("damage, reason, where", [
     (_flip_bytes, "checksum|unreadable",
      r"params/\S+: its contents do not match the checksum saved|params/: ValueError: \S+ Error reading"),
+    (_swap_params, "checksum", r"params/\S+: its contents do not match the checksum saved"),
     (_truncate, "unreadable", r"params/: ValueError: \S+ Error reading"),
     (_delete_metadata, "missing", r"params/_METADATA: the file is missing"),
     (_delete_params, "missing", r"params/: the directory is missing"),
     (_garbage_data_position, "bad-json", r"data/process_0-of-1\.json: not valid JSON"),
-], ids=["flipped_bytes", "truncated_file", "deleted_metadata", "deleted_params",
+], ids=["flipped_bytes", "swapped_params", "truncated_file", "deleted_metadata", "deleted_params",
         "garbage_data_position"])
 def test_a_damaged_checkpoint_is_reported_set_aside_and_the_previous_one_restored(
         tmp_path, make_iterator, caplog, damage, reason, where):
