@@ -23,16 +23,12 @@ from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
-BATCH_SIZE = 32  # base.llava_1_5_7b's, the papers' effective batch
-
 
 def get_config(arg: str | None = None):
     """``arg``: ``"<method>"`` or ``"<method>,<gpus>"``: a ``configs/<method>.py`` (default
     "catpo") and the job's GPU count (default 1)."""
     method, gpus = base.method_and_devices(arg, default_devices=1)
-    accumulation = base.accumulation_steps(gpus, batch_size=BATCH_SIZE, rows_per_device=2, min_rows=2)
-    return base.llava_1_5_7b(
-        base.method_file_config(method),
-        mesh=dict(data=1, fsdp=-1, tensor=1),
-        optimizer=dict(grad_accum_steps=accumulation),
-    )
+    config = base.llava_1_5_7b(base.method_file_config(method), mesh=dict(data=1, fsdp=-1, tensor=1))
+    config.optimizer.grad_accum_steps = base.accumulation_steps(
+        gpus, batch_size=config.data.batch_size, rows_per_device=2, min_rows=2)
+    return config

@@ -27,20 +27,12 @@ from mmpo_jax.config.loading import config_module
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
-BATCH_SIZE = 32  # base.llava_1_5_7b's, the papers' effective batch
-
 
 def get_config(arg: str | None = None):
     """``arg``: ``"<method>"`` or ``"<method>,<chips>"``: a ``configs/<method>.py`` (default
     "catpo") and the slice's chip count (default 8, also right for 4)."""
     method, chips = base.method_and_devices(arg, default_devices=8)
-    accumulation = base.accumulation_steps(chips, batch_size=BATCH_SIZE, rows_per_device=1, min_rows=8)
-    config = base.llava_1_5_7b(
-        base.method_file_config(method),
-        mesh=dict(data=1, fsdp=-1, tensor=1),
-        optimizer=dict(grad_accum_steps=accumulation),
-    )
-    if config.data.batch_size != BATCH_SIZE:  # the accumulation above divides this batch
-        raise ValueError(f"base.llava_1_5_7b's data.batch_size={config.data.batch_size}, "
-                         f"this preset's accumulation assumes {BATCH_SIZE}")
+    config = base.llava_1_5_7b(base.method_file_config(method), mesh=dict(data=1, fsdp=-1, tensor=1))
+    config.optimizer.grad_accum_steps = base.accumulation_steps(
+        chips, batch_size=config.data.batch_size, rows_per_device=1, min_rows=8)
     return config
