@@ -14,7 +14,9 @@ makes ~10 full-size passes and allocates ~3.5 GB; ours computes the two log-soft
 log-probs and the KL in one chunked pass per chunk of positions (`logprobs.token_logprobs_and_kl`).
 [It came out 0.77-0.88x before because the JAX side called `token_logprobs` twice and `token_kl`
 once: three chunk loops, the policy and reference log-softmax each computed twice, which XLA does not
-merge across loops.] In training the logits are not materialised at all any more (the LM head runs on
+merge across loops. At 1.09x it was bound by memory traffic: 128-position chunks of [8, 128, 32000]
+float32 intermediates (131 MB each) left the cache; the library's default chunk on CPU now holds
+2 MiB of logits (`logprobs.AUTO`).] In training the logits are not materialised at all any more (the LM head runs on
 gathered response positions, `logprobs.hidden_token_logprobs_and_kl`); this script keeps the
 logits-level comparison of the formulas.
 
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 
 from mmpo_jax.objectives import registry, terms
-from mmpo_jax.objectives.logprobs import token_logprobs_and_kl
+from mmpo_jax.objectives.logprobs import AUTO, token_logprobs_and_kl
 from mmpo_jax.objectives.terms import CHOSEN, POLICY, REFERENCE, REJECTED
 from mmpo_jax.rewards.catpo import token_weights
 
@@ -60,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-side peak memory runs")
     benchlib.add_thread_option(parser)
-    parser.add_argument("--chunk-size", type=int, default=128, help="log-softmax chunk (positions)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="log-softmax chunk (positions); default: the library's (`logprobs.AUTO`)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lambda-kl", type=float, default=0.03)
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -124,7 +127,7 @@ def jax_pipeline(args: argparse.Namespace) -> Callable[..., dict[str, jax.Array]
             ]
         )
         policy_logps, ref_logps, kl = token_logprobs_and_kl(policy_logits, ref_logits, labels, mask,
-                                                            chunk_size=args.chunk_size)
+                                                            chunk_size=args.chunk_size or AUTO)
         scored = {}
         for response, part in ((CHOSEN, slice(None, half)), (REJECTED, slice(half, None))):
             scored.update({terms.token_logps(POLICY, response): policy_logps[part],

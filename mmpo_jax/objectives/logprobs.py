@@ -38,6 +38,18 @@ import numpy as np
 from mmpo_jax.models.layers import head_logits
 
 DEFAULT_CHUNK_SIZE = 128
+"""Positions per chunk where the LM head runs inside the chunk (the ``hidden_*`` functions: each
+chunk re-reads the ``[D, V]`` head, so chunks must hold enough rows to amortise it), and for
+logits off the CPU."""
+AUTO = "auto"
+"""``chunk_size`` of the logits-level functions: ``CPU_CHUNK_BYTES`` of float32 logits per chunk on
+XLA:CPU, ``DEFAULT_CHUNK_SIZE`` positions elsewhere (``chunk_positions``)."""
+CPU_CHUNK_BYTES = 2 * 2**20
+"""[measured] On XLA:CPU the per-chunk log-softmax, label pick and KL over given logits are bound by
+memory traffic once a chunk's ``[B, c, V]`` float32 intermediates leave the cache: at B 8, T 700,
+V 32,000 (`scripts/bench_rewards.py`' shapes) ``token_logprobs_and_kl`` took 1.8 CPU-s with
+128-position chunks (131 MB each), 1.5 s with 32, 1.2 s with 8 and 0.94 s with 2 (2 MiB; L2 is
+1 MiB per core, L3 32 MiB on the machine measured)."""
 REDUCTIONS = ("sum", "mean")
 
 ChunkFn = Callable[..., Any]
@@ -73,6 +85,17 @@ def _map_sequence_chunks(
     return jax.tree.map(lambda h, t: jnp.concatenate([h, t], axis=1), head, tail)
 
 
+def chunk_positions(chunk_size: int | str | None, batch: int, vocab: int) -> int | None:
+    """Positions per chunk for ``[batch, T, vocab]`` logits: ``chunk_size`` itself unless it is
+    ``AUTO``, which is ``CPU_CHUNK_BYTES`` of float32 logits (at least one position) on XLA:CPU and
+    ``DEFAULT_CHUNK_SIZE`` on other backends."""
+    if chunk_size != AUTO:
+        return chunk_size
+    if jax.default_backend() != "cpu":
+        return DEFAULT_CHUNK_SIZE
+    return max(1, CPU_CHUNK_BYTES // (4 * batch * vocab))
+
+
 def _label_logprobs(log_probs: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
     """``log_probs [B, c, V]`` at ``labels [B, c]`` (in range), 0 where not ``valid``: ``[B, c]``."""
     picked = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
@@ -85,12 +108,25 @@ def _safe_log_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def _safe_log_softmax_and_probs(logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(log_softmax, softmax)`` of ``_safe_log_softmax``'s rows from one ``exp`` per entry.
+
+    The KL reads both; ``exp(log_softmax)`` would be a second exponential per vocabulary entry
+    (XLA does not see that ``exp(x - m - log s) = exp(x - m) / s``), the costliest op of the pass.
+    """
+    logits = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(shifted)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    return shifted - jnp.log(total), unnormalised / total
+
+
 def token_logprobs(
     logits: jax.Array,
     labels: jax.Array,
     mask: jax.Array,
     *,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | str | None = AUTO,
 ) -> jax.Array:
     """``log softmax(logits)[label]`` per position, float32, 0 where ``mask`` is false.
 
@@ -98,7 +134,7 @@ def token_logprobs(
       logits: ``[B, T, V]`` any float dtype, aligned with ``labels`` (caller shifts).
       labels: ``[B, T]`` int token ids; any value at masked positions.
       mask: ``[B, T]`` bool or 0/1, true on response tokens.
-      chunk_size: positions per chunk; None computes all positions at once.
+      chunk_size: positions per chunk, ``AUTO`` (``chunk_positions``) or None (all at once).
 
     Returns:
       ``[B, T]`` float32 per-token log-probs.
@@ -108,6 +144,7 @@ def token_logprobs(
             f"logits {logits.shape} must be [B, T, V] with labels {labels.shape} and "
             f"mask {mask.shape} both [B, T]"
         )
+    chunk_size = chunk_positions(chunk_size, logits.shape[0], logits.shape[-1])
     return _chunked_label_logprobs(logits, lambda x: x, labels, mask, chunk_size)
 
 
@@ -133,7 +170,7 @@ def token_kl(
     ref_logits: jax.Array,
     mask: jax.Array,
     *,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | str | None = AUTO,
 ) -> jax.Array:
     """Full-vocabulary ``KL(pi_theta(.|h_t) || pi_ref(.|h_t))`` per position, 0 where masked.
 
@@ -153,7 +190,7 @@ def token_kl(
       policy_logits: ``[B, T, V]``.
       ref_logits: ``[B, T, V]`` (same positions as the policy's).
       mask: ``[B, T]`` bool or 0/1.
-      chunk_size: positions per chunk; None computes all positions at once.
+      chunk_size: positions per chunk, ``AUTO`` (``chunk_positions``) or None (all at once).
 
     Returns:
       ``[B, T]`` float32, >= 0 (up to rounding).
@@ -163,13 +200,14 @@ def token_kl(
             f"policy_logits {policy_logits.shape} and ref_logits {ref_logits.shape} must both "
             f"be [B, T, V] matching mask {mask.shape} [B, T]"
         )
+    chunk_size = chunk_positions(chunk_size, policy_logits.shape[0], policy_logits.shape[-1])
     valid = jnp.asarray(mask) > 0
     ref_logits = jax.lax.stop_gradient(ref_logits)
 
     def chunk(policy_c: jax.Array, ref_c: jax.Array, valid_c: jax.Array) -> jax.Array:
-        policy_logp = _safe_log_softmax(policy_c, valid_c)
-        ref_logp = _safe_log_softmax(ref_c, valid_c)
-        return jnp.where(valid_c, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
+        policy = _safe_log_softmax_and_probs(policy_c, valid_c)
+        ref = _safe_log_softmax_and_probs(ref_c, valid_c)
+        return jnp.where(valid_c, _kl_of_log_probs(*policy, *ref), 0.0)
 
     return _map_sequence_chunks(chunk, (policy_logits, ref_logits), valid, chunk_size)
 
@@ -180,7 +218,7 @@ def token_logprobs_and_kl(
     labels: jax.Array,
     mask: jax.Array,
     *,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | str | None = AUTO,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``token_logprobs`` of both logits and ``token_kl`` between them in one pass over each chunk.
 
@@ -196,6 +234,7 @@ def token_logprobs_and_kl(
             f"policy_logits {policy_logits.shape} and ref_logits {ref_logits.shape} must both be [B, T, V] "
             f"matching labels {labels.shape} and mask {mask.shape} [B, T]"
         )
+    chunk_size = chunk_positions(chunk_size, policy_logits.shape[0], policy_logits.shape[-1])
     return _chunked_logprobs_and_kl(policy_logits, ref_logits, lambda x: x, lambda x: x, labels, mask, chunk_size)
 
 
@@ -208,21 +247,22 @@ def _chunked_logprobs_and_kl(policy_source, ref_source, to_policy_logits, to_ref
     def chunk(policy_c, ref_c, labels_c, valid_c):
         # the scopes name each part in a profile, as separate calls would
         with jax.named_scope("policy_logprobs"):
-            policy_logp = _safe_log_softmax(to_policy_logits(policy_c), valid_c)
+            policy_logp, policy_p = _safe_log_softmax_and_probs(to_policy_logits(policy_c), valid_c)
             policy_picked = _label_logprobs(policy_logp, labels_c, valid_c)
         with jax.named_scope("reference_logprobs"):
-            ref_logp = _safe_log_softmax(jax.lax.stop_gradient(to_ref_logits(ref_c)), valid_c)
+            ref_logp, ref_p = _safe_log_softmax_and_probs(jax.lax.stop_gradient(to_ref_logits(ref_c)), valid_c)
             ref_picked = _label_logprobs(ref_logp, labels_c, valid_c)
         with jax.named_scope("token_kl"):
-            kl = jnp.where(valid_c, _kl_of_log_probs(policy_logp, ref_logp), 0.0)
+            kl = jnp.where(valid_c, _kl_of_log_probs(policy_logp, policy_p, ref_logp, ref_p), 0.0)
         return policy_picked, ref_picked, kl
 
     return _map_sequence_chunks(chunk, (policy_source, ref_source, safe_labels), valid, chunk_size)
 
 
-def _kl_of_log_probs(policy_logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-    """``KL(p || q)`` over the last axis from float32 log-probabilities ``[..., V] -> [...]`` (see ``token_kl``)."""
-    policy_p, ref_p = jnp.exp(policy_logp), jnp.exp(ref_logp)
+def _kl_of_log_probs(policy_logp: jax.Array, policy_p: jax.Array, ref_logp: jax.Array,
+                     ref_p: jax.Array) -> jax.Array:
+    """``KL(p || q)`` over the last axis from float32 log-probabilities and probabilities
+    ``[..., V] -> [...]`` (see ``token_kl``)."""
     log_ratio = policy_logp - ref_logp
     # where() on the factors, not the products: keeps 0 * inf out of values and gradients.
     cross = jnp.sum(policy_p * jnp.where(policy_p > 0, log_ratio, 0.0), axis=-1)

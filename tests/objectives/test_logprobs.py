@@ -4,6 +4,10 @@ import numpy as np
 import pytest
 
 from mmpo_jax.objectives.logprobs import (
+    AUTO,
+    CPU_CHUNK_BYTES,
+    DEFAULT_CHUNK_SIZE,
+    chunk_positions,
     gather_positions,
     hidden_token_logprobs,
     hidden_token_logprobs_and_kl,
@@ -357,3 +361,20 @@ def test_logprobs_and_kl_in_one_pass_equal_the_separate_functions(chunk_size):
     np.testing.assert_allclose(grads[0], expected[0], rtol=1e-5, atol=1e-7)
     assert not np.any(np.asarray(grads[1]))
     np.testing.assert_allclose(got[1], numpy_token_logprobs(ref, labels, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_chunks_hold_a_cache_sized_slice_of_logits_on_cpu_and_change_no_value():
+    assert jax.default_backend() == "cpu"
+    assert chunk_positions(AUTO, 8, 32000) == CPU_CHUNK_BYTES // (4 * 8 * 32000) == 2
+    assert chunk_positions(AUTO, 64, 128000) == 1  # one position even past the budget
+    assert chunk_positions(AUTO, 1, 16) == CPU_CHUNK_BYTES // 64
+    assert chunk_positions(7, 8, 32000) == 7 and chunk_positions(None, 8, 32000) is None
+    assert DEFAULT_CHUNK_SIZE == 128  # what the hidden-state functions and other backends use
+    logits, labels, mask = _case(13, vocab=2**15)  # auto: 8 positions per chunk of 11, and a tail
+    assert chunk_positions(AUTO, 2, 2**15) == 8
+    ref = logits + np.random.default_rng(14).normal(0.0, 0.5, size=logits.shape).astype(np.float32)
+    args = (jnp.asarray(labels), jnp.asarray(mask))
+    auto = token_logprobs_and_kl(jnp.asarray(logits), jnp.asarray(ref), *args)
+    whole = token_logprobs_and_kl(jnp.asarray(logits), jnp.asarray(ref), *args, chunk_size=None)
+    for a, b in zip(auto, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
