@@ -12,8 +12,9 @@ scaled to the shapes world: prompts from its
 ``preference`` split, half of them POPE-style questions about an object of the image; saliency
 from plain attention at decoder layer 0 of 2 [our choice, measured with the SFT base on 512
 questions: the box covers the asked object in 60% of cases (a random box of the same size: 38%);
-grad_attention or layer 1 did no better than chance]; a base crop box of 32 px (half the 64-px
-image, as 336 px is of a typical ~670-px photo for LLaVA-1.5);
+grad_attention or layer 1 did no better than chance]; a base crop box of half the image side
+(``base_box_fraction=0.5``: 32 px on v1's 64-px images, 64 px on v2's 128-px ones), as 336 px is
+of LLaVA-1.5's typical input, a ~640-px photo padded to a square [our choice];
 24-token replies (the shapes world's captions are shorter; the paper's 150/256 would not fit the
 96-token bucket); ``P_enh = P_rob = P`` (the word-level vocabulary has no words for the released
 code's instructions).
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None):
         pairs=dict(
             source_dataset="shapes_world", source_split="preference", question_fraction=0.5,
             saliency="attention", saliency_depth=0.0, enhanced_prompt="{prompt}",
-            robust_prompt="{prompt}", base_box=32.0, focus_max_new_tokens=24,
+            robust_prompt="{prompt}", base_box_fraction=0.5, focus_max_new_tokens=24,
             robust_max_new_tokens=24, batch_size=32, shard_size=256),
         reference_settings=REFERENCE_SETTINGS,
     )

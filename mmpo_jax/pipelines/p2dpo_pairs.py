@@ -230,7 +230,7 @@ def _input_view(width: int, height: int, image_config: ImageProcessorConfig
 
 def crop_boxes(saliency: np.ndarray, image_sizes: Sequence[tuple[int, int]], *,
                image_config: ImageProcessorConfig, base_box: float,
-               ratios: Sequence[float]) -> np.ndarray:
+               ratios: Sequence[float], base_box_fraction: float = 0.0) -> np.ndarray:
     """The adaptive crop box of every example, in pixels of its record image (NumPy).
 
     ``adaptive_crop_box`` runs on the model's square input view (``_input_view``: the saliency
@@ -243,6 +243,8 @@ def crop_boxes(saliency: np.ndarray, image_sizes: Sequence[tuple[int, int]], *,
       image_config: the model's preprocessing.
       base_box: the base box side in record-image pixels (METHODS' 336).
       ratios: the window scales tried.
+      base_box_fraction: if > 0, the base side is this fraction of each image's input-view side
+        (``PairSettings.base_box_fraction``) and ``base_box`` is unused.
 
     Returns:
       int32 ``[B, 4]`` ``(x0, y0, x1, y1)`` boxes, exclusive ends.
@@ -250,7 +252,8 @@ def crop_boxes(saliency: np.ndarray, image_sizes: Sequence[tuple[int, int]], *,
     boxes = []
     for grid, (width, height) in zip(np.asarray(saliency), image_sizes):
         side, x_offset, y_offset = _input_view(width, height, image_config)
-        x0, y0, x1, y1 = adaptive_crop_box(grid, image_size=(side, side), base_box=base_box,
+        base = base_box_fraction * side if base_box_fraction > 0 else base_box
+        x0, y0, x1, y1 = adaptive_crop_box(grid, image_size=(side, side), base_box=base,
                                            ratios=tuple(ratios))
         box = (max(0, x0 + x_offset), max(0, y0 + y_offset), min(width, x1 + x_offset),
                min(height, y1 + y_offset))

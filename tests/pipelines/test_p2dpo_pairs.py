@@ -97,6 +97,31 @@ def test_crop_box_maps_the_padded_square_view_back_into_a_wide_image():
     assert x0 <= 84 < x1 and y0 <= 36 <= y1
 
 
+def test_base_box_fraction_scales_the_box_with_the_image_side():
+    """Half the side: the box of base_box=32 on a 64-px image and of 64 on a 128-px one; on a
+    96x48 image seen as a padded 96-px square, 48 px (the square's side, not the image's height)."""
+    rng = np.random.default_rng(1)
+    ratios = (1, 1.2, 1.4, 1.6, 1.8, 2)
+    for side in (64, 128):
+        config = image_processing.tiny(side)
+        saliency = rng.random((16, 8, 8))
+        want = pairs.crop_boxes(saliency, [(side, side)] * 16, image_config=config,
+                                base_box=side / 2, ratios=ratios)
+        got = pairs.crop_boxes(saliency, [(side, side)] * 16, image_config=config, base_box=1000.0,
+                               base_box_fraction=0.5, ratios=ratios)
+        np.testing.assert_array_equal(got, want)
+        assert (want[:, 2] - want[:, 0]).min() >= side // 2  # and the boxes are not the full image
+        assert (want[:, 2] - want[:, 0]).max() < side
+    config = image_processing.tiny(64)
+    saliency = rng.random((4, 4, 4))
+    np.testing.assert_array_equal(
+        pairs.crop_boxes(saliency, [(96, 48)] * 4, image_config=config, base_box=0.0,
+                         base_box_fraction=0.5, ratios=(1.0,)),
+        pairs.crop_boxes(saliency, [(96, 48)] * 4, image_config=config, base_box=48, ratios=(1.0,)))
+    with pytest.raises(ValueError, match="base_box_fraction"):
+        driver.PairSettings(base_box_fraction=1.5)
+
+
 def test_random_saliency_boxes_stay_inside_the_image():
     rng = np.random.default_rng(0)
     saliency = rng.random((32, 4, 4))
