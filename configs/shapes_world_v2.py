@@ -38,7 +38,9 @@ METHOD_SECTIONS = dict(
 )
 """Applied after ``V2_SECTIONS`` for the method named. P2-DPO trains on its generated pairs (the
 ``p2dpo_pairs`` dataset takes no builder options; its own folder, so v1 pairs are never reused);
-the v2 world is the source of its prompts (``pairs.source_builder``)."""
+the v2 world is the source of its prompts (``pairs.source_builder``). Its data buckets stay the
+other methods' (they key the cached SFT base, which all v2 methods share); ``combine_mode=
+"two_images"`` needs a bucket for its two-image prompts (128 image tokens): add 192."""
 
 
 def get_config(arg: str | None = None):

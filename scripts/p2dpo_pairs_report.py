@@ -10,8 +10,8 @@ records of the v2 world's ``preference`` split under ``--data-dir`` (generated t
 with the SFT base in ``--base`` (a directory of ``engine.model_io.save_model``, e.g.
 ``scripts/shapes_world_sft.py``'s ``<data-dir>/sft_runs/<name>/model``) or, without one, a
 ``tiny_v2`` base trained here for ``--sft-steps`` steps of ``configs/sft.py``'s SFT-base recipe.
-Pair settings: ``V2_SETTINGS`` (the v2 scaling of ``configs/p2dpo.py``'s ``pairs`` section),
-changed by ``--set key=JSON``. Prints one JSON object (settings, seeds, timings with ``uptime``'s
+Pair settings and data layout: those of ``configs/shapes_world_v2.py:p2dpo`` (its ``pairs`` and
+``data`` sections), changed by ``--set key=JSON``. Prints one JSON object (settings, seeds, timings with ``uptime``'s
 load) with the figures of issue 14:
 
 - ``crop_coverage_rate``: share of the question prompts whose crop box holds >= half of the
@@ -48,13 +48,18 @@ from mmpo_jax.training import experiment
 from mmpo_jax.training.loop import train
 
 WORLD = {"world": "v2"}
-V2_SETTINGS = dict(
-    source_builder=WORLD, question_fraction=0.5, saliency="attention", saliency_depth=0.0,
-    enhanced_prompt="{prompt}", robust_prompt="{prompt}", base_box=64.0,
-    focus_max_new_tokens=32, robust_max_new_tokens=32, batch_size=16, shard_size=64)
-"""``configs/p2dpo.py``'s pair settings scaled to v2's 128-px images: a base box of half the image
-(as 32 px of v1's 64), 32-token replies (v2 captions name up to 5 objects)."""
-LAYOUT = TrainingLayout(buckets=(128, 160))
+CONFIG = "configs/shapes_world_v2.py:p2dpo"
+"""The v2 P2-DPO run whose ``pairs`` settings and data layout the report measures."""
+
+
+def settings_and_layout(overrides: dict[str, Any], num_records: int
+                        ) -> tuple[PairSettings, TrainingLayout]:
+    """``CONFIG``'s pair settings (``overrides`` and ``num_records`` applied) and its layout."""
+    config = load_config(CONFIG, [])
+    settings = PairSettings.from_config({**config.pairs.to_dict(), "num_records": num_records,
+                                         **overrides})
+    return settings, TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
+                                    config.data.template)
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -106,6 +111,26 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
         out[f"kept/{reply}/mentions"] = summary.get(f"truth/{reply}/mentions", 0)
     out["drops"] = {k: v for k, v in summary.items()
                     if k.startswith(("focus/", "robust/", "dropped/")) and "identical" not in k}
+    out["issue_14_targets"] = targets(out)
+    return out
+
+
+def _better(figures_: dict[str, Any], chosen: str, rejected: str, rate: str, lower: bool) -> Any:
+    a, b = figures_.get(f"kept/{chosen}/{rate}"), figures_.get(f"kept/{rejected}/{rate}")
+    if a is None or b is None:
+        return None  # no caption (or no question) among the kept pairs
+    return bool(a < b) if lower else bool(a > b)
+
+
+def targets(figures_: dict[str, Any]) -> dict[str, Any]:
+    """Issue 14's P2-DPO checks on ``figures``' numbers: True met, False missed, None unmeasured."""
+    coverage = figures_.get("crop_coverage_rate")
+    out = {"crop_coverage>=0.8": None if coverage is None else bool(coverage >= 0.8),
+           "robust_identical<0.2": bool(figures_["robust_identical_rate"] < 0.2)}
+    for pair, (chosen, rejected) in {"focus": ("chosen", "rejected"),
+                                     "robust": ("robust_chosen", "robust_rejected")}.items():
+        out[f"{pair}_chosen_chair_i_lower"] = _better(figures_, chosen, rejected, "chair_i", True)
+        out[f"{pair}_chosen_accuracy_higher"] = _better(figures_, chosen, rejected, "accuracy", False)
     return out
 
 
@@ -122,8 +147,7 @@ def main() -> None:
                         help="a PairSettings field, e.g. base_box=48; repeatable")
     args = parser.parse_args()
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
-    settings = PairSettings(**{**V2_SETTINGS, "num_records": args.num_records,
-                               **_overrides(args.set)})
+    settings, layout = settings_and_layout(_overrides(args.set), args.num_records)
     report: dict[str, Any] = {"seed": args.seed, "base": args.base or f"quick:{args.sft_steps}",
                               "settings_overrides": args.set, "num_records": args.num_records,
                               "load_before": os.getloadavg()}
@@ -139,7 +163,7 @@ def main() -> None:
     output = args.output or tempfile.mkdtemp(prefix="p2dpo_report_pairs_")
     start = time.perf_counter()
     manifest = generate_pairs(model, tokenizer, prompts, image_config=image_config,
-                              output_dir=output, settings=settings, layout=LAYOUT, seed=args.seed,
+                              output_dir=output, settings=settings, layout=layout, seed=args.seed,
                               source_metadata={"world": prompts.metadata["world"]}, progress=False)
     report["generation_seconds"] = time.perf_counter() - start
     report["load_after"] = os.getloadavg()
