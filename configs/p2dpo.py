@@ -26,6 +26,18 @@ pair's chosen captions are LESS faithful than its rejected ones (object CHAIR_i 
 question accuracy .57 vs .43), while the robustness pair is the right way round (.10 vs .45;
 .86 vs .69). Every variant raised sampled CHAIR_i over the base's .20 (full .25, w/o FEPs .28,
 w/o VRPs .27): at 64 px, noise at t=600 leaves the robustness pair little to see either.
+On v2 (``configs/shapes_world_v2.py:p2dpo``, the v2 main job's SFT base; crop coverage by
+``scripts/p2dpo_crop_coverage.py`` on 746 validation questions, pairs by
+``scripts/p2dpo_pairs_report.py`` on 512 preference records): the same saliency reading is again
+the best of the four (coverage .67; layer 1 .58, grad_attention .55 / .44, a random map .42, the
+asked objects' own masks .95, so box sizes and threshold are not the limit). The base's
+question-aware layer 1 does not find the asked object (the base answers questions at chance);
+layer 0's last query sees only its own token, so its map is the image's saliency, much the same
+for every prompt (correlation .85 with the caption prompt's). Over the kept pairs the focus pair
+is the right way round (stitch, now padded: CHAIR_i .32 vs .39, accuracy .56 vs .50;
+``combine_mode="two_images"``: .20 vs .36, .59 vs .50); at t=600 (47 grey levels, the paper's)
+the base's robustness ``y_l`` is word salad (all fail the perplexity filter, accuracy 0), never
+identical to ``y_w`` but no hallucination either.
 Reference settings (paper): LoRA r = alpha in 32..128, lr 1e-5..2e-5, 1-4 epochs, beta 0.1; the
 point recorded here (r = alpha = 64, lr 1e-5, 2 epochs) is [our choice] within those ranges.
 """

@@ -9,7 +9,9 @@ P2-DPO training records with the reference model ``M_ref``:
   [our choice: a question names the region that matters, so the crop has a target and its
   coverage is measurable]; the choice and the question are drawn from ``(seed, record index)``
   (``p2dpo_pairs.focus_prompt``);
-- saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box,
+- saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box
+  (base side ``base_box`` pixels, or ``base_box_fraction`` of the image side [our choice for
+  small synthetic images: 336 px is about half the side of LLaVA-1.5's typical padded input]),
   ``I_aug`` (``combine_mode``: "stitch", one canvas, or "two_images", the prompt ``P_enh``
   holding the image then the crop), ``I_deg = Erase(I, box)``; focus pair
   ``y_w = greedy(M_ref, I_aug, P_enh)``, ``y_l = greedy(M_ref, I_deg, P)``; ``P_enh`` is stored

@@ -289,3 +289,23 @@ def test_v2_focus_prompts_are_the_records_questions_about_present_objects():
     for record, (prompt, target) in zip(records, prompts):
         if target is None:
             assert prompt == record["prompt"]
+
+
+def test_the_report_measures_the_v2_config_and_checks_each_issue_target():
+    from scripts import p2dpo_crop_coverage, p2dpo_pairs_report as report
+
+    settings, layout = report.settings_and_layout({"noise_step": 300}, 64)
+    assert settings.source_builder == {"world": "v2"} and settings.base_box_fraction == 0.5
+    assert (settings.noise_step, settings.num_records, layout.buckets) == (300, 64, (96, 112))
+    summary = {"candidates": 10, "questions": 4, "questions_box_covers_object": 3,
+               "crop_coverage_rate": 0.75, "questions_encoded": 4, "robust/identical_texts": 1,
+               "truth/chosen/chair_i": 0.2, "truth/rejected/chair_i": 0.3,
+               "truth/chosen/accuracy": 0.5, "truth/rejected/accuracy": 0.5,
+               "truth/robust_chosen/chair_i": 0.1, "truth/robust_rejected/chair_i": 0.4}
+    assert report.figures(summary)["issue_14_targets"] == {
+        "crop_coverage>=0.8": False, "robust_identical<0.2": True,
+        "focus_chosen_chair_i_lower": True, "focus_chosen_accuracy_higher": False,
+        "robust_chosen_chair_i_lower": True, "robust_chosen_accuracy_higher": None}
+    # the oracle saliency of the coverage script: each 16-px patch's share of the asked boxes
+    share = p2dpo_crop_coverage.object_share([[16, 0, 32, 16], [0, 120, 8, 128]], 8, 128)
+    assert share[0, 1] == 1.0 and share[7, 0] == 0.25 and share.sum() == 1.25
