@@ -2,7 +2,7 @@
 the more faithful one?
 
     python scripts/p2dpo_pairs_report.py --data-dir DIR --base MODEL_DIR [--num-records 128] \
-        [--seed 0] [--set base_box=48 --set 'saliency="grad_attention"']
+        [--seed 0] [--set base_box_fraction=0.25 --set 'saliency="grad_attention"']
     python scripts/p2dpo_pairs_report.py --data-dir DIR --sft-steps 300   # a quick tiny_v2 base
 
 Generates (``pipelines.p2dpo.generate_pairs``) P2-DPO pairs from the first ``--num-records``
@@ -11,16 +11,20 @@ with the SFT base in ``--base`` (a directory of ``engine.model_io.save_model``, 
 ``scripts/shapes_world_sft.py``'s ``<data-dir>/sft_runs/<name>/model``) or, without one, a
 ``tiny_v2`` base trained here for ``--sft-steps`` steps of ``configs/sft.py``'s SFT-base recipe.
 Pair settings and data layout: those of ``configs/shapes_world_v2.py:p2dpo`` (its ``pairs`` and
-``data`` sections), changed by ``--set key=JSON``. Prints one JSON object (settings, seeds, timings with ``uptime``'s
-load) with the figures of issue 14:
+``data`` sections), changed by ``--set key=JSON``. Prints one JSON object (settings, seeds,
+timings with ``uptime``'s load) with the figures of issue 14:
 
 - ``crop_coverage_rate``: share of the question prompts whose crop box holds >= half of the
   asked object(s)' box (v2's exact boxes; ``pipelines.p2dpo_pairs.box_coverage``), over every
   candidate, and per question kind;
 - over the kept pairs: CHAIR_i (object level, captions) and question accuracy (v2's exact
-  answers) of each side of the focus pair and of the robustness pair;
+  answers) of each side of the focus pair and of the robustness pair; beside them CHAIR_s,
+  hallucinated and all mentions per caption and recall (CHAIR_i counts every repeat of a true
+  object, so a side that names objects twice, as on a stitched canvas, can lower it while
+  naming more hallucinations per caption);
 - ``robust_identical_rate``: robustness pairs whose two replies are the same text (over every
-  encoded candidate; also over question and caption prompts apart), and the focus pair's.
+  encoded candidate; also over question and caption prompts apart), and the focus pair's;
+- ``issue_14_targets``: each of issue 14's P2-DPO checks, met (true) or missed (false).
 """
 
 from __future__ import annotations
@@ -109,6 +113,15 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
             out[f"kept/{reply}/{rate}"] = summary.get(f"truth/{reply}/{rate}")
         out[f"kept/{reply}/answers"] = summary.get(f"truth/{reply}/answers", 0)
         out[f"kept/{reply}/mentions"] = summary.get(f"truth/{reply}/mentions", 0)
+        counts = {name: summary.get(f"truth/{reply}/{name}", 0) for name in (
+            "captions", "hallucinated_captions", "hallucinated", "mentions", "recalled", "truths")}
+        if counts["captions"]:  # CHAIR_i counts repeats: read it beside these
+            per_caption = {name: counts[name] / counts["captions"]
+                           for name in ("hallucinated_captions", "hallucinated", "mentions")}
+            out[f"kept/{reply}/chair_s"] = per_caption["hallucinated_captions"]
+            out[f"kept/{reply}/hallucinated_per_caption"] = per_caption["hallucinated"]
+            out[f"kept/{reply}/mentions_per_caption"] = per_caption["mentions"]
+            out[f"kept/{reply}/recall"] = counts["recalled"] / max(counts["truths"], 1)
     out["drops"] = {k: v for k, v in summary.items()
                     if k.startswith(("focus/", "robust/", "dropped/")) and "identical" not in k}
     out["issue_14_targets"] = targets(out)
@@ -131,6 +144,8 @@ def targets(figures_: dict[str, Any]) -> dict[str, Any]:
                                      "robust": ("robust_chosen", "robust_rejected")}.items():
         out[f"{pair}_chosen_chair_i_lower"] = _better(figures_, chosen, rejected, "chair_i", True)
         out[f"{pair}_chosen_accuracy_higher"] = _better(figures_, chosen, rejected, "accuracy", False)
+        out[f"{pair}_chosen_hallucinated_per_caption_lower"] = _better(  # not an issue target
+            figures_, chosen, rejected, "hallucinated_per_caption", True)
     return out
 
 

@@ -126,7 +126,9 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
     """How faithful one record's replies are to its ground-truth objects (shapes world).
 
     A caption reply counts ``truth/{name}/mentions`` and ``truth/{name}/hallucinated`` (its shapes
-    that no object has: object-level CHAIR_i); a reply to the question about ``target`` counts
+    that no object has: object-level CHAIR_i; repeated mentions count each time, so a caption
+    that names a true object twice lowers it), ``captions`` and ``hallucinated_captions``
+    (CHAIR_s), ``truths`` and ``recalled`` (the image's distinct shapes it names); a reply to the question about ``target`` counts
     ``truth/{name}/answers`` and ``truth/{name}/correct`` (v2: the question's exact ``answer``;
     v1: "yes" when the asked shape is present). Records without objects count nothing.
     Summed over the kept pairs (``summarize``), this shows whether the chosen side of each pair is
@@ -145,6 +147,10 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
             chair = caption_chair_counts([s for _, s in shapes_world.parse_caption(text)], shapes)
             counts[f"truth/{name}/mentions"] += chair.mentions
             counts[f"truth/{name}/hallucinated"] += chair.hallucinated_mentions
+            counts[f"truth/{name}/captions"] += 1
+            counts[f"truth/{name}/hallucinated_captions"] += chair.hallucinated_captions
+            counts[f"truth/{name}/truths"] += chair.truths
+            counts[f"truth/{name}/recalled"] += chair.recalled_truths
         else:
             answer = target.get("answer") or (
                 shapes_world.YES if target["shape"] in shapes else shapes_world.NO)

@@ -226,7 +226,11 @@ def test_truth_counts_score_each_reply_against_the_objects():
     caption = pairs.truth_counts({"chosen": "a red square and two green stars.",
                                   "rejected": "a blue circle."}, objects, None)
     assert caption == {"truth/chosen/mentions": 3, "truth/chosen/hallucinated": 2,
-                       "truth/rejected/mentions": 1, "truth/rejected/hallucinated": 0}
+                       "truth/chosen/captions": 1, "truth/chosen/hallucinated_captions": 1,
+                       "truth/chosen/truths": 2, "truth/chosen/recalled": 1,
+                       "truth/rejected/mentions": 1, "truth/rejected/hallucinated": 0,
+                       "truth/rejected/captions": 1, "truth/rejected/hallucinated_captions": 0,
+                       "truth/rejected/truths": 2, "truth/rejected/recalled": 1}
     question = pairs.truth_counts({"chosen": "yes", "rejected": "no"}, objects, objects[1])
     assert question == {"truth/chosen/answers": 1, "truth/chosen/correct": 1,
                         "truth/rejected/answers": 1, "truth/rejected/correct": 0}
@@ -305,7 +309,19 @@ def test_the_report_measures_the_v2_config_and_checks_each_issue_target():
     assert report.figures(summary)["issue_14_targets"] == {
         "crop_coverage>=0.8": False, "robust_identical<0.2": True,
         "focus_chosen_chair_i_lower": True, "focus_chosen_accuracy_higher": False,
-        "robust_chosen_chair_i_lower": True, "robust_chosen_accuracy_higher": None}
+        "robust_chosen_chair_i_lower": True, "robust_chosen_accuracy_higher": None,
+        "focus_chosen_hallucinated_per_caption_lower": None,
+        "robust_chosen_hallucinated_per_caption_lower": None}
+    # CHAIR_i counts repeated true mentions; hallucinations per caption do not reward them
+    counts = {"truth/chosen/captions": 2, "truth/chosen/hallucinated": 2, "truth/chosen/mentions": 8,
+              "truth/rejected/captions": 2, "truth/rejected/hallucinated": 1,
+              "truth/rejected/mentions": 3, "truth/chosen/chair_i": 0.25,
+              "truth/rejected/chair_i": 1 / 3}
+    figures = report.figures({**summary, **counts})
+    assert figures["kept/chosen/hallucinated_per_caption"] == 1.0
+    assert figures["kept/chosen/mentions_per_caption"] == 4.0
+    assert figures["issue_14_targets"]["focus_chosen_chair_i_lower"] is True
+    assert figures["issue_14_targets"]["focus_chosen_hallucinated_per_caption_lower"] is False
     # the oracle saliency of the coverage script: each 16-px patch's share of the asked boxes
     share = p2dpo_crop_coverage.object_share([[16, 0, 32, 16], [0, 120, 8, 128]], 8, 128)
     assert share[0, 1] == 1.0 and share[7, 0] == 0.25 and share.sum() == 1.25
