@@ -29,9 +29,24 @@ V2_SECTIONS = dict(
 )
 """What the v2 world changes in a tiny shapes-world config."""
 
+# --- per-method v2 settings (P2-DPO's owner edits this block) ---------------------------------
+METHOD_SECTIONS = dict(
+    p2dpo=dict(
+        data=dict(builder={}, manual_dir="~/mmpo_data/generated/p2dpo_pairs_v2"),
+        pairs=dict(source_builder={"world": "v2"}),
+    ),
+)
+"""Applied after ``V2_SECTIONS`` for the method named. P2-DPO trains on its generated pairs (the
+``p2dpo_pairs`` dataset takes no builder options; its own folder, so v1 pairs are never reused);
+the v2 world is the source of its prompts (``pairs.source_builder``). Its data buckets stay the
+other methods' (they key the cached SFT base, which all v2 methods share); ``combine_mode=
+"two_images"`` needs a bucket for its two-image prompts (128 image tokens): add 192."""
+
 
 def get_config(arg: str | None = None):
     """``arg``: the method (a ``configs/<method>.py``), default "catpo"."""
-    config = base.method_file_config(arg or "catpo")
+    method = arg or "catpo"
+    config = base.method_file_config(method)
     base.override(config, V2_SECTIONS)
+    base.override(config, METHOD_SECTIONS.get(method, {}))
     return config

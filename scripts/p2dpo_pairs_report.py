@@ -2,7 +2,7 @@
 the more faithful one?
 
     python scripts/p2dpo_pairs_report.py --data-dir DIR --base MODEL_DIR [--num-records 128] \
-        [--seed 0] [--set base_box=48 --set 'saliency="grad_attention"']
+        [--seed 0] [--set base_box_fraction=0.25 --set 'saliency="grad_attention"']
     python scripts/p2dpo_pairs_report.py --data-dir DIR --sft-steps 300   # a quick tiny_v2 base
 
 Generates (``pipelines.p2dpo.generate_pairs``) P2-DPO pairs from the first ``--num-records``
@@ -10,17 +10,21 @@ records of the v2 world's ``preference`` split under ``--data-dir`` (generated t
 with the SFT base in ``--base`` (a directory of ``engine.model_io.save_model``, e.g.
 ``scripts/shapes_world_sft.py``'s ``<data-dir>/sft_runs/<name>/model``) or, without one, a
 ``tiny_v2`` base trained here for ``--sft-steps`` steps of ``configs/sft.py``'s SFT-base recipe.
-Pair settings: ``V2_SETTINGS`` (the v2 scaling of ``configs/p2dpo.py``'s ``pairs`` section),
-changed by ``--set key=JSON``. Prints one JSON object (settings, seeds, timings with ``uptime``'s
-load) with the figures of issue 14:
+Pair settings and data layout: those of ``configs/shapes_world_v2.py:p2dpo`` (its ``pairs`` and
+``data`` sections), changed by ``--set key=JSON``. Prints one JSON object (settings, seeds,
+timings with ``uptime``'s load) with the figures of issue 14:
 
 - ``crop_coverage_rate``: share of the question prompts whose crop box holds >= half of the
   asked object(s)' box (v2's exact boxes; ``pipelines.p2dpo_pairs.box_coverage``), over every
   candidate, and per question kind;
 - over the kept pairs: CHAIR_i (object level, captions) and question accuracy (v2's exact
-  answers) of each side of the focus pair and of the robustness pair;
+  answers) of each side of the focus pair and of the robustness pair; beside them CHAIR_s,
+  hallucinated and all mentions per caption and recall (CHAIR_i counts every repeat of a true
+  object, so a side that names objects twice, as on a stitched canvas, can lower it while
+  naming more hallucinations per caption);
 - ``robust_identical_rate``: robustness pairs whose two replies are the same text (over every
-  encoded candidate; also over question and caption prompts apart), and the focus pair's.
+  encoded candidate; also over question and caption prompts apart), and the focus pair's;
+- ``issue_14_targets``: each of issue 14's P2-DPO checks, met (true) or missed (false).
 """
 
 from __future__ import annotations
@@ -48,13 +52,18 @@ from mmpo_jax.training import experiment
 from mmpo_jax.training.loop import train
 
 WORLD = {"world": "v2"}
-V2_SETTINGS = dict(
-    source_builder=WORLD, question_fraction=0.5, saliency="attention", saliency_depth=0.0,
-    enhanced_prompt="{prompt}", robust_prompt="{prompt}", base_box=64.0,
-    focus_max_new_tokens=32, robust_max_new_tokens=32, batch_size=16, shard_size=64)
-"""``configs/p2dpo.py``'s pair settings scaled to v2's 128-px images: a base box of half the image
-(as 32 px of v1's 64), 32-token replies (v2 captions name up to 5 objects)."""
-LAYOUT = TrainingLayout(buckets=(128, 160))
+CONFIG = "configs/shapes_world_v2.py:p2dpo"
+"""The v2 P2-DPO run whose ``pairs`` settings and data layout the report measures."""
+
+
+def settings_and_layout(overrides: dict[str, Any], num_records: int
+                        ) -> tuple[PairSettings, TrainingLayout]:
+    """``CONFIG``'s pair settings (``overrides`` and ``num_records`` applied) and its layout."""
+    config = load_config(CONFIG, [])
+    settings = PairSettings.from_config({**config.pairs.to_dict(), "num_records": num_records,
+                                         **overrides})
+    return settings, TrainingLayout(tuple(config.data.buckets), int(config.data.max_length),
+                                    config.data.template)
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -104,8 +113,39 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
             out[f"kept/{reply}/{rate}"] = summary.get(f"truth/{reply}/{rate}")
         out[f"kept/{reply}/answers"] = summary.get(f"truth/{reply}/answers", 0)
         out[f"kept/{reply}/mentions"] = summary.get(f"truth/{reply}/mentions", 0)
+        counts = {name: summary.get(f"truth/{reply}/{name}", 0) for name in (
+            "captions", "hallucinated_captions", "hallucinated", "mentions", "recalled", "truths")}
+        if counts["captions"]:  # CHAIR_i counts repeats: read it beside these
+            per_caption = {name: counts[name] / counts["captions"]
+                           for name in ("hallucinated_captions", "hallucinated", "mentions")}
+            out[f"kept/{reply}/chair_s"] = per_caption["hallucinated_captions"]
+            out[f"kept/{reply}/hallucinated_per_caption"] = per_caption["hallucinated"]
+            out[f"kept/{reply}/mentions_per_caption"] = per_caption["mentions"]
+            out[f"kept/{reply}/recall"] = counts["recalled"] / max(counts["truths"], 1)
     out["drops"] = {k: v for k, v in summary.items()
                     if k.startswith(("focus/", "robust/", "dropped/")) and "identical" not in k}
+    out["issue_14_targets"] = targets(out)
+    return out
+
+
+def _better(figures_: dict[str, Any], chosen: str, rejected: str, rate: str, lower: bool) -> Any:
+    a, b = figures_.get(f"kept/{chosen}/{rate}"), figures_.get(f"kept/{rejected}/{rate}")
+    if a is None or b is None:
+        return None  # no caption (or no question) among the kept pairs
+    return bool(a < b) if lower else bool(a > b)
+
+
+def targets(figures_: dict[str, Any]) -> dict[str, Any]:
+    """Issue 14's P2-DPO checks on ``figures``' numbers: True met, False missed, None unmeasured."""
+    coverage = figures_.get("crop_coverage_rate")
+    out = {"crop_coverage>=0.8": None if coverage is None else bool(coverage >= 0.8),
+           "robust_identical<0.2": bool(figures_["robust_identical_rate"] < 0.2)}
+    for pair, (chosen, rejected) in {"focus": ("chosen", "rejected"),
+                                     "robust": ("robust_chosen", "robust_rejected")}.items():
+        out[f"{pair}_chosen_chair_i_lower"] = _better(figures_, chosen, rejected, "chair_i", True)
+        out[f"{pair}_chosen_accuracy_higher"] = _better(figures_, chosen, rejected, "accuracy", False)
+        out[f"{pair}_chosen_hallucinated_per_caption_lower"] = _better(  # not an issue target
+            figures_, chosen, rejected, "hallucinated_per_caption", True)
     return out
 
 
@@ -122,8 +162,7 @@ def main() -> None:
                         help="a PairSettings field, e.g. base_box=48; repeatable")
     args = parser.parse_args()
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
-    settings = PairSettings(**{**V2_SETTINGS, "num_records": args.num_records,
-                               **_overrides(args.set)})
+    settings, layout = settings_and_layout(_overrides(args.set), args.num_records)
     report: dict[str, Any] = {"seed": args.seed, "base": args.base or f"quick:{args.sft_steps}",
                               "settings_overrides": args.set, "num_records": args.num_records,
                               "load_before": os.getloadavg()}
@@ -139,7 +178,7 @@ def main() -> None:
     output = args.output or tempfile.mkdtemp(prefix="p2dpo_report_pairs_")
     start = time.perf_counter()
     manifest = generate_pairs(model, tokenizer, prompts, image_config=image_config,
-                              output_dir=output, settings=settings, layout=LAYOUT, seed=args.seed,
+                              output_dir=output, settings=settings, layout=layout, seed=args.seed,
                               source_metadata={"world": prompts.metadata["world"]}, progress=False)
     report["generation_seconds"] = time.perf_counter() - start
     report["load_after"] = os.getloadavg()

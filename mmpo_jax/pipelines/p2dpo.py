@@ -9,7 +9,9 @@ P2-DPO training records with the reference model ``M_ref``:
   [our choice: a question names the region that matters, so the crop has a target and its
   coverage is measurable]; the choice and the question are drawn from ``(seed, record index)``
   (``p2dpo_pairs.focus_prompt``);
-- saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box,
+- saliency of ``(I, P)`` at the layer at ``saliency_depth`` of the decoder, adaptive crop box
+  (base side ``base_box`` pixels, or ``base_box_fraction`` of the image side [our choice for
+  small synthetic images: 336 px is about half the side of LLaVA-1.5's typical padded input]),
   ``I_aug`` (``combine_mode``: "stitch", one canvas, or "two_images", the prompt ``P_enh``
   holding the image then the crop), ``I_deg = Erase(I, box)``; focus pair
   ``y_w = greedy(M_ref, I_aug, P_enh)``, ``y_l = greedy(M_ref, I_deg, P)``; ``P_enh`` is stored
@@ -97,6 +99,11 @@ class PairSettings:
         stored as ``focus_aug_image``; train with ``method.combine_mode="two_images"``).
       saliency: "grad_attention" or "attention"; saliency_depth: layer = round(depth * L).
       base_box: the crop's base side in record-image pixels (336 for LLaVA-1.5 on its inputs);
+        base_box_fraction: if > 0, the base side as this fraction of the side of the square
+        the model sees of each record image instead (``base_box`` is then unused) [our option:
+        the paper's 336 px is about half the side of LLaVA-1.5's typical input, a COCO photo
+        ~640 px on its long side padded to a square, so 0.5 keeps that proportion at any
+        resolution: 32 px on v1's 64-px images, 64 px on v2's 128-px ones];
         crop_ratios: the window scales tried.
       focus_max_new_tokens / robust_max_new_tokens: decode budgets (paper: 150 / 256).
       robust_prompt: the prompt both robustness replies are generated with, ``{prompt}`` = P
@@ -131,6 +138,7 @@ class PairSettings:
     saliency: str = "grad_attention"
     saliency_depth: float = 14 / 32
     base_box: float = 336.0
+    base_box_fraction: float = 0.0
     crop_ratios: tuple[float, ...] = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
     focus_max_new_tokens: int = 150
     robust_max_new_tokens: int = 256
@@ -169,6 +177,9 @@ class PairSettings:
         for name in ("enhanced_prompt", "robust_prompt"):
             if "{prompt}" not in getattr(self, name):
                 problems.append(f"{name}={getattr(self, name)!r} must contain '{{prompt}}'")
+        if not 0.0 <= self.base_box_fraction <= 1.0:
+            problems.append(f"base_box_fraction={self.base_box_fraction} must lie in [0, 1] "
+                            "(0: use base_box pixels)")
         if not 0.0 <= self.question_fraction <= 1.0:
             problems.append(f"question_fraction={self.question_fraction} must lie in [0, 1]")
         if self.margin_low > self.margin_high:
@@ -280,6 +291,7 @@ def _generate_candidates(model: Llava, tokenizer: Any, records: Sequence[Mapping
     saliency = pairs.saliency_maps(model, input_ids, mask, pixels, layer=layer, mode=settings.saliency)
     boxes = pairs.crop_boxes(np.asarray(saliency), [(i.shape[1], i.shape[0]) for i in images],
                              image_config=image_config, base_box=settings.base_box,
+                             base_box_fraction=settings.base_box_fraction,
                              ratios=settings.crop_ratios)
     augmented, degraded = pairs.focus_images(images, boxes, combine_mode=settings.combine_mode)
     noise = np.stack([noise_image(image, seed=seed, record_index=index, step=settings.noise_step,

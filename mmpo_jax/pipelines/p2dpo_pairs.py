@@ -126,7 +126,9 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
     """How faithful one record's replies are to its ground-truth objects (shapes world).
 
     A caption reply counts ``truth/{name}/mentions`` and ``truth/{name}/hallucinated`` (its shapes
-    that no object has: object-level CHAIR_i); a reply to the question about ``target`` counts
+    that no object has: object-level CHAIR_i; repeated mentions count each time, so a caption
+    that names a true object twice lowers it), ``captions`` and ``hallucinated_captions``
+    (CHAIR_s), ``truths`` and ``recalled`` (the image's distinct shapes it names); a reply to the question about ``target`` counts
     ``truth/{name}/answers`` and ``truth/{name}/correct`` (v2: the question's exact ``answer``;
     v1: "yes" when the asked shape is present). Records without objects count nothing.
     Summed over the kept pairs (``summarize``), this shows whether the chosen side of each pair is
@@ -145,6 +147,10 @@ def truth_counts(responses: Mapping[str, str], objects: Sequence[Mapping[str, An
             chair = caption_chair_counts([s for _, s in shapes_world.parse_caption(text)], shapes)
             counts[f"truth/{name}/mentions"] += chair.mentions
             counts[f"truth/{name}/hallucinated"] += chair.hallucinated_mentions
+            counts[f"truth/{name}/captions"] += 1
+            counts[f"truth/{name}/hallucinated_captions"] += chair.hallucinated_captions
+            counts[f"truth/{name}/truths"] += chair.truths
+            counts[f"truth/{name}/recalled"] += chair.recalled_truths
         else:
             answer = target.get("answer") or (
                 shapes_world.YES if target["shape"] in shapes else shapes_world.NO)
@@ -230,7 +236,7 @@ def _input_view(width: int, height: int, image_config: ImageProcessorConfig
 
 def crop_boxes(saliency: np.ndarray, image_sizes: Sequence[tuple[int, int]], *,
                image_config: ImageProcessorConfig, base_box: float,
-               ratios: Sequence[float]) -> np.ndarray:
+               ratios: Sequence[float], base_box_fraction: float = 0.0) -> np.ndarray:
     """The adaptive crop box of every example, in pixels of its record image (NumPy).
 
     ``adaptive_crop_box`` runs on the model's square input view (``_input_view``: the saliency
@@ -243,6 +249,8 @@ def crop_boxes(saliency: np.ndarray, image_sizes: Sequence[tuple[int, int]], *,
       image_config: the model's preprocessing.
       base_box: the base box side in record-image pixels (METHODS' 336).
       ratios: the window scales tried.
+      base_box_fraction: if > 0, the base side is this fraction of each image's input-view side
+        (``PairSettings.base_box_fraction``) and ``base_box`` is unused.
 
     Returns:
       int32 ``[B, 4]`` ``(x0, y0, x1, y1)`` boxes, exclusive ends.
@@ -250,7 +258,8 @@ def crop_boxes(saliency: np.ndarray, image_sizes: Sequence[tuple[int, int]], *,
     boxes = []
     for grid, (width, height) in zip(np.asarray(saliency), image_sizes):
         side, x_offset, y_offset = _input_view(width, height, image_config)
-        x0, y0, x1, y1 = adaptive_crop_box(grid, image_size=(side, side), base_box=base_box,
+        base = base_box_fraction * side if base_box_fraction > 0 else base_box
+        x0, y0, x1, y1 = adaptive_crop_box(grid, image_size=(side, side), base_box=base,
                                            ratios=tuple(ratios))
         box = (max(0, x0 + x_offset), max(0, y0 + y_offset), min(width, x1 + x_offset),
                min(height, y1 + y_offset))

@@ -22,6 +22,7 @@ from mmpo_jax.data.fields import ROLLOUTS
 from mmpo_jax.data.pipeline import EXTRAS
 from mmpo_jax.engine.scoring import plan_scoring
 from mmpo_jax.objectives import registry
+from mmpo_jax.training import experiment
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 METHOD_FILES = sorted(registry.methods())
@@ -63,7 +64,12 @@ def test_v2_file_moves_every_method_to_the_v2_world(method):
     config = _load(f"shapes_world_v2.py:{method}")
     tiny = _load(f"{method}.py")
     assert config.method.to_dict() == tiny.method.to_dict()
-    assert (config.data.builder.to_dict(), config.model.preset) == ({"world": "v2"}, "tiny_v2")
+    # P2-DPO trains on its generated pairs; the v2 world is its prompt source (pairs.source_builder)
+    world = experiment.world_config(config)
+    assert (world.data.builder.to_dict(), config.model.preset) == ({"world": "v2"}, "tiny_v2")
+    if world is not config:
+        assert config.data.builder.to_dict() == {}  # p2dpo_pairs takes no builder options
+        assert config.data.manual_dir != tiny.data.manual_dir  # never v1's pairs
     validate(config, device_count=1)
 
 

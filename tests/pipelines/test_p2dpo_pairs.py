@@ -97,6 +97,31 @@ def test_crop_box_maps_the_padded_square_view_back_into_a_wide_image():
     assert x0 <= 84 < x1 and y0 <= 36 <= y1
 
 
+def test_base_box_fraction_scales_the_box_with_the_image_side():
+    """Half the side: the box of base_box=32 on a 64-px image and of 64 on a 128-px one; on a
+    96x48 image seen as a padded 96-px square, 48 px (the square's side, not the image's height)."""
+    rng = np.random.default_rng(1)
+    ratios = (1, 1.2, 1.4, 1.6, 1.8, 2)
+    for side in (64, 128):
+        config = image_processing.tiny(side)
+        saliency = rng.random((16, 8, 8))
+        want = pairs.crop_boxes(saliency, [(side, side)] * 16, image_config=config,
+                                base_box=side / 2, ratios=ratios)
+        got = pairs.crop_boxes(saliency, [(side, side)] * 16, image_config=config, base_box=1000.0,
+                               base_box_fraction=0.5, ratios=ratios)
+        np.testing.assert_array_equal(got, want)
+        assert (want[:, 2] - want[:, 0]).min() >= side // 2  # and the boxes are not the full image
+        assert (want[:, 2] - want[:, 0]).max() < side
+    config = image_processing.tiny(64)
+    saliency = rng.random((4, 4, 4))
+    np.testing.assert_array_equal(
+        pairs.crop_boxes(saliency, [(96, 48)] * 4, image_config=config, base_box=0.0,
+                         base_box_fraction=0.5, ratios=(1.0,)),
+        pairs.crop_boxes(saliency, [(96, 48)] * 4, image_config=config, base_box=48, ratios=(1.0,)))
+    with pytest.raises(ValueError, match="base_box_fraction"):
+        driver.PairSettings(base_box_fraction=1.5)
+
+
 def test_random_saliency_boxes_stay_inside_the_image():
     rng = np.random.default_rng(0)
     saliency = rng.random((32, 4, 4))
@@ -201,7 +226,11 @@ def test_truth_counts_score_each_reply_against_the_objects():
     caption = pairs.truth_counts({"chosen": "a red square and two green stars.",
                                   "rejected": "a blue circle."}, objects, None)
     assert caption == {"truth/chosen/mentions": 3, "truth/chosen/hallucinated": 2,
-                       "truth/rejected/mentions": 1, "truth/rejected/hallucinated": 0}
+                       "truth/chosen/captions": 1, "truth/chosen/hallucinated_captions": 1,
+                       "truth/chosen/truths": 2, "truth/chosen/recalled": 1,
+                       "truth/rejected/mentions": 1, "truth/rejected/hallucinated": 0,
+                       "truth/rejected/captions": 1, "truth/rejected/hallucinated_captions": 0,
+                       "truth/rejected/truths": 2, "truth/rejected/recalled": 1}
     question = pairs.truth_counts({"chosen": "yes", "rejected": "no"}, objects, objects[1])
     assert question == {"truth/chosen/answers": 1, "truth/chosen/correct": 1,
                         "truth/rejected/answers": 1, "truth/rejected/correct": 0}
@@ -264,3 +293,35 @@ def test_v2_focus_prompts_are_the_records_questions_about_present_objects():
     for record, (prompt, target) in zip(records, prompts):
         if target is None:
             assert prompt == record["prompt"]
+
+
+def test_the_report_measures_the_v2_config_and_checks_each_issue_target():
+    from scripts import p2dpo_crop_coverage, p2dpo_pairs_report as report
+
+    settings, layout = report.settings_and_layout({"noise_step": 300}, 64)
+    assert settings.source_builder == {"world": "v2"} and settings.base_box_fraction == 0.5
+    assert (settings.noise_step, settings.num_records, layout.buckets) == (300, 64, (96, 112))
+    summary = {"candidates": 10, "questions": 4, "questions_box_covers_object": 3,
+               "crop_coverage_rate": 0.75, "questions_encoded": 4, "robust/identical_texts": 1,
+               "truth/chosen/chair_i": 0.2, "truth/rejected/chair_i": 0.3,
+               "truth/chosen/accuracy": 0.5, "truth/rejected/accuracy": 0.5,
+               "truth/robust_chosen/chair_i": 0.1, "truth/robust_rejected/chair_i": 0.4}
+    assert report.figures(summary)["issue_14_targets"] == {
+        "crop_coverage>=0.8": False, "robust_identical<0.2": True,
+        "focus_chosen_chair_i_lower": True, "focus_chosen_accuracy_higher": False,
+        "robust_chosen_chair_i_lower": True, "robust_chosen_accuracy_higher": None,
+        "focus_chosen_hallucinated_per_caption_lower": None,
+        "robust_chosen_hallucinated_per_caption_lower": None}
+    # CHAIR_i counts repeated true mentions; hallucinations per caption do not reward them
+    counts = {"truth/chosen/captions": 2, "truth/chosen/hallucinated": 2, "truth/chosen/mentions": 8,
+              "truth/rejected/captions": 2, "truth/rejected/hallucinated": 1,
+              "truth/rejected/mentions": 3, "truth/chosen/chair_i": 0.25,
+              "truth/rejected/chair_i": 1 / 3}
+    figures = report.figures({**summary, **counts})
+    assert figures["kept/chosen/hallucinated_per_caption"] == 1.0
+    assert figures["kept/chosen/mentions_per_caption"] == 4.0
+    assert figures["issue_14_targets"]["focus_chosen_chair_i_lower"] is True
+    assert figures["issue_14_targets"]["focus_chosen_hallucinated_per_caption_lower"] is False
+    # the oracle saliency of the coverage script: each 16-px patch's share of the asked boxes
+    share = p2dpo_crop_coverage.object_share([[16, 0, 32, 16], [0, 120, 8, 128]], 8, 128)
+    assert share[0, 1] == 1.0 and share[7, 0] == 0.25 and share.sum() == 1.25
