@@ -435,7 +435,7 @@ def _sft_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
 
 
 def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, bool]],
-                image_config: ImageProcessorConfig) -> dict[str, np.ndarray]:
+                image_config: ImageProcessorConfig, max_length: int) -> dict[str, np.ndarray]:
     """A padding row: an empty prompt and response through the same path, loss masks zeroed.
 
     It carries the template's image placeholders, so the model sees one well-formed sequence per
@@ -451,8 +451,10 @@ def _filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, b
     fields, reason, _ = row_fn(record, epoch=0, record_index=-1)
     if reason is not None:
         raise ValueError(
-            f"the template cannot encode even an empty example ({reason}); max_length is too "
-            f"small for the prompt template and its image tokens")
+            f"the template cannot encode even an empty example ({reason}) in max_length={max_length} "
+            f"tokens: raise data.max_length and the largest of data.buckets to hold the prompt "
+            f"template and its image tokens (twice the image's placeholders for a two-image prompt, "
+            f"pairs.combine_mode='two_images')")
     return {name: (np.zeros_like(value) if name.endswith("loss_mask") else value)
             for name, value in fields.items()}
 
@@ -533,7 +535,7 @@ def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any
                         shuffle=shuffle, drop_remainder=drop_remainder,
                         drop_shard_remainder=shard_options.drop_remainder)
     return _batches(source, schedule=schedule, num_epochs=num_epochs, row_fn=row_fn,
-                    filler=_filler_row(row_fn, image_config), batch_type=batch_type,
+                    filler=_filler_row(row_fn, image_config, max_length), batch_type=batch_type,
                     buckets=buckets, pad_id=int(tokenizer.pad_token_id),
                     read_options=read_options, too_long=too_long)
 

@@ -271,6 +271,13 @@ def test_unknown_extra_is_rejected(tokenizer, image_config):
         _pipeline(make_records(2), tokenizer, image_config, extras=("crop",))
 
 
+def test_buckets_too_small_for_the_template_name_the_settings_to_raise(tokenizer, image_config):
+    # The prompt template and its 4 image placeholders alone need more than 6 tokens.
+    with pytest.raises(ValueError, match=r"empty example .* max_length=6 tokens: raise data.max_length "
+                                         r"and the largest of data.buckets.*two_images"):
+        _pipeline(make_records(2), tokenizer, image_config, buckets=(6,))
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
