@@ -185,15 +185,19 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
 
 
 def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
-                   image_config: ImageProcessorConfig, workdir: pathlib.Path) -> Llava:
+                   image_config: ImageProcessorConfig, workdir: pathlib.Path,
+                   held_out: Sequence[Mapping[str, Any]] = ()) -> Llava:
     """The SFT base trained from ``model`` by ``sft_base_config``'s ``base_config``: the vision
-    tower alone first when ``sft_base.vision_steps`` > 0 (`vision_pretrain`), then the SFT."""
+    tower alone first when ``sft_base.vision_steps`` > 0 (`vision_pretrain`; its per-cell
+    accuracy on ``held_out`` records is logged), then the SFT."""
     section = base_config.sft_base
     if int(section.vision_steps):
         logger.info("SFT base: %d steps of the vision tower alone first", int(section.vision_steps))
-        pretrain_vision(model, source, image_config, source.metadata["world"],
-                        steps=int(section.vision_steps), batch_size=int(section.batch_size),
-                        learning_rate=float(section.learning_rate), seed=int(base_config.seed))
+        tower = pretrain_vision(model, source, image_config, source.metadata["world"],
+                                steps=int(section.vision_steps), batch_size=int(section.batch_size),
+                                learning_rate=float(section.learning_rate), seed=int(base_config.seed),
+                                held_out=held_out)
+        logger.info("SFT base: vision tower %s", json.dumps(tower, sort_keys=True))
     return train(base_config, model=model, tokenizer=tokenizer, source=source,
                  image_config=image_config, workdir=workdir).model
 
