@@ -14,6 +14,18 @@ SFT base [measured]: the vision tower alone first for 800 steps on per-cell shap
 labels, then frozen through 400 SFT steps (`mmpo_jax.training.vision_pretrain`): greedy CHAIR_i
 .165, recall .635 (``scripts/shapes_world_sft.py``), where 1300 SFT steps alone never learned
 shapes (CHAIR_i .469, recall .475). POPE and the question prompts stay at chance with both.
+
+Why the questions stay at chance [measured, ``scripts/shapes_world_sft.py``'s
+``answer_dependence``]: the language model never reads the asked shape. The answer distribution
+is the same whichever shape a question names (mean L1 distance between shapes .0005 for presence,
+.002 for colour, on 60 validation images); presence's answer NLL is ln 2 (.698) and count's the
+prior's (.71) on the SFT records themselves, with the own image or another; colour answers are
+read from the image (NLL 1.05 own / 2.67 another) but put the same probability on the asked
+shape's colour as on any other object's (.345 / .334, absent colours .03). Captions never need
+retrieval keyed by a shape (the grammar writes the colour first), and four changes left it
+unlearned: half the SFT records questions (``question_fraction=0.5``), 300 further steps on
+question records alone, a 3-layer language model, and a tower head read out by the shape and
+colour words' embeddings (LLaVA-style alignment of the visual tokens).
 """
 
 import pathlib

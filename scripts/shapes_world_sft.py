@@ -69,10 +69,11 @@ def _options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[str, Any], runtime: Any
-                 ) -> LlavaConfig:
+def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[str, Any], runtime: Any,
+                 text: dict[str, Any] | None = None) -> LlavaConfig:
     """The preset's config with the tokenizer's ids, optionally both towers at ``width`` and the
-    vision config's fields ``vision`` replaced (e.g. another conv stem)."""
+    vision (text) config's fields ``vision`` (``text``) replaced (e.g. another conv stem, more
+    decoder layers)."""
     config = getattr(presets, preset)(vocab_size=len(tokenizer),
                                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                                       pad_token_id=tokenizer.pad_token_id,
@@ -82,6 +83,7 @@ def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[st
         for tower, mlp in (("vision_config", 4), ("text_config", 2)):
             fields[tower].update(hidden_size=width, intermediate_size=mlp * width)
     fields["vision_config"].update(vision)
+    fields["text_config"].update(text or {})
     if "conv_channels" in vision:  # the stem's stride is the patch size
         fields["vision_config"]["patch_size"] = 2 ** (len(vision["conv_channels"]) - 1)
     return experiment.with_runtime(LlavaConfig.from_dict(fields), runtime)
@@ -203,6 +205,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--vision", action="append", default=[], metavar="FIELD=VALUE",
                         help="vision config field (JSON value), e.g. conv_channels=[16,32,64,128]; repeatable")
+    parser.add_argument("--text", action="append", default=[], metavar="FIELD=VALUE",
+                        help="text config field (JSON value), e.g. num_hidden_layers=3; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-dir", default="~/mmpo_data")
     parser.add_argument("--name", default="sft_base")
@@ -217,14 +221,15 @@ def main() -> None:
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
     config = load_config(args.config, [f"data.data_dir={data_dir}", f"data.builder={options!r}", *args.set])
     report: dict[str, Any] = {"world": options, "preset": args.preset, "width": args.width, "vision": args.vision,
-                              "overrides": args.set, "load_before": os.getloadavg()}
+                              "text": args.text, "overrides": args.set, "load_before": os.getloadavg()}
 
     start = time.perf_counter()
     source = load_split(config.data.dataset, config.sft_base.split, data_dir=data_dir, **options)
     report["world_seconds"] = time.perf_counter() - start
     tokenizer = load_tokenizer(source.tokenizer_path)
     image_config = image_processing.for_shapes_world(source.metadata["world"])
-    llava_config = model_config(args.preset, tokenizer, args.width, _options(args.vision), config.model)
+    llava_config = model_config(args.preset, tokenizer, args.width, _options(args.vision), config.model,
+                                _options(args.text))
     report["parameters"] = presets.count_parameters(llava_config)
 
     base_config = experiment.sft_base_config(config)
