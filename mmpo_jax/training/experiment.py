@@ -194,7 +194,8 @@ def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
     if int(section.vision_steps):
         logger.info("SFT base: %d steps of the vision tower alone first", int(section.vision_steps))
         tower = pretrain_vision(model, source, image_config, source.metadata["world"],
-                                steps=int(section.vision_steps), batch_size=int(section.batch_size),
+                                steps=int(section.vision_steps),
+                                batch_size=int(section.vision_batch_size or section.batch_size),
                                 learning_rate=float(section.learning_rate), seed=int(base_config.seed),
                                 held_out=held_out)
         logger.info("SFT base: vision tower %s", json.dumps(tower, sort_keys=True))

@@ -68,3 +68,11 @@ def test_the_batches_read_ahead_are_those_read_in_turn():
                         learning_rate=1e-3, seed=1)
         towers.append(_params(model.vision_tower))
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, *towers)))
+
+
+def test_the_towers_batch_size_is_its_own_or_the_sfts():
+    from mmpo_jax.config import checks
+
+    config = load_config("configs/shapes_world_v2.py:catpo", ["sft_base.vision_batch_size=-1"])
+    assert any("sft_base.vision_batch_size=-1 must lie in [0, inf]" in p for p in checks.problems(config))
+    assert load_config("configs/catpo.py").sft_base.vision_batch_size == 0  # 0: sft_base.batch_size
