@@ -13,10 +13,13 @@ its 64 bucket was never used. ``(96, 112)`` keeps every one whole
 SFT base [measured]: the vision tower alone first for 800 steps on per-cell shape and colour
 labels, then frozen through 400 SFT steps (`mmpo_jax.training.vision_pretrain`): greedy CHAIR_i
 .165, recall .635 (``scripts/shapes_world_sft.py``), where 1300 SFT steps alone never learned
-shapes (CHAIR_i .469, recall .475). The tower's batches are 16 (``vision_batch_size``), not the
-SFT's 32: the tower was the main job's largest cost (800 steps of 32: 376 s of a 19:42 run at 70 %
-CPU), batches of 16 cost about 0.6 of that for held-out per-cell shape accuracy .83 (.87 with 32)
-and the same captions after the SFT (CHAIR_i .170, recall .630; exact captions .037 against .057). POPE and the question prompts stay at chance with both.
+shapes (CHAIR_i .469, recall .475). The tower's batches stay the SFT's 32: with
+``sft_base.vision_batch_size=16`` the tower costs about 0.6 of its time (800 steps of 32 were the
+main job's largest phase, 376 s of a 19:42 run at 70 % CPU) for held-out per-cell shape accuracy
+.83 (.87 with 32) and the same greedy captions (CHAIR_i .170, recall .630), but sampled and
+attribute hallucination rose (sampled CHAIR_i .333 against .297, greedy CHAIR_i attr .303 against
+.245) and Cat-PO no longer beat the base (greedy CHAIR_i .180 against .170).
+POPE and the question prompts stay at chance with and without the tower's pretraining.
 
 Why the questions stay at chance [measured, ``scripts/shapes_world_sft.py``'s
 ``answer_dependence``]: the language model never reads the asked shape. The answer distribution
@@ -40,7 +43,7 @@ base = config_module(pathlib.Path(__file__).with_name("base.py"))
 V2_SECTIONS = dict(
     data=dict(builder={"world": "v2"}, buckets=(96, 112)),
     model=dict(preset="tiny_v2"),
-    sft_base=dict(vision_steps=800, vision_batch_size=16, freeze_vision=True, num_steps=400),
+    sft_base=dict(vision_steps=800, freeze_vision=True, num_steps=400),
 )
 """What the v2 world changes in a tiny shapes-world config."""
 
