@@ -69,10 +69,11 @@ def _options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[str, Any], runtime: Any
-                 ) -> LlavaConfig:
+def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[str, Any], runtime: Any,
+                 text: dict[str, Any] | None = None) -> LlavaConfig:
     """The preset's config with the tokenizer's ids, optionally both towers at ``width`` and the
-    vision config's fields ``vision`` replaced (e.g. another conv stem)."""
+    vision (text) config's fields ``vision`` (``text``) replaced (e.g. another conv stem, more
+    decoder layers)."""
     config = getattr(presets, preset)(vocab_size=len(tokenizer),
                                       image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                                       pad_token_id=tokenizer.pad_token_id,
@@ -82,6 +83,7 @@ def model_config(preset: str, tokenizer: Any, width: int | None, vision: dict[st
         for tower, mlp in (("vision_config", 4), ("text_config", 2)):
             fields[tower].update(hidden_size=width, intermediate_size=mlp * width)
     fields["vision_config"].update(vision)
+    fields["text_config"].update(text or {})
     if "conv_channels" in vision:  # the stem's stride is the patch size
         fields["vision_config"]["patch_size"] = 2 ** (len(vision["conv_channels"]) - 1)
     return experiment.with_runtime(LlavaConfig.from_dict(fields), runtime)
@@ -123,30 +125,74 @@ def _word_classes(tokenizer: Any) -> dict[int, str]:
     return classes
 
 
-def image_dependence(model: Llava, tokenizer: Any, records: list[dict], image_config: Any
-                     ) -> dict[str, float]:
-    """Mean NLL per word class of the records' faithful captions, with their own images and with
-    the images rolled by one record (``nll/<class>``, ``nll_shuffled/<class>``)."""
-    encoded = [template.encode_prompt_response(tokenizer, r["prompt"], json.loads(r["metadata"])["caption"],
-                                               num_image_tokens=model.config.num_image_tokens, max_length=1024)
-               for r in records]
+def _teacher_forced(model: Llava, tokenizer: Any, prompts: list[str], responses: list[str],
+                    pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One forward of ``prompts`` / ``responses`` on ``pixels`` ``[B, H, W, 3]``: ``(labels [B, T-1],
+    log-probs [B, T-1, V] predicting them, supervised [B, T-1])``."""
+    encoded = [template.encode_prompt_response(tokenizer, p, r, num_image_tokens=model.config.num_image_tokens,
+                                               max_length=1024) for p, r in zip(prompts, responses)]
     length = max(len(e.input_ids) for e in encoded)
-    ids = np.full((len(records), length), tokenizer.pad_token_id, np.int32)
+    ids = np.full((len(prompts), length), tokenizer.pad_token_id, np.int32)
     valid, supervised = np.zeros_like(ids), np.zeros_like(ids)
     for row, e in enumerate(encoded):
         ids[row, :len(e.input_ids)], valid[row, :len(e.input_ids)] = e.input_ids, 1
         supervised[row, :len(e.input_ids)] = e.loss_mask
+    logits = model(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), attention_mask=jnp.asarray(valid)).logits
+    logps = np.asarray(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32)))
+    return ids[:, 1:], logps, supervised[:, 1:] == 1
+
+
+def image_dependence(model: Llava, tokenizer: Any, records: list[dict], image_config: Any
+                     ) -> dict[str, float]:
+    """Mean NLL per word class of the records' faithful captions, with their own images and with
+    the images rolled by one record (``nll/<class>``, ``nll_shuffled/<class>``)."""
+    prompts = [r["prompt"] for r in records]
+    captions = [json.loads(r["metadata"])["caption"] for r in records]
     pixels = np.stack([image_config(r["image"]) for r in records])
     classes = _word_classes(tokenizer)
-    kind = np.vectorize(lambda t: classes.get(int(t), "other"))(ids[:, 1:])
     out = {}
     for name, images in (("nll", pixels), ("nll_shuffled", np.roll(pixels, 1, axis=0))):
-        logits = model(jnp.asarray(ids), pixel_values=jnp.asarray(images), attention_mask=jnp.asarray(valid)).logits
-        logps = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-        nll = -np.asarray(jnp.take_along_axis(logps, jnp.asarray(ids[:, 1:, None]), -1)[..., 0])
+        labels, logps, supervised = _teacher_forced(model, tokenizer, prompts, captions, images)
+        kind = np.vectorize(lambda t: classes.get(int(t), "other"))(labels)
+        nll = -np.take_along_axis(logps, labels[..., None], -1)[..., 0]
         for word_class in ("colour", "shape", "count", "other"):
-            chosen = (supervised[:, 1:] == 1) & (kind == word_class)
-            out[f"{name}/{word_class}"] = float(nll[chosen].mean())
+            out[f"{name}/{word_class}"] = float(nll[supervised & (kind == word_class)].mean())
+    return out
+
+
+def answer_dependence(model: Llava, tokenizer: Any, questions: list[tuple[np.ndarray, dict]],
+                      image_config: Any, answers: dict[str, list[str]]) -> dict[str, float]:
+    """Per question kind, teacher-forced: the NLL of the exact answer's first token with the own
+    image and with the next image's (``answer_nll[_shuffled]/<kind>``), the
+    accuracy of the likeliest of the kind's ``answers`` (``answer_choice_accuracy/<kind>``; with
+    shuffled images: ``..._shuffled``) and the share of the probability mass the model puts on
+    them (``answer_mass/<kind>``). An answer read from the image has a lower NLL with its own
+    image; equal NLLs mean the reply is a prior over answers."""
+    pixels = np.stack([image_config(image) for image, _ in questions])
+    # another image for each question: the next image's (several questions may share one image)
+    keys = [hash(image.tobytes()) for image, _ in questions]
+    order = list(dict.fromkeys(keys))
+    first = {key: keys.index(key) for key in order}
+    other = [first[order[(order.index(key) + 1) % len(order)]] for key in keys]
+    prompts = [q["question"] for _, q in questions]
+    truth = [q["answer"] for _, q in questions]
+    kinds = np.asarray([q["kind"] for _, q in questions])
+    out = {}
+    for suffix, images in (("", pixels), ("_shuffled", pixels[other])):
+        labels, logps, supervised = _teacher_forced(model, tokenizer, prompts, truth, images)
+        first = supervised.argmax(axis=1)  # the answer's first token
+        rows = np.arange(len(prompts))
+        answer_logps = logps[rows, first]  # [Q, V]
+        nll = -answer_logps[rows, labels[rows, first]]
+        for kind in sorted(set(kinds)):
+            chosen = kinds == kind
+            candidates = [tokenizer.convert_tokens_to_ids(a) for a in answers[kind]]
+            picked = np.asarray(candidates)[answer_logps[:, candidates].argmax(axis=1)]
+            out[f"answer_nll{suffix}/{kind}"] = float(nll[chosen].mean())
+            out[f"answer_choice_accuracy{suffix}/{kind}"] = float(
+                (picked == labels[rows, first])[chosen].mean())
+            if not suffix:
+                out[f"answer_mass/{kind}"] = float(np.exp(answer_logps[:, candidates]).sum(1)[chosen].mean())
     return out
 
 
@@ -159,9 +205,15 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--vision", action="append", default=[], metavar="FIELD=VALUE",
                         help="vision config field (JSON value), e.g. conv_channels=[16,32,64,128]; repeatable")
+    parser.add_argument("--text", action="append", default=[], metavar="FIELD=VALUE",
+                        help="text config field (JSON value), e.g. num_hidden_layers=3; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-dir", default="~/mmpo_data")
     parser.add_argument("--name", default="sft_base")
+    parser.add_argument("--vision-from", default="",
+                        help="a saved model whose vision tower replaces the fresh one (e.g. an earlier "
+                             "run's <data-dir>/sft_runs/<name>/model); with --set sft_base.vision_steps=0 "
+                             "the tower's pretraining is skipped")
     args = parser.parse_args()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
@@ -169,22 +221,27 @@ def main() -> None:
     data_dir = pathlib.Path(os.path.expanduser(args.data_dir))
     config = load_config(args.config, [f"data.data_dir={data_dir}", f"data.builder={options!r}", *args.set])
     report: dict[str, Any] = {"world": options, "preset": args.preset, "width": args.width, "vision": args.vision,
-                              "overrides": args.set, "load_before": os.getloadavg()}
+                              "text": args.text, "overrides": args.set, "load_before": os.getloadavg()}
 
     start = time.perf_counter()
     source = load_split(config.data.dataset, config.sft_base.split, data_dir=data_dir, **options)
     report["world_seconds"] = time.perf_counter() - start
     tokenizer = load_tokenizer(source.tokenizer_path)
     image_config = image_processing.for_shapes_world(source.metadata["world"])
-    llava_config = model_config(args.preset, tokenizer, args.width, _options(args.vision), config.model)
+    llava_config = model_config(args.preset, tokenizer, args.width, _options(args.vision), config.model,
+                                _options(args.text))
     report["parameters"] = presets.count_parameters(llava_config)
 
     base_config = experiment.sft_base_config(config)
     report["sft"] = base_config.sft_base.to_dict()
     workdir = data_dir / "sft_runs" / args.name
     start = time.perf_counter()
-    model = experiment.train_sft_base(base_config, Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
-                                      tokenizer, source, image_config, workdir / "run")
+    model = Llava(llava_config, rngs=nnx.Rngs(int(config.seed)))
+    if args.vision_from:
+        nnx.update(model.vision_tower, nnx.state(model_io.load_model(args.vision_from)[0].vision_tower))
+    held_out = load_split(config.data.dataset, "validation_caption", data_dir=data_dir, **options)
+    model = experiment.train_sft_base(base_config, model, tokenizer, source, image_config, workdir / "run",
+                                      held_out=[held_out[i] for i in range(min(len(held_out), 128))])
     report["sft_seconds"] = time.perf_counter() - start  # the vision tower's steps included
     report["load_after_sft"] = os.getloadavg()
     model_io.save_model(model, workdir / "model")
@@ -196,6 +253,12 @@ def main() -> None:
     metrics.update(seeing_metrics(model, tokenizer, records, image_config,
                                   int(config.eval.batch_size), int(config.eval.max_new_tokens)))
     metrics.update(image_dependence(model, tokenizer, records[:128], image_config))
+    world = source.metadata["world"]
+    answers = {"presence": [shapes_world.YES, shapes_world.NO], "colour": list(world["colors"]),
+               "count": list(shapes_world.NUMBER_WORDS.values())}
+    questions = [(r["image"], q) for r in records[:200] for q in json.loads(r["metadata"]).get("questions", [])]
+    if questions:
+        metrics.update(answer_dependence(model, tokenizer, questions, image_config, answers))
     report["eval_seconds"] = time.perf_counter() - start
     report["metrics"] = metrics
     report["load_after"] = os.getloadavg()

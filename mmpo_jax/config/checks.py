@@ -68,6 +68,7 @@ _RANGES = {  # inclusive bounds, None = open
     "optimizer.grad_clip": (0.0, None), "eval.num_captions": (0, None),
     "eval.num_samples": (0, None), "train.num_steps": (0, None), "data.image_size": (0, None),
     "sft_base.vision_steps": (0, None),
+    "sft_base.vision_batch_size": (0, None),
 }
 
 

@@ -54,7 +54,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from mmpo_jax.data import image_processing
+from mmpo_jax.data import image_processing, shapes_world_v2
 from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import load_tokenizer
 from mmpo_jax.evaluation.runner import evaluate_model
@@ -185,15 +185,20 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
 
 
 def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
-                   image_config: ImageProcessorConfig, workdir: pathlib.Path) -> Llava:
+                   image_config: ImageProcessorConfig, workdir: pathlib.Path,
+                   held_out: Sequence[Mapping[str, Any]] = ()) -> Llava:
     """The SFT base trained from ``model`` by ``sft_base_config``'s ``base_config``: the vision
-    tower alone first when ``sft_base.vision_steps`` > 0 (`vision_pretrain`), then the SFT."""
+    tower alone first when ``sft_base.vision_steps`` > 0 (`vision_pretrain`; its per-cell
+    accuracy on ``held_out`` records is logged), then the SFT."""
     section = base_config.sft_base
     if int(section.vision_steps):
         logger.info("SFT base: %d steps of the vision tower alone first", int(section.vision_steps))
-        pretrain_vision(model, source, image_config, source.metadata["world"],
-                        steps=int(section.vision_steps), batch_size=int(section.batch_size),
-                        learning_rate=float(section.learning_rate), seed=int(base_config.seed))
+        tower = pretrain_vision(model, source, image_config, source.metadata["world"],
+                                steps=int(section.vision_steps),
+                                batch_size=int(section.vision_batch_size or section.batch_size),
+                                learning_rate=float(section.learning_rate), seed=int(base_config.seed),
+                                held_out=held_out)
+        logger.info("SFT base: vision tower %s", json.dumps(tower, sort_keys=True))
     return train(base_config, model=model, tokenizer=tokenizer, source=source,
                  image_config=image_config, workdir=workdir).model
 
@@ -235,9 +240,25 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
     logger.info("SFT base: training %d steps into %s", base_config.train.num_steps, directory)
     source, _, image_config = load_data(base_config)
     model = train_sft_base(base_config, Llava(llava_config, rngs=nnx.Rngs(int(config.seed))),
-                           tokenizer, source, image_config, directory / "run")
+                           tokenizer, source, image_config, directory / "run",
+                           held_out=_tower_held_out(base_config))
     commit_model(model, model_dir)
     return model_io.load_model(model_dir)[0]
+
+
+TOWER_HELD_OUT = 128
+"""Validation images on which the pretrained tower's per-cell accuracy is logged."""
+
+
+def _tower_held_out(base_config: Any) -> list[Mapping[str, Any]]:
+    """The first `TOWER_HELD_OUT` records of the v2 world's ``validation_caption`` split when the
+    tower is pretrained (`vision_pretrain` needs v2), else none."""
+    data = base_config.data
+    if not int(base_config.sft_base.vision_steps) or data.builder.to_dict().get("world") != shapes_world_v2.WORLD:
+        return []  # (pretrain_vision says why a v1 world cannot pretrain the tower)
+    split = load_split(data.dataset, "validation_caption", data_dir=_expand(data.data_dir),
+                       **data.builder.to_dict())
+    return [split[i] for i in range(min(len(split), TOWER_HELD_OUT))]
 
 
 def _sft_base_root(config: Any) -> pathlib.Path:

@@ -12,6 +12,9 @@ SFT. Measured (``scripts/shapes_world_sft.py`` with ``configs/shapes_world_v2.py
 steps, then 400 frozen-tower SFT steps): per-cell shape accuracy .87, greedy CHAIR_i .165 and
 recall .635, against .469 / .475 for 1300 SFT steps alone.
 
+The main job logs the head's per-cell accuracy on 128 validation images at the end
+(``training.experiment``), and the next batch is read and labelled in a thread while a step runs.
+
 [our choice] batches of the SFT batch size at the SFT learning rate (warmup 5 %, cosine decay),
 cells no object covers weigh 0.2 (they are most cells), sampled with replacement from the SFT
 split by a generator seeded with the run's seed.
@@ -19,6 +22,8 @@ split by a generator seeded with the run's seed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,11 +65,25 @@ def _labels(record: Mapping[str, Any], world: Mapping[str, Any], grid: int
                                        tuple(world["shapes"]), tuple(world["colors"]))
 
 
+def _batch(source: Sequence[Mapping[str, Any]], indices: np.ndarray, image_config: ImageProcessorConfig,
+           world: Mapping[str, Any], grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels ``[B, H, W, 3]`` and shape / colour ids ``[B, N]`` of ``source[indices]``."""
+    records = [source[int(i)] for i in indices]
+    labels = [_labels(record, world, grid) for record in records]
+    return (np.stack([image_config(r["image"]) for r in records]), np.stack([s for s, _ in labels]),
+            np.stack([c for _, c in labels]))
+
+
 def pretrain_vision(model: Llava, source: Sequence[Mapping[str, Any]], image_config: ImageProcessorConfig,
                     world: Mapping[str, Any], *, steps: int, batch_size: int, learning_rate: float,
-                    seed: int) -> float:
+                    seed: int, held_out: Sequence[Mapping[str, Any]] = ()) -> dict[str, float]:
     """Trains ``model.vision_tower`` in place for ``steps`` steps on the cell labels of
-    ``source``'s records (module doc); returns the last step's loss.
+    ``source``'s records (module doc); returns ``{"loss": the last step's loss}``, with
+    ``held_out`` records also the head's accuracy on their object cells (``shape_accuracy``,
+    ``colour_accuracy``) and on the others (``background_accuracy``: "no object" predicted).
+
+    The next batch is read and labelled in a thread while the current step runs (the same
+    batches as reading them in turn).
 
     Args:
       world: the split's ``metadata["world"]`` (its builder options: ``world``, ``image_size``,
@@ -92,11 +111,30 @@ def pretrain_vision(model: Llava, source: Sequence[Mapping[str, Any]], image_con
         return loss
 
     rng = np.random.default_rng(seed)
+    prepare = functools.partial(_batch, source, image_config=image_config, world=world, grid=grid)
     loss = float("nan")
-    for _ in range(steps):
-        records = [source[int(i)] for i in rng.integers(0, len(source), batch_size)]
-        labels = [_labels(record, world, grid) for record in records]
-        loss = float(step(net, optimizer, jnp.asarray(np.stack([image_config(r["image"]) for r in records])),
-                          jnp.asarray(np.stack([s for s, _ in labels])),
-                          jnp.asarray(np.stack([c for _, c in labels]))))
-    return loss
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(prepare, rng.integers(0, len(source), batch_size)) if steps else None
+        for number in range(steps):
+            pixels, shape_ids, color_ids = pending.result()
+            if number + 1 < steps:
+                pending = reader.submit(prepare, rng.integers(0, len(source), batch_size))
+            loss = float(step(net, optimizer, jnp.asarray(pixels), jnp.asarray(shape_ids),
+                              jnp.asarray(color_ids)))
+    report = {"loss": loss}
+    if held_out:
+        report.update(_accuracy(net, _batch(held_out, np.arange(len(held_out)), image_config, world, grid),
+                                len(shapes)))
+    return report
+
+
+def _accuracy(net: _CellHead, batch: tuple[np.ndarray, np.ndarray, np.ndarray], num_shapes: int
+              ) -> dict[str, float]:
+    pixels, shape_ids, color_ids = batch
+    shape_logits, color_logits = nnx.jit(lambda net, pixels: net(pixels))(net, jnp.asarray(pixels))
+    shape_hit = np.asarray(shape_logits.argmax(-1)) == shape_ids
+    color_hit = np.asarray(color_logits.argmax(-1)) == color_ids
+    covered = shape_ids < num_shapes
+    return {"shape_accuracy": float(shape_hit[covered].mean()),
+            "colour_accuracy": float(color_hit[covered].mean()),
+            "background_accuracy": float(shape_hit[~covered].mean())}

@@ -35,9 +35,11 @@ def test_the_tower_alone_learns_and_the_language_model_is_untouched():
     records = list(s2.generate_split(SPEC, "sft"))
     image_config = image_processing.for_shapes_world(SPEC.metadata())
     tower, language = _params(model.vision_tower), _params(model.language_model)
-    loss = pretrain_vision(model, records, image_config, SPEC.metadata(), steps=2, batch_size=4,
-                           learning_rate=1e-3, seed=0)
-    assert np.isfinite(loss)
+    report = pretrain_vision(model, records, image_config, SPEC.metadata(), steps=2, batch_size=4,
+                             learning_rate=1e-3, seed=0, held_out=records[:3])
+    assert np.isfinite(report["loss"])
+    for name in ("shape_accuracy", "colour_accuracy", "background_accuracy"):
+        assert 0.0 <= report[name] <= 1.0
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), tower, _params(model.vision_tower))
     assert any(jax.tree.leaves(moved))
     unchanged = jax.tree.map(np.array_equal, language, _params(model.language_model))
@@ -53,3 +55,24 @@ def test_the_v2_config_freezes_the_pretrained_tower_in_the_sft():
     base = sft_base_config(load_config("configs/shapes_world_v2.py:catpo"))
     assert base.sft_base.vision_steps > 0 and base.model.freeze_vision
     assert not sft_base_config(load_config("configs/catpo.py")).model.freeze_vision  # v1: from scratch
+
+
+def test_the_batches_read_ahead_are_those_read_in_turn():
+    """The reading thread changes nothing: two runs from one seed end on the same tower."""
+    records = list(s2.generate_split(SPEC, "sft"))
+    image_config = image_processing.for_shapes_world(SPEC.metadata())
+    towers = []
+    for _ in range(2):
+        model = _model()
+        pretrain_vision(model, records, image_config, SPEC.metadata(), steps=3, batch_size=2,
+                        learning_rate=1e-3, seed=1)
+        towers.append(_params(model.vision_tower))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, *towers)))
+
+
+def test_the_towers_batch_size_is_its_own_or_the_sfts():
+    from mmpo_jax.config import checks
+
+    config = load_config("configs/shapes_world_v2.py:catpo", ["sft_base.vision_batch_size=-1"])
+    assert any("sft_base.vision_batch_size=-1 must lie in [0, inf]" in p for p in checks.problems(config))
+    assert load_config("configs/catpo.py").sft_base.vision_batch_size == 0  # 0: sft_base.batch_size
