@@ -37,28 +37,35 @@ colour words' embeddings (LLaVA-style alignment of the visual tokens).
 import pathlib
 
 from mmpo_jax.config.loading import config_module
+from mmpo_jax.data.shapes_world_v2 import FOCUS_INSTRUCTION
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
 V2_SECTIONS = dict(
     data=dict(builder={"world": "v2"}, buckets=(96, 112)),
     model=dict(preset="tiny_v2"),
-    sft_base=dict(vision_steps=800, freeze_vision=True, num_steps=400),
+    sft_base=dict(vision_steps=800, freeze_vision=True, num_steps=400, buckets=(96, 112)),
 )
 """What the v2 world changes in a tiny shapes-world config."""
 
 # --- per-method v2 settings (P2-DPO's owner edits this block) ---------------------------------
 METHOD_SECTIONS = dict(
     p2dpo=dict(
-        data=dict(builder={}, manual_dir="~/mmpo_data/generated/p2dpo_pairs_v2"),
-        pairs=dict(source_builder={"world": "v2"}),
+        data=dict(builder={}, manual_dir="~/mmpo_data/generated/p2dpo_pairs_v2", buckets=(96, 112, 192)),
+        pairs=dict(source_builder={"world": "v2"}, combine_mode="two_images",
+                   enhanced_prompt=FOCUS_INSTRUCTION.rstrip(".") + ": {prompt}"),
+        method=dict(combine_mode="two_images"),
     ),
 )
 """Applied after ``V2_SECTIONS`` for the method named. P2-DPO trains on its generated pairs (the
 ``p2dpo_pairs`` dataset takes no builder options; its own folder, so v1 pairs are never reused);
-the v2 world is the source of its prompts (``pairs.source_builder``). Its data buckets stay the
-other methods' (they key the cached SFT base, which all v2 methods share); ``combine_mode=
-"two_images"`` needs a bucket for its two-image prompts (128 image tokens): add 192."""
+the v2 world is the source of its prompts (``pairs.source_builder``). On v2 ``I_aug`` is the
+paper's: a prompt with the image, then the crop, and the instruction to answer mainly from the
+first image (``combine_mode="two_images"``; ``stitch`` squeezes nothing any more but its chosen
+captions name the crop's objects twice and carry more hallucinations per caption than the
+rejected ones, measured in ``configs/p2dpo.py``). Its two-image prompts (128 image tokens) need
+the 192 bucket; the SFT base keeps its own buckets (``sft_base.buckets``), so every v2 method
+shares one cached base."""
 
 
 def get_config(arg: str | None = None):

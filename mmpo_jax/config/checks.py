@@ -324,6 +324,10 @@ def _value_problems(tree: Mapping[str, Any]) -> list[str]:
         problems.append(f"data.buckets={buckets} must be positive and strictly increasing")
     elif max_length > buckets[-1]:
         problems.append(f"data.max_length={max_length} exceeds the largest bucket {buckets[-1]}")
+    sft_buckets = tuple(tree["sft_base"]["buckets"])
+    if sft_buckets and (any(b <= 0 for b in sft_buckets) or list(sft_buckets) != sorted(set(sft_buckets))):
+        problems.append(f"sft_base.buckets={sft_buckets} must be positive and strictly increasing "
+                        "(or empty: data.buckets)")
     targets = [t for t in tree["model"]["lora"]["targets"] if t not in LLAMA_LINEAR_NAMES]
     if targets or not tree["model"]["lora"]["targets"]:
         problems.append(f"model.lora.targets: unknown {targets}; choose from {LLAMA_LINEAR_NAMES}")

@@ -86,7 +86,8 @@ SCHEMA: dict[str, Any] = {
                  "cache_dir": "",
                  # training.vision_pretrain: the tower alone first (v2 only), then frozen or not
                  "vision_steps": 0, "freeze_vision": False,
-                 "vision_batch_size": 0},  # the tower's batches (0: sft_base.batch_size)
+                 "vision_batch_size": 0,  # the tower's batches (0: sft_base.batch_size)
+                 "buckets": ()},  # the SFT's padded lengths (empty: data.buckets)
     # several processes (hosts of a pod): engine.distributed.Settings
     "distributed": dataclasses.asdict(distributed.Settings()),
 }

@@ -171,6 +171,8 @@ def sft_base_config(config: Any) -> ml_collections.ConfigDict:
     base.data.batch_size = int(section.batch_size)
     base.data.num_epochs = 0
     base.data.too_long, base.data.drop_remainder = "truncate", False  # not in the cache key
+    if section.buckets:  # the SFT's own, so that a method's larger buckets keep the base's key
+        base.data.buckets = tuple(int(b) for b in section.buckets)
     base.train.num_steps = int(section.num_steps)
     base.optimizer.learning_rate = float(section.learning_rate)
     base.optimizer.warmup_ratio = 0.05
@@ -203,6 +205,15 @@ def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
                  image_config=image_config, workdir=workdir).model
 
 
+def sft_base_identity(config: Any) -> dict[str, Any]:
+    """What keys the cached SFT base besides the model config and the tokenizer: the world, the
+    ``sft_base`` section, the seed, the trained model section and the SFT's data layout."""
+    base_config = sft_base_config(config)
+    return {"world": config.data.builder.to_dict(), "sft": base_config.sft_base.to_dict(),
+            "seed": int(config.seed), "trained": base_config.model.to_dict(),
+            "data": {k: base_config.data[k] for k in ("buckets", "template", "max_length")}}
+
+
 def initial_model(config: Any, tokenizer: Any) -> Llava:
     """The starting policy of a run (see the module doc)."""
     init = config.model.init
@@ -224,11 +235,8 @@ def initial_model(config: Any, tokenizer: Any) -> Llava:
         raise ValueError("model.init='sft_base' trains on the shapes world; for other datasets "
                          "use model.init='checkpoint'")
     base_config = sft_base_config(config)
-    key = _digest({"world": config.data.builder.to_dict(), "model": llava_config.to_dict(),
-                   "sft": base_config.sft_base.to_dict(), "seed": int(config.seed),
-                   "trained": base_config.model.to_dict(),
-                   "tokenizer": reference_cache.tokenizer_digest(tokenizer),
-                   "data": {k: base_config.data[k] for k in ("buckets", "template", "max_length")}})
+    key = _digest({**sft_base_identity(config), "model": llava_config.to_dict(),
+                   "tokenizer": reference_cache.tokenizer_digest(tokenizer)})
     root = _sft_base_root(config)
     directory = root / key[:16]
     model_dir = directory / "model"

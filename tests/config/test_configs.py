@@ -63,7 +63,8 @@ def test_every_method_has_a_config_file():
 def test_v2_file_moves_every_method_to_the_v2_world(method):
     config = _load(f"shapes_world_v2.py:{method}")
     tiny = _load(f"{method}.py")
-    assert config.method.to_dict() == tiny.method.to_dict()
+    two_images = {"combine_mode": "two_images"} if method == "p2dpo" else {}  # the paper's I_aug on v2
+    assert config.method.to_dict() == {**tiny.method.to_dict(), **two_images}
     # P2-DPO trains on its generated pairs; the v2 world is its prompt source (pairs.source_builder)
     world = experiment.world_config(config)
     assert (world.data.builder.to_dict(), config.model.preset) == ({"world": "v2"}, "tiny_v2")
@@ -95,6 +96,31 @@ def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
                   for prompt in (sw.CAPTION_PROMPT, w2.COUNT_TEMPLATE.format(plural="diamonds")))
     buckets = _load("shapes_world_v2.py").data.buckets
     assert max(_load("catpo.py").data.buckets) < longest <= max(buckets)
+
+
+def test_v2_p2dpo_trains_the_papers_two_image_prompt_on_the_base_every_v2_method_shares():
+    from mmpo_jax.data import shapes_world as sw
+    from mmpo_jax.data import shapes_world_v2 as w2
+    from mmpo_jax.data.template import encode_prompt_response
+    from mmpo_jax.data.tokenizer import build_word_tokenizer
+    from mmpo_jax.models import presets
+
+    p2dpo, catpo = _load("shapes_world_v2.py:p2dpo"), _load("shapes_world_v2.py:catpo")
+    assert p2dpo.pairs.combine_mode == p2dpo.method.combine_mode == "two_images"
+    assert p2dpo.pairs.enhanced_prompt.startswith("answer mainly from the first image")
+    assert (experiment.sft_base_identity(experiment.world_config(p2dpo))
+            == experiment.sft_base_identity(catpo))  # one cached base, whatever the buckets
+    assert experiment.sft_base_config(catpo).data.buckets == (96, 112)
+    spec = w2.WorldSpecV2()
+    tokenizer = build_word_tokenizer(w2.vocabulary(spec), model_max_length=512)
+    tokens = presets.tiny_v2(vocab_size=len(tokenizer), image_token_id=0).num_image_tokens
+    prompt = p2dpo.pairs.enhanced_prompt.format(prompt=w2.COUNT_TEMPLATE.format(plural="diamonds"))
+    encoded = encode_prompt_response(tokenizer, prompt, "three blue diamonds .", num_image_tokens=tokens,
+                                     num_images=2, max_length=10_000)
+    assert tokenizer.unk_token_id not in encoded.input_ids  # every instruction word is the world's
+    assert max(catpo.data.buckets) < len(encoded.input_ids) <= max(p2dpo.data.buckets) - 32
+    with pytest.raises(ValueError, match=r"sft_base.buckets=\(112, 96\) must be positive and strictly"):
+        validate(_load("shapes_world_v2.py:catpo", "sft_base.buckets=(112,96)"), device_count=1)
 
 
 @pytest.mark.parametrize("name", [f"{method}.py" for method in METHOD_FILES])

@@ -300,7 +300,8 @@ def test_the_report_measures_the_v2_config_and_checks_each_issue_target():
 
     settings, layout = report.settings_and_layout({"noise_step": 300}, 64)
     assert settings.source_builder == {"world": "v2"} and settings.base_box_fraction == 0.5
-    assert (settings.noise_step, settings.num_records, layout.buckets) == (300, 64, (96, 112))
+    assert settings.combine_mode == "two_images"  # the v2 config's I_aug
+    assert (settings.noise_step, settings.num_records, layout.buckets) == (300, 64, (96, 112, 192))
     summary = {"candidates": 10, "questions": 4, "questions_box_covers_object": 3,
                "crop_coverage_rate": 0.75, "questions_encoded": 4, "robust/identical_texts": 1,
                "truth/chosen/chair_i": 0.2, "truth/rejected/chair_i": 0.3,
