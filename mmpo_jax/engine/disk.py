@@ -20,6 +20,11 @@ import pathlib
 import uuid
 
 
+PROBE_ATTEMPTS = 16
+"""Probes of a directory that other processes' probes keep removing (each removes only what it
+created, once), before it is reported unwritable."""
+
+
 class UnwritableDirectory(OSError):
     """A directory a run must write to refuses writes; the message names it and its role."""
 
@@ -42,8 +47,16 @@ def require_writable(directory: str | os.PathLike[str], role: str) -> pathlib.Pa
     missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.mkdir()
+        for attempt in range(PROBE_ATTEMPTS):
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                probe.mkdir()
+                break
+            except FileNotFoundError:
+                # Another process probing the same new directory (every host of a run probes
+                # its workdir) removed it between our mkdir and our probe: make it again.
+                if attempt == PROBE_ATTEMPTS - 1:
+                    raise
         probe.rmdir()
     except OSError as error:
         raise UnwritableDirectory(
