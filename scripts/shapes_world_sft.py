@@ -17,7 +17,10 @@ CHAIR, POPE), plus:
 - ``nll/<word class>`` and ``nll_shuffled/<word class>``: the mean NLL of the faithful captions'
   colour, shape, count (and article) and other words with each record's own image and with
   another record's (``image_dependence``); a class whose two figures are equal is not read from
-  the image (what showed that ``tiny_v2`` learns colours but never shapes).
+  the image (what showed that ``tiny_v2`` learns colours but never shapes);
+- ``probe_asked_shape/layer<l>``, ``probe_answer/layer<l>``: linear probes at the position that
+  predicts a presence question's answer (``answer_position_probe``); ``--prompt-first`` writes the
+  prompt before the image, in training and evaluation (an experiment, not a project template).
 
 ``configs/shapes_world_v2.py`` trains the vision tower alone first (``sft_base.vision_steps``,
 ``sft_base.freeze_vision``: `training.vision_pretrain`), as the main job does; ``--set
@@ -33,6 +36,7 @@ fields of the vision config (another stem: ``--vision conv_channels=[16,32,64,12
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -196,6 +200,66 @@ def answer_dependence(model: Llava, tokenizer: Any, questions: list[tuple[np.nda
     return out
 
 
+def _ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float = 10.0) -> float:
+    """Held-out accuracy of a ridge-regression one-vs-rest probe: features ``[N, D]`` standardised,
+    fitted on the first two thirds, scored on the last third; ``labels`` ``[N]`` ints."""
+    train = np.arange(len(labels)) < len(labels) * 2 // 3
+    x = (features - features[train].mean(0)) / (features[train].std(0) + 1e-6)
+    x = np.c_[x, np.ones(len(x))]
+    targets = np.eye(labels.max() + 1)[labels]
+    weights = np.linalg.solve(x[train].T @ x[train] + ridge * np.eye(x.shape[1]), x[train].T @ targets[train])
+    return float(((x[~train] @ weights).argmax(1) == labels[~train]).mean())
+
+
+def answer_position_probe(model: Llava, tokenizer: Any, records: list[dict], image_config: Any,
+                          batch_size: int = 50) -> dict[str, float]:
+    """Where a presence question's shape and answer are, at the position that predicts the answer
+    (the template's last prompt token): ridge-probe accuracy per LM layer of the asked shape
+    (``probe_asked_shape/layer<l>``, chance 1/number of shapes) and of yes / no
+    (``probe_answer/layer<l>``, chance ~.5) on ``records``' presence questions. A model that answers
+    from the image needs the asked shape there before its last layer."""
+    questions = [r for r in records if json.loads(r["metadata"]).get("kind") == "presence"]
+    features: dict[int, list[np.ndarray]] = {}
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        encoded = [template.encode_prompt(tokenizer, r["prompt"], num_image_tokens=model.config.num_image_tokens)
+                   for r in chunk]
+        ids = np.full((len(chunk), max(len(e.input_ids) for e in encoded)), tokenizer.pad_token_id, np.int32)
+        valid = np.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e.input_ids)], valid[row, :len(e.input_ids)] = e.input_ids, 1
+        last = valid.sum(1) - 1
+        pixels = np.stack([image_config(r["image"]) for r in chunk])
+        states = model(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), attention_mask=jnp.asarray(valid),
+                       output_hidden_states=True).hidden_states
+        for layer, hidden in enumerate(states):
+            features.setdefault(layer, []).append(np.asarray(hidden)[np.arange(len(chunk)), last])
+    asked = [json.loads(r["metadata"])["shape"] for r in questions]
+    shape_labels = np.asarray([sorted(set(asked)).index(a) for a in asked])
+    answer_labels = np.asarray([r["response"] == shapes_world.YES for r in questions], np.int64)
+    out = {"probe_questions": len(questions)}
+    for layer, parts in features.items():
+        stacked = np.concatenate(parts)
+        out[f"probe_asked_shape/layer{layer}"] = _ridge_probe_accuracy(stacked, shape_labels)
+        out[f"probe_answer/layer{layer}"] = _ridge_probe_accuracy(stacked, answer_labels)
+    return out
+
+
+def use_prompt_first_template() -> None:
+    """[experiment] This process's ``llava_1_5`` template writes the prompt before the image(s)
+    (``USER: {prompt}\\n<image>\\n ASSISTANT:``), in training and evaluation alike, so that image
+    tokens can attend to the asked shape (causal attention)."""
+    layout = template.TEMPLATES["llava_1_5"]
+
+    class PromptFirst(template.ConversationTemplate):
+        def prompt_text(self, prompt: str, *, num_images: int, system_prompt: str | None, image_token: str) -> str:
+            system = "" if system_prompt is None else system_prompt + self.system_separator
+            images = (image_token + self.image_separator) * num_images
+            return f"{system}{self.user_prefix}{prompt}\n{images}{self.assistant_prefix}"
+
+    template.TEMPLATES["llava_1_5"] = PromptFirst(**dataclasses.asdict(layout))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/shapes_world_v2.py:sft")
@@ -214,7 +278,11 @@ def main() -> None:
                         help="a saved model whose vision tower replaces the fresh one (e.g. an earlier "
                              "run's <data-dir>/sft_runs/<name>/model); with --set sft_base.vision_steps=0 "
                              "the tower's pretraining is skipped")
+    parser.add_argument("--prompt-first", action="store_true",
+                        help="[experiment] the prompt before the image in training and evaluation")
     args = parser.parse_args()
+    if args.prompt_first:
+        use_prompt_first_template()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mmpo_jax").setLevel(logging.INFO)
     options = _options(args.world or ["world=v2"])
@@ -259,6 +327,8 @@ def main() -> None:
     questions = [(r["image"], q) for r in records[:200] for q in json.loads(r["metadata"]).get("questions", [])]
     if questions:
         metrics.update(answer_dependence(model, tokenizer, questions, image_config, answers))
+    metrics.update(answer_position_probe(model, tokenizer, [source[i] for i in range(min(len(source), 4000))],
+                                         image_config))
     report["eval_seconds"] = time.perf_counter() - start
     report["metrics"] = metrics
     report["load_after"] = os.getloadavg()
