@@ -104,12 +104,12 @@ def _label_logprobs(log_probs: jax.Array, labels: jax.Array, valid: jax.Array) -
 
 def _safe_log_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
     """float32 log-softmax over the last axis; rows where ``valid`` is false see zeros instead."""
-    logits = jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return _safe_log_softmax_and_probs(logits, valid)[0]  # XLA drops the unread softmax
 
 
 def _safe_log_softmax_and_probs(logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(log_softmax, softmax)`` of ``_safe_log_softmax``'s rows from one ``exp`` per entry.
+    """``(log_softmax, softmax)`` over the last axis, float32, from one ``exp`` per entry; rows
+    where ``valid`` is false see zeros instead.
 
     The KL reads both; ``exp(log_softmax)`` would be a second exponential per vocabulary entry
     (XLA does not see that ``exp(x - m - log s) = exp(x - m) / s``), the costliest op of the pass.
