@@ -320,12 +320,12 @@ def _value_problems(tree: Mapping[str, Any]) -> list[str]:
         if key in options and value is not None:
             problems += options[key].problems(f"method.{key}", value)
     buckets, max_length = tuple(tree["data"]["buckets"]), tree["data"]["max_length"]
-    if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+    if not _increasing(buckets):
         problems.append(f"data.buckets={buckets} must be positive and strictly increasing")
     elif max_length > buckets[-1]:
         problems.append(f"data.max_length={max_length} exceeds the largest bucket {buckets[-1]}")
     sft_buckets = tuple(tree["sft_base"]["buckets"])
-    if sft_buckets and (any(b <= 0 for b in sft_buckets) or list(sft_buckets) != sorted(set(sft_buckets))):
+    if sft_buckets and not _increasing(sft_buckets):
         problems.append(f"sft_base.buckets={sft_buckets} must be positive and strictly increasing "
                         "(or empty: data.buckets)")
     targets = [t for t in tree["model"]["lora"]["targets"] if t not in LLAMA_LINEAR_NAMES]
@@ -341,6 +341,11 @@ def _value_problems(tree: Mapping[str, Any]) -> list[str]:
             problems.append(f"mesh_rules entry {rule!r}: expected (logical_name, mesh axis | tuple "
                             f"of mesh axes | None) with mesh axes from {MESH_AXES}")
     return problems
+
+
+def _increasing(buckets: tuple[int, ...]) -> bool:
+    """Padded lengths a pipeline can bucket by: at least one, all positive, strictly increasing."""
+    return bool(buckets) and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets))
 
 
 def _resolve_mesh(mesh: Mapping[str, int], device_count: int | None
