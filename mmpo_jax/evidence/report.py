@@ -127,7 +127,10 @@ def markdown(results: Mapping[str, Any]) -> str:
         "# Evidence: which methods make the tiny LLaVA hallucinate less", "",
         f"Command: `{results['command']}`  ",
         f"mmpo_jax {results['version']}, commit {results['commit']}, {results['finished']}, "
-        f"wall time {results['wall_s'] / 60:.1f} min (load {results['load']}).  ",
+        f"wall time of this invocation {results['wall_s'] / 60:.1f} min (load {results['load']}); "
+        f"its {results['runs']} training runs and evaluations took {results['runs_s'] / 60:.1f} "
+        "min in all, summed over their own wall times across resumed invocations (the SFT "
+        "base's training not counted once cached).  ",
         f"World: builder options `{json.dumps(results['protocol']['world'])}`; full spec "
         f"`{json.dumps(results['world_spec'])}`.", "",
         protocol_text(results), "",

@@ -79,6 +79,9 @@ class Study:
     log: Callable[[str], None] = print
     trained_now: list[str] = dataclasses.field(default_factory=list)
     evaluated_now: list[str] = dataclasses.field(default_factory=list)
+    run_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Each training run's and evaluation's own wall time (``train/<key>``, ``eval/<key>``), as
+    recorded when it ran: the study's cost across resumed invocations."""
 
     @property
     def data_root(self) -> pathlib.Path:
@@ -167,7 +170,9 @@ def train(study: Study, config: ml_collections.ConfigDict, label: str) -> Traine
     directory = study.cache / "train" / key
     if (directory / "train.json").is_file():
         study.log(f"  {label}: cached ({directory})")
-        return Trained(key, directory, json.loads((directory / "train.json").read_text()))
+        record = json.loads((directory / "train.json").read_text())
+        study.run_seconds[f"train/{key}"] = float(record.get("wall_s", 0.0))
+        return Trained(key, directory, record)
     started = time.time()
     if config.data.dataset == "p2dpo_pairs":
         _ensure_p2dpo_pairs(study, config)
@@ -188,6 +193,7 @@ def train(study: Study, config: ml_collections.ConfigDict, label: str) -> Traine
               **logp_change(trained.model(), study), "wall_s": time.time() - started}
     write_atomic(directory / "train.json", json.dumps(record, indent=1, default=float))  # last
     study.trained_now.append(key)
+    study.run_seconds[f"train/{key}"] = record["wall_s"]
     study.log(f"  {label}: trained in {record['wall_s']:.0f} s")
     return Trained(key, directory, record)
 
@@ -203,7 +209,9 @@ def evaluate(study: Study, model_key: str, model: Callable[[], Llava], splits: S
     path = study.cache / "eval" / f"{key}.json"
     if path.is_file():
         study.log(f"  {label}: evaluation cached")
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        study.run_seconds[f"eval/{key}"] = float(result.get("wall_s", 0.0))
+        return result
     started = time.time()
     details: dict[str, list] = {}
     metrics = experiment.evaluate(config, model(), study.tokenizer, study.image_config,
@@ -213,6 +221,7 @@ def evaluate(study: Study, model_key: str, model: Callable[[], Llava], splits: S
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(result, default=float))
     study.evaluated_now.append(key)
+    study.run_seconds[f"eval/{key}"] = result["wall_s"]
     study.log(f"  {label}: evaluated on {splits.role} in {result['wall_s']:.0f} s")
     return result
 

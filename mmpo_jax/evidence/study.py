@@ -207,6 +207,7 @@ def run_study(protocol: Any, out: pathlib.Path, cache: pathlib.Path, *, command:
         "selection": {key: choice.to_dict() for key, choice in choices.items()},
         "base_validation": base_validation["metrics"],
         "trained_now": len(study.trained_now), "evaluated_now": len(study.evaluated_now),
+        "runs_s": sum(study.run_seconds.values()), "runs": len(study.run_seconds),
         **summary, "plots": plot_names,
     }
     report.write(out, results)

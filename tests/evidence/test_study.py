@@ -84,6 +84,9 @@ def test_micro_study_writes_its_report_selects_on_validation_and_resumes(tmp_pat
     again = study.run_study(protocol, tmp_path / "out2", cache, command="test", log=lines.append)
     assert again["trained_now"] == 0 and again["evaluated_now"] == 0
     assert again["rows"]["dpo"]["summary"] == results["rows"]["dpo"]["summary"]
+    # ... and still reports what those runs cost when they ran.
+    assert again["runs"] == results["runs"] and again["runs_s"] == pytest.approx(results["runs_s"])
+    assert results["runs_s"] > 0 and "took" in (tmp_path / "out2" / "EVIDENCE.md").read_text()
 
 
 def test_the_selection_refuses_a_test_evaluation():
