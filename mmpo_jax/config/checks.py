@@ -10,7 +10,7 @@ preprocessing size the model's vision tower does not take. `problems` returns th
 
 Run length: ``train.num_steps`` optimizer steps, each one batch of ``data.batch_size``; 0 means
 ``data.num_epochs`` passes over the training split (`epoch_steps`), resolved when its size is
-known. An epoch is the pipeline's schedule (`data.pipeline.Schedule`): ``ceil(N / batch)``
+known. An epoch is the pipeline's schedule (`data.schedule.Schedule`): ``ceil(N / batch)``
 batches, the last one padded (``data.drop_remainder=False``, the default [our choice]: every
 record is trained on every epoch, and the short batch's loss is the mean over its real rows), or
 ``floor(N / batch)`` with the remainder dropped (a new permutation each epoch drops other
@@ -29,7 +29,8 @@ from mmpo_jax.config.schema import (METHOD_CORE, OPTIONAL_SECTIONS, SCHEMA, Requ
                                     method_option_defaults)
 from mmpo_jax.data.builders import BUILDERS
 from mmpo_jax.data.image_processing import IMAGE_ASPECT_RATIOS
-from mmpo_jax.data.pipeline import TOO_LONG_POLICIES, Schedule
+from mmpo_jax.data.row_encoding import TOO_LONG_POLICIES
+from mmpo_jax.data.schedule import Schedule
 from mmpo_jax.data.template import TEMPLATES
 from mmpo_jax.engine import distributed, reference
 from mmpo_jax.engine.scoring import plan_scoring

@@ -16,7 +16,7 @@ P2-DPO training records with the reference model ``M_ref``:
   holding the image then the crop), ``I_deg = Erase(I, box)``; focus pair
   ``y_w = greedy(M_ref, I_aug, P_enh)``, ``y_l = greedy(M_ref, I_deg, P)``; ``P_enh`` is stored
   with the pair (``focus_aug_prompt``: the trainer reads ``y_w`` after it on the two images);
-- ``I_noise`` (``data.pipeline.noise_image``: diffusion noise at step ``noise_step``, keyed by
+- ``I_noise`` (``data.example_randomness.noise_image``: diffusion noise at step ``noise_step``, keyed by
   ``(seed, record index)``; the key is stored with the pair as ``noise_key``, from which the
   training pipeline rebuilds the bit-identical image to score the pair on); robustness pair
   ``y_l`` sampled from ``M_ref(I_noise, P_rob)``, ``y_w`` by contrastive amplification decoding
@@ -68,7 +68,7 @@ from mmpo_jax.data.builders.p2dpo_pairs import (MANIFEST, TOKENIZER_DIR, encode_
                                                  shard_file)
 from mmpo_jax.data.image_processing import ImageProcessorConfig
 from mmpo_jax.data.interventions import COMBINE_MODES, crop_to_box
-from mmpo_jax.data.pipeline import noise_image, noise_key
+from mmpo_jax.data.example_randomness import noise_image, noise_key
 from mmpo_jax.models.llava import Llava
 from mmpo_jax.generation.prompts import left_pad, prompt_ids
 from mmpo_jax.objectives.logprobs import sequence_logps

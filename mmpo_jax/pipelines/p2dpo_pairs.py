@@ -9,7 +9,7 @@ The batched math of ``pipelines.p2dpo`` (which adds prompts, shards, records and
    square input view back to the record's image;
 3. ``focus_images`` / ``augmented_pixels``: ``I_aug = Combine(I, crop)`` (one stitched canvas,
    or the image and the crop of a two-image prompt) and ``I_deg = Erase(I, box)`` (``I_noise``
-   is ``data.pipeline.noise_image``, the training pipeline's own function);
+   is ``data.example_randomness.noise_image``, the training pipeline's own function);
 4. ``decode``: the reference's replies (``generation.generate``; the robustness pair's chosen
    reply by ``generation.contrastive.contrastive_generate``), as text;
 5. ``score_pairs``: the reference's per-token log-probs of both pairs exactly as the trainer

@@ -19,7 +19,7 @@ from mmpo_jax.config.checks import ConfigError, epoch_steps, samples_rollouts, v
 from mmpo_jax.config.loading import load_config
 from mmpo_jax.data.builders.shapes_world import SPLIT_FIELDS
 from mmpo_jax.data.fields import ROLLOUTS
-from mmpo_jax.data.pipeline import EXTRAS
+from mmpo_jax.data.row_encoding import EXTRAS
 from mmpo_jax.engine.scoring import plan_scoring
 from mmpo_jax.objectives import registry
 from mmpo_jax.training import experiment
@@ -99,7 +99,6 @@ def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
 
 
 def test_v2_p2dpo_trains_the_papers_two_image_prompt_on_the_base_every_v2_method_shares():
-    from mmpo_jax.data import shapes_world as sw
     from mmpo_jax.data import shapes_world_v2 as w2
     from mmpo_jax.data.template import encode_prompt_response
     from mmpo_jax.data.tokenizer import build_word_tokenizer

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmpo_jax.data import image_processing, pipeline
+from mmpo_jax.data import example_randomness, image_processing, pipeline, row_encoding
 from mmpo_jax.data.batch import Batch, SftBatch
 from mmpo_jax.data.template import PROMPT_TOO_LONG
 from mmpo_jax.data.tokenizer import build_word_tokenizer
@@ -153,7 +153,7 @@ def test_dropped_examples_become_counted_padding_rows(tokenizer, image_config, c
     np.testing.assert_array_equal(batches[0].example_mask, [1, 0, 1, 1])
     np.testing.assert_array_equal(batches[1].example_index, [4, -1, 6, 7])
     assert batches[1].chosen_loss_mask[1].sum() == 0
-    assert it.stats.dropped == {PROMPT_TOO_LONG: 1, pipeline.LONGER_THAN_BUCKETS: 1}
+    assert it.stats.dropped == {PROMPT_TOO_LONG: 1, row_encoding.LONGER_THAN_BUCKETS: 1}
     assert it.stats.examples == 8 and it.stats.padding_rows == 2
 
 
@@ -165,7 +165,7 @@ def test_responses_longer_than_max_length_are_counted_either_way(tokenizer, imag
     it = _pipeline(records, tokenizer, image_config, shuffle=False, too_long=too_long)
     with caplog.at_level("INFO", logger="mmpo_jax.data.pipeline"):
         (batch,) = list(it)
-    reason = pipeline.RESPONSE_TOO_LONG
+    reason = row_encoding.RESPONSE_TOO_LONG
     assert batch.chosen_input_ids.shape[1] == BUCKETS[-1]  # max_length defaults to the bucket
     if too_long == "truncate":
         np.testing.assert_array_equal(batch.example_mask, [1, 1, 1, 1])
@@ -190,7 +190,7 @@ def test_sft_pipeline_skips_too_long_responses_when_asked(tokenizer, image_confi
                                shard_by_process=False, too_long="skip")
     (batch,) = list(it)
     np.testing.assert_array_equal(batch.example_mask, [0, 1])
-    assert it.stats.dropped == {pipeline.RESPONSE_TOO_LONG: 1}
+    assert it.stats.dropped == {row_encoding.RESPONSE_TOO_LONG: 1}
 
 
 def test_drop_stats_of_older_states_restore():
@@ -255,7 +255,7 @@ def test_noise_extra_is_add_diffusion_noise_under_the_image_normalisation(tokeni
     mean, std = np.asarray(image_config.mean), np.asarray(image_config.std)
     relative = []  # pixel-space noise over the paper's std, every row and channel
     for row, index in enumerate(batch.example_index):
-        key = pipeline.example_key(0, 0, int(index), "noise_pixel_values")
+        key = example_randomness.example_key(0, 0, int(index), "noise_pixel_values")
         expected = interventions.add_diffusion_noise(key, jnp.asarray(batch.pixel_values[row]),
                                                      mean=image_config.mean, std=image_config.std)
         np.testing.assert_allclose(batch.noise_pixel_values[row], expected, rtol=1e-6, atol=1e-6)
@@ -367,7 +367,7 @@ def test_p2dpo_extras_read_their_record_fields(tokenizer, image_config):
                     focus_aug_image=rng.integers(0, 256, (12, 10, 3), dtype=np.uint8),
                     focus_deg_image=rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
                     ddw_clip_crop=0.5 + i, ddw_clip_full=0.25 * i,
-                    noise_key=pipeline.noise_key(9, 10 * i, 300))
+                    noise_key=example_randomness.noise_key(9, 10 * i, 300))
                for i, r in enumerate(make_records(3))]
     batch, = _pipeline(records, tokenizer, image_config,
                        extras=("robust_pair", "focus_images", "ddw_clip"))
@@ -385,7 +385,7 @@ def test_p2dpo_extras_read_their_record_fields(tokenizer, image_config):
                                       image_config(record["focus_aug_image"]))
         np.testing.assert_array_equal(batch.focus_deg_pixel_values[row],
                                       image_config(record["focus_deg_image"]))
-        np.testing.assert_array_equal(batch.robust_noise_pixel_values[row], pipeline.noise_image(
+        np.testing.assert_array_equal(batch.robust_noise_pixel_values[row], example_randomness.noise_image(
             image_config(record["image"]), seed=9, record_index=10 * index, step=300,
             image_config=image_config))
         assert batch.ddw_clip_crop[row] == np.float32(0.5 + index)
@@ -404,12 +404,12 @@ def test_frequent_bucket_overflow_is_reported(tokenizer, image_config, caplog):
     it = _pipeline(records, tokenizer, image_config, batch_size=20, max_length=256)
     with caplog.at_level("WARNING"):
         batches = list(it)
-    assert it.stats.dropped == {pipeline.LONGER_THAN_BUCKETS: 10}
+    assert it.stats.dropped == {row_encoding.LONGER_THAN_BUCKETS: 10}
     assert sum(int(b.example_mask.sum()) for b in batches) == 90
     assert "10 of 100 examples were longer than the largest bucket" in caplog.text
     truncating = _pipeline(records, tokenizer, image_config, batch_size=20)  # max_length = 64
     with caplog.at_level("WARNING"):
         list(truncating)
-    assert truncating.stats.truncated == {pipeline.RESPONSE_TOO_LONG: 10}
+    assert truncating.stats.truncated == {row_encoding.RESPONSE_TOO_LONG: 10}
     assert ("10 of 100 examples had a response longer than max_length and were truncated "
             "(too_long='truncate')") in caplog.text

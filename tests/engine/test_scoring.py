@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmpo_jax.data import pipeline
+from mmpo_jax.data import example_randomness, pipeline
 from mmpo_jax.data.batch import shift_for_next_token
 from mmpo_jax.data.fields import ENHANCED, IMAGE_KINDS, TOKEN_GROUPS
 from mmpo_jax.engine import scoring
@@ -69,7 +69,7 @@ def _batch():
         records.append({
             **record,
             "robust_chosen": other["chosen"], "robust_rejected": other["rejected"],
-            "noise_key": pipeline.noise_key(7, i, 600),
+            "noise_key": example_randomness.noise_key(7, i, 600),
             "focus_aug_image": np.ascontiguousarray(record["image"][:, ::-1]),
             "focus_deg_image": np.ascontiguousarray(record["image"][::-1]),
             # crop scores far from the full image's: DDW weights far from 0.5 / 0.5

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from mmpo_jax.data import image_processing, pipeline, shapes_world, shapes_world_v2, shapes_world_v2_splits
+from mmpo_jax.data import (example_randomness, image_processing, shapes_world, shapes_world_v2,
+                           shapes_world_v2_splits)
 from mmpo_jax.data.builders.p2dpo_pairs import summarize
 from mmpo_jax.models.attention import AttentionHooks, ProbeSpec
 from mmpo_jax.models.llava import image_token_positions
@@ -244,11 +245,11 @@ def test_truth_counts_score_each_reply_against_the_objects():
 
 def test_noise_depends_on_the_record_key_only():
     pixels = [fx.IMAGE_CONFIG(r["image"]) for r in fx.records(4)]
-    noise = [pipeline.noise_image(p, seed=0, record_index=i, step=600, image_config=fx.IMAGE_CONFIG)
+    noise = [example_randomness.noise_image(p, seed=0, record_index=i, step=600, image_config=fx.IMAGE_CONFIG)
              for i, p in enumerate(pixels)]
-    np.testing.assert_array_equal(noise[2], pipeline.noise_image(
+    np.testing.assert_array_equal(noise[2], example_randomness.noise_image(
         pixels[2], seed=0, record_index=2, step=600, image_config=fx.IMAGE_CONFIG))
-    assert not np.array_equal(noise[2], pipeline.noise_image(
+    assert not np.array_equal(noise[2], example_randomness.noise_image(
         pixels[2], seed=1, record_index=2, step=600, image_config=fx.IMAGE_CONFIG))
     # METHODS.md: coefficients 0.7342 / 0.6789 at t=600, eps scaled to CLIP's pixel strength
     mean, std = np.asarray(fx.IMAGE_CONFIG.mean), np.asarray(fx.IMAGE_CONFIG.std)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mmpo_jax.config import checks as config_checks
 from mmpo_jax.config.loading import load_config
-from mmpo_jax.data import pipeline
+from mmpo_jax.data import example_randomness
 from mmpo_jax.training.experiment import run_experiment
 from mmpo_jax.training.logging import read_metrics
 from mmpo_jax.training.loop import train
@@ -65,7 +65,7 @@ def _p2dpo_records():
         records.append(dict(record, focus_aug_image=record["image"],
                             focus_deg_image=np.zeros_like(record["image"]),
                             robust_chosen=record["chosen"], robust_rejected=record["rejected"],
-                            noise_key=pipeline.noise_key(0, index, 600)))
+                            noise_key=example_randomness.noise_key(0, index, 600)))
     return records
 
 

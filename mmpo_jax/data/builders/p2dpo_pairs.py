@@ -7,7 +7,7 @@ its sha256 in the manifest; an unfinished generation is an error) into one "trai
 
 - `id`, `prompt`, `chosen`, `rejected` (the focus pair), `robust_chosen`, `robust_rejected`,
   `noise_key` (JSON `{"seed", "index", "step"}` of the `I_noise` the robustness pair was
-  generated on, `data.pipeline.noise_image`), `metadata` (JSON: source record, crop box, saliency
+  generated on, `data.example_randomness.noise_image`), `metadata` (JSON: source record, crop box, saliency
   layer, mean log-probs, filter verdicts);
 - `focus_aug_prompt`: `P_enh`, the prompt of `I_aug` (with two images for "two_images");
 - `image`, `focus_aug_image` (the stitched `I_aug`, or the crop for "two_images"),
