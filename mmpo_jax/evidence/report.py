@@ -28,6 +28,16 @@ MAIN_COLUMNS = (
     ("pope_accuracy", "POPE acc"), ("pope_f1", "POPE F1"), ("pope_yes_ratio", "POPE yes"),
     ("logp_change/chosen", "Δ log p chosen"), ("logp_change/rejected", "Δ log p rejected"),
 )
+LENGTH_COLUMNS = (
+    ("sampled/mentions_per_caption", "mentions / caption sampled"),
+    ("mentions_per_caption", "mentions / caption"),
+    ("sampled/recall", "recall sampled"), ("sampled/chair_i", "CHAIR_i sampled"),
+)
+TRAINING_COLUMNS = (
+    ("train/rewards/accuracy", "reward accuracy"), ("train/rewards/margins", "reward margin"),
+    ("train/rewards/chosen", "chosen reward"), ("train/rewards/rejected", "rejected reward"),
+    ("logp_change/chosen", "Δ log p chosen"), ("logp_change/rejected", "Δ log p rejected"),
+)
 POPE_COLUMNS = tuple((f"pope_{split}_{name}", f"{split} {label}")
                      for split in ("random", "popular", "adversarial")
                      for name, label in (("accuracy", "acc"), ("f1", "F1"), ("yes_ratio", "yes")))
@@ -143,6 +153,13 @@ def markdown(results: Mapping[str, Any]) -> str:
         if any(r["group"] == group for r in groups[group].values()):
             parts += [f"### {title}", "", metrics_table(groups[group], MAIN_COLUMNS), ""]
     parts += ["### POPE per split", "", metrics_table(rows, POPE_COLUMNS), ""]
+    parts += ["### Caption length (does a row only say less?)", "",
+              metrics_table(rows, LENGTH_COLUMNS), ""]
+    trained = {k: r for k, r in rows.items() if any(k2.startswith("train/") for k2 in r["summary"])}
+    if trained:
+        parts += ["### Where each preference row's margin comes from (last training step; "
+                  "implicit rewards are beta x the log-ratio to the reference)", "",
+                  metrics_table(trained, TRAINING_COLUMNS), ""]
     for reference, title in (("control", "the control"), ("dpo", "DPO")):
         parts += [f"## Paired differences to {title} (row minus {title}, 95% interval)", "",
                   paired_table(rows, reference), ""]

@@ -27,6 +27,7 @@ import numpy as np
 
 import mmpo_jax
 from mmpo_jax.data.sources import load_split
+from mmpo_jax.evaluation.chair import ChairCounts
 from mmpo_jax.evidence import plots, probes, report, runs, selection, statistics
 from mmpo_jax.evidence import rows as rows_lib
 from mmpo_jax.evidence.protocol import test_splits, validation_splits
@@ -123,6 +124,27 @@ def _items(row: Row, runs_of_row: list[dict[str, Any]], metric: statistics.Metri
     return None if any(x is None for x in per_seed) else np.stack(per_seed)
 
 
+TRAINING_END = ("rewards/accuracy", "rewards/margins", "rewards/chosen", "rewards/rejected")
+"""Training metrics whose last logged value each trained row reports (``train/<name>``)."""
+
+
+def _length_summary(row: Row, runs_of_row: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Object mentions per caption (greedy and sampled; a decoding row: its decoding's), mean ±
+    std over seeds: a row that only shortens its captions lowers CHAIR_i with fewer mentions and
+    a lower recall."""
+    views = ((row.decoding, "mentions_per_caption"),)
+    if row.decoding == "greedy":
+        views += (("sampled", "sampled/mentions_per_caption"),)
+    out = {}
+    for view, name in views:
+        per_seed = [statistics.view_items(r["evaluation"]["details"], view, "chair")
+                    for r in runs_of_row]
+        if per_seed and all(items is not None for items in per_seed):
+            counts = [ChairCounts(*(int(x) for x in items.sum(0))) for items in per_seed]
+            out[name] = statistics.mean_std([c.mentions / max(c.captions, 1) for c in counts])
+    return out
+
+
 def summarise(study_protocol: Any, measured: Mapping[str, list[dict[str, Any]]]
               ) -> dict[str, Any]:
     """Phase 3 (module doc): ``{"rows": {key: {...}}, "claims": [...]}``."""
@@ -134,10 +156,15 @@ def summarise(study_protocol: Any, measured: Mapping[str, list[dict[str, Any]]]
         per_seed = [row_view(row, r["evaluation"]["metrics"]) for r in runs_of[key]]
         names = sorted(set.intersection(*(set(m) for m in per_seed)))
         summary = {name: statistics.mean_std([m[name] for m in per_seed]) for name in names}
+        summary.update(_length_summary(row, runs_of[key]))
         trains = [r["train"] for r in runs_of[key] if r["train"] is not None and row.trains]
         for name in ("logp_change/chosen", "logp_change/rejected"):
             if trains:
                 summary[name] = statistics.mean_std([t[name] for t in trains])
+        for name in TRAINING_END:  # the objective's own view of the pairs at the last step
+            ends = [t["summary"]["metrics"].get(name, {}).get("last") for t in trains]
+            if ends and all(end is not None for end in ends):
+                summary[f"train/{name}"] = statistics.mean_std(ends)
         rows[key] = {"label": row.label, "group": row.group, "per_seed": per_seed,
                      "summary": summary, "seeds": list(study_protocol.seeds),
                      "train_dirs": [r["train_dir"] for r in runs_of[key] if row.trains]}

@@ -75,6 +75,12 @@ def test_micro_study_writes_its_report_selects_on_validation_and_resumes(tmp_pat
     assert set(stored["selection"]) == {"control", "dpo"}
     assert all(len(choice["candidates"]) == 1 for choice in stored["selection"].values())
     assert "sampled/chair_i" in stored["rows"]["dpo"]["paired"]["control"]
+    # Caption length beside CHAIR, and where DPO's margin comes from at its last step.
+    dpo = stored["rows"]["dpo"]["summary"]
+    assert {"mentions_per_caption", "sampled/mentions_per_caption", "train/rewards/margins",
+            "train/rewards/accuracy"} <= set(dpo)
+    assert "train/rewards/margins" not in stored["rows"]["control"]["summary"]
+    assert "mentions / caption sampled" in report and "reward margin" in report
     assert stored["trained_now"] == 2  # one per row: the test evaluation reuses seed 0's runs
     for name in ("bar_sampled_chair_i.png", "chair_vs_recall.png", "curves.png", "probes.png"):
         assert (out / name).stat().st_size > 1000, name
