@@ -36,9 +36,9 @@ REPLIES = ("chosen", "rejected", "robust_chosen", "robust_rejected")
 EXTRAS = ("focus_images", "robust_pair", "ref_logps")
 
 
-def _generate(output_dir, **kwargs):
+def _generate(output_dir, settings=SETTINGS, **kwargs):
     return generate_pairs(fx.base_model(), fx.tokenizer(), list(fx.records(NUM_RECORDS)),
-                          image_config=fx.IMAGE_CONFIG, output_dir=output_dir, settings=SETTINGS,
+                          image_config=fx.IMAGE_CONFIG, output_dir=output_dir, settings=settings,
                           layout=LAYOUT, seed=0, progress=False,
                           source_metadata={"world": {"image_size": 64}}, **kwargs)
 
@@ -51,6 +51,10 @@ def generated(tmp_path_factory):
     with pytest.raises(ValueError, match="unfinished"):
         load_split("p2dpo_pairs", "train", data_dir=root / "unfinished", manual_dir=root / "resumed")
     resumed = _generate(root / "resumed")
+    # With the filters on, the random model keeps no pair: preparing says so in one line.
+    _generate(root / "filtered", dataclasses.replace(SETTINGS, filter_pairs=tuple(PAIRS)))
+    with pytest.raises(ValueError, match=r"kept no pair of its 8 candidates .*SFT base"):
+        load_split("p2dpo_pairs", "train", data_dir=root / "filtered_data", manual_dir=root / "filtered")
     return root, whole, interrupted, resumed
 
 

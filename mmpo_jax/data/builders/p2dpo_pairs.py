@@ -156,6 +156,13 @@ class P2dpoPairs(Builder):
         if missing:
             raise ValueError(f"the generation in {manual_dir} is unfinished: shards {missing} of "
                              f"{manifest['num_shards']} are missing; rerun generate_pairs to finish it")
+        summary = summarize(manifest)
+        if not summary.get("kept"):
+            drops = {k: v for k, v in summary.items() if isinstance(v, int) and k != "kept"}
+            raise ValueError(f"the generation in {manual_dir} kept no pair of its "
+                             f"{summary.get('candidates', 0)} candidates (counts: {drops}); a model "
+                             "this weak gives no usable pairs: start from a trained SFT base, or "
+                             "relax pairs.filter_pairs / pairs.drop_identical")
         shutil.copytree(os.path.join(manual_dir, manifest["tokenizer"]),
                         str(self.data_path / TOKENIZER_DIR), dirs_exist_ok=True)
         self.info.metadata.update(
@@ -163,7 +170,7 @@ class P2dpoPairs(Builder):
         self.info.metadata.update(
             manual_dir=manual_dir, tokenizer=TOKENIZER_DIR, ddw_scored=bool(manifest["ddw_scored"]),
             combine_mode=manifest["settings"]["combine_mode"],
-            generation=summarize(manifest), fingerprint=manifest["fingerprint"])
+            generation=summary, fingerprint=manifest["fingerprint"])
         return {"train": self._generate_examples(manual_dir, manifest)}
 
     def _generate_examples(self, manual_dir: str, manifest: Mapping[str, Any]
