@@ -11,6 +11,9 @@ evaluated on one set of splits, each cached on disk under a hash of everything t
   sampled and the requested ADAPT decodings) with its per-item details and the splits it read.
   The key hashes the model's key, the evaluation config (splits, world, decoding settings) and
   the seed.
+- ``<cache>/xla/``: XLA's persistent compilation cache (`share_compilations`): a program built
+  again in a later run or a resumed study is read back instead of compiled (measured on a micro
+  study of three rows, repeated in a fresh process: 84 s -> 29 s).
 
 [our choice] The cache keys hash configs, not code: after a change to the training or
 evaluation code, start from an empty ``--cache``. The study runs in one process.
@@ -89,8 +92,26 @@ class Study:
         return self.cache / "generated" / self.base_digest
 
 
+COMPILATION_CACHE = "xla"
+"""``<cache>/xla``: XLA's persistent compilation cache of the study's programs."""
+
+
+def share_compilations(cache: pathlib.Path) -> pathlib.Path | None:
+    """Turns on JAX's persistent compilation cache under ``cache / COMPILATION_CACHE``, unless
+    one is configured already (``JAX_COMPILATION_CACHE_DIR``, or a test's): a study builds the
+    same programs again in every run (the evaluation's decoding loop for every model, a row's
+    training step for every seed), each time from a new closure that the in-memory cache does
+    not match. Returns the directory in use. Executables come back bit-identical, so no number
+    changes. Call it before the study's first compilation."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache / COMPILATION_CACHE))
+    directory = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(directory) if directory else None
+
+
 def open_study(protocol: Protocol, cache: pathlib.Path, log: Callable[[str], None] = print) -> Study:
     """Prepares the world, trains (or loads) the SFT base, reads the log-probability records."""
+    share_compilations(cache)
     world = protocol.world_config()
     source, tokenizer, image_config = experiment.load_data(world)
     experiment.check_image_size(world, tokenizer, image_config)

@@ -8,6 +8,7 @@ trains and evaluates nothing (every run cached).
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 
@@ -150,3 +151,28 @@ def test_the_command_line_names_a_bad_row_in_one_line(capsys):
     protocol, _ = parse_protocol(["--quick", "--world", "world=v2", "--seeds", "3"])
     assert protocol.rows == ("base", "control", "dpo", "catpo") and protocol.seeds == (3,)
     assert protocol.world == {"world": "v2"} and "model.preset=tiny_v2" in protocol.world_overrides()
+
+
+def test_a_study_shares_its_compilations_through_a_persistent_cache_in_its_folder(tmp_path):
+    """In a fresh process (no cache configured), `share_compilations` puts XLA's persistent
+    cache under the study's folder and a compiled program lands there; a configured cache (the
+    test session's own) is left in place."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    assert runs.share_compilations(tmp_path) == pathlib.Path(jax.config.jax_compilation_cache_dir)
+    assert not (tmp_path / runs.COMPILATION_CACHE).exists()
+    script = (
+        "import sys, pathlib, jax, jax.numpy as jnp\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
+        "from mmpo_jax.evidence import runs\n"
+        "print(runs.share_compilations(pathlib.Path(sys.argv[1])))\n"
+        "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True,
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == str(tmp_path / runs.COMPILATION_CACHE)
+    assert any((tmp_path / runs.COMPILATION_CACHE).iterdir())
