@@ -157,8 +157,9 @@ def markdown(results: Mapping[str, Any]) -> str:
               metrics_table(rows, LENGTH_COLUMNS), ""]
     trained = {k: r for k, r in rows.items() if any(k2.startswith("train/") for k2 in r["summary"])}
     if trained:
-        parts += ["### Where each preference row's margin comes from (last training step; "
-                  "implicit rewards are beta x the log-ratio to the reference)", "",
+        parts += ["### Where each preference row's margin comes from (mean of the last "
+                  f"{results.get('end_window', 1)} logged training steps; implicit rewards are beta x "
+                  "the log-ratio to the reference; Δ log p: nats from the SFT base)", "",
                   metrics_table(trained, TRAINING_COLUMNS), ""]
     for reference, title in (("control", "the control"), ("dpo", "DPO")):
         parts += [f"## Paired differences to {title} (row minus {title}, 95% interval)", "",

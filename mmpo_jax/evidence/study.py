@@ -32,6 +32,7 @@ from mmpo_jax.evidence import plots, probes, report, runs, selection, statistics
 from mmpo_jax.evidence import rows as rows_lib
 from mmpo_jax.evidence.protocol import test_splits, validation_splits
 from mmpo_jax.evidence.rows import ROWS, Row
+from mmpo_jax.training.logging import read_metrics
 
 Evaluation = dict[str, Any]
 
@@ -125,7 +126,19 @@ def _items(row: Row, runs_of_row: list[dict[str, Any]], metric: statistics.Metri
 
 
 TRAINING_END = ("rewards/accuracy", "rewards/margins", "rewards/chosen", "rewards/rejected")
-"""Training metrics whose last logged value each trained row reports (``train/<name>``)."""
+"""Training metrics each trained row reports at the end of training (``train/<name>``)."""
+END_WINDOW = 5
+"""How many of a run's last logged training records ``train/<name>`` averages (one logged batch
+of 32 pairs alone is noisy)."""
+
+
+def training_end(workdir: str) -> dict[str, float]:
+    """``{name: mean over the last END_WINDOW logged values}`` of `TRAINING_END` in a run's
+    ``metrics.jsonl``; names the run does not log are left out."""
+    records = [r for r in read_metrics(workdir) if any(name in r for name in TRAINING_END)]
+    last = records[-END_WINDOW:]
+    return {name: float(np.mean([r[name] for r in last])) for name in TRAINING_END
+            if last and all(name in r for r in last)}
 
 
 def _length_summary(row: Row, runs_of_row: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -161,10 +174,11 @@ def summarise(study_protocol: Any, measured: Mapping[str, list[dict[str, Any]]]
         for name in ("logp_change/chosen", "logp_change/rejected"):
             if trains:
                 summary[name] = statistics.mean_std([t[name] for t in trains])
-        for name in TRAINING_END:  # the objective's own view of the pairs at the last step
-            ends = [t["summary"]["metrics"].get(name, {}).get("last") for t in trains]
-            if ends and all(end is not None for end in ends):
-                summary[f"train/{name}"] = statistics.mean_std(ends)
+        ends = [training_end(r["train_dir"]) for r in runs_of[key]
+                if r["train"] is not None and row.trains]
+        for name in TRAINING_END:  # the objective's own view of the pairs as training ends
+            if ends and all(name in end for end in ends):
+                summary[f"train/{name}"] = statistics.mean_std([end[name] for end in ends])
         rows[key] = {"label": row.label, "group": row.group, "per_seed": per_seed,
                      "summary": summary, "seeds": list(study_protocol.seeds),
                      "train_dirs": [r["train_dir"] for r in runs_of[key] if row.trains]}
@@ -235,6 +249,7 @@ def run_study(protocol: Any, out: pathlib.Path, cache: pathlib.Path, *, command:
         "base_validation": base_validation["metrics"],
         "trained_now": len(study.trained_now), "evaluated_now": len(study.evaluated_now),
         "runs_s": sum(study.run_seconds.values()), "runs": len(study.run_seconds),
+        "end_window": END_WINDOW,
         **summary, "plots": plot_names,
     }
     report.write(out, results)
