@@ -9,10 +9,11 @@ whole batch, so it too makes ``updates`` updates of ``batch_size`` sequences.
 Grid: every main row's learning rate from ``learning_rates``, and beta from ``betas`` where its
 method block has a ``beta`` (FiSAO's ``beta_kl`` is a KL weight, not DPO's beta, and stays at
 its default [our choice]). Ablation rows inherit their parent's choice. [our choice] The learning
-rates are {1e-5, 2e-5, 5e-5, 1e-4}: a first pass over {5e-6, 1e-5, 2e-5, 5e-5} (v1 world, 2026-12-06)
-chose 5e-5, the grid's largest value, for all seven rows selected by then (the control, DPO,
-DPO+NLL, mDPO, Cat-PO, TPO and ADAPT; 5e-6 never won), so the grid did not bracket the optimum
-and was moved up one step, for every row alike, on validation numbers only.
+rates are {2e-5, 5e-5, 1e-4, 2e-4}, found in two passes on validation numbers only (v1 world,
+2026-12-06), each moving the grid for every row alike: over {5e-6, 1e-5, 2e-5, 5e-5} all seven
+rows selected by then (the control, DPO, DPO+NLL, mDPO, Cat-PO, TPO, ADAPT) chose 5e-5, the
+grid's edge, and 5e-6 never won; over {1e-5, 2e-5, 5e-5, 1e-4} the first five (the control, DPO,
+DPO+NLL, mDPO, Cat-PO) chose 1e-4, the edge again, so the grid reaches 2e-4.
 
 Seeds: ``seeds[0]`` is also the selection seed, so its training run is shared by the selection
 (evaluated on validation) and the test evaluation [our choice: saves one training per row; the
@@ -115,7 +116,7 @@ class Protocol:
 
     rows: tuple[str, ...] = tuple(rows_lib.ROWS)
     seeds: tuple[int, ...] = (0, 1, 2)
-    learning_rates: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4)
+    learning_rates: tuple[float, ...] = (2e-5, 5e-5, 1e-4, 2e-4)
     betas: tuple[float, ...] = (0.1, 0.5)
     updates: int = 200
     batch_size: int = 32
