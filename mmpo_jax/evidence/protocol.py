@@ -10,9 +10,9 @@ Grid: every main row's learning rate from ``learning_rates``, and beta from ``be
 method block has a ``beta`` (FiSAO's ``beta_kl`` is a KL weight, not DPO's beta, and stays at
 its default [our choice]). Ablation rows inherit their parent's choice. [our choice] The learning
 rates are {2e-5, 5e-5, 1e-4, 2e-4}, found in two passes on validation numbers only (v1 world,
-2026-12-06), each moving the grid for every row alike: over {5e-6, 1e-5, 2e-5, 5e-5} all seven
-rows selected by then (the control, DPO, DPO+NLL, mDPO, Cat-PO, TPO, ADAPT) chose 5e-5, the
-grid's edge, and 5e-6 never won; over {1e-5, 2e-5, 5e-5, 1e-4} the first five (the control, DPO,
+2026-12-06), each moving the grid for every row alike: over {5e-6, 1e-5, 2e-5, 5e-5} all six
+rows selected by then (the control, DPO, DPO+NLL, mDPO, Cat-PO, TPO) chose 5e-5, the grid's
+edge, and 5e-6 never won (ADAPT, half-way, did worse at 1e-5 than at 5e-6); over {1e-5, 2e-5, 5e-5, 1e-4} the first five (the control, DPO,
 DPO+NLL, mDPO, Cat-PO) chose 1e-4, the edge again, so the grid reaches 2e-4.
 
 Seeds: ``seeds[0]`` is also the selection seed, so its training run is shared by the selection
