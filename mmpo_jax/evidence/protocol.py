@@ -46,6 +46,9 @@ from mmpo_jax.evidence import rows as rows_lib
 VALIDATION = "validation"
 TEST = "test"
 VALIDATION_SEED_OFFSET = 1000
+LEARNING_RATES = (2e-5, 5e-5, 1e-4, 2e-4)
+"""The selection grid's learning rates (module doc: how they were found)."""
+BETAS = (0.1, 0.5)
 WORLD_PRESETS = {"v1": "tiny", "v2": "tiny_v2"}
 """The model preset a world needs unless ``--set model.preset=...`` says otherwise."""
 
@@ -116,8 +119,8 @@ class Protocol:
 
     rows: tuple[str, ...] = tuple(rows_lib.ROWS)
     seeds: tuple[int, ...] = (0, 1, 2)
-    learning_rates: tuple[float, ...] = (2e-5, 5e-5, 1e-4, 2e-4)
-    betas: tuple[float, ...] = (0.1, 0.5)
+    learning_rates: tuple[float, ...] = LEARNING_RATES
+    betas: tuple[float, ...] = BETAS
     updates: int = 200
     batch_size: int = 32
     world: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -212,9 +215,10 @@ class Protocol:
 
 
 def quick(**changes: Any) -> Protocol:
-    """``--quick``: one seed, the control, DPO and Cat-PO, two learning rates, beta at 0.1."""
+    """``--quick``: one seed, the control, DPO and Cat-PO, the full grid's two middle learning
+    rates, its first beta."""
     return Protocol(**{"rows": ("control", "dpo", "catpo"), "seeds": (0,),
-                       "learning_rates": (1e-5, 3e-5), "betas": (0.1,), **changes})
+                       "learning_rates": LEARNING_RATES[1:3], "betas": BETAS[:1], **changes})
 
 
 def parse_rows(text: str | Sequence[str]) -> tuple[str, ...]:
