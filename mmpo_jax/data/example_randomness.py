@@ -51,7 +51,7 @@ def _jitted_intervention(name: str, options: tuple[tuple[str, Any], ...]
 
 
 def intervene(name: str, image: np.ndarray, *, seed: int, epoch: int, record_index: int,
-               image_config: ImageProcessorConfig, **options: Any) -> np.ndarray:
+              image_config: ImageProcessorConfig, **options: Any) -> np.ndarray:
     """``INTERVENTIONS[name]`` on one preprocessed image with its example key, on the host CPU.
 
     ``image_config`` gives the image's normalisation constants; ``options`` go to the
@@ -82,7 +82,7 @@ def noise_image(pixel_values: np.ndarray, *, seed: int, record_index: int, step:
       pixel_values: float32 ``[H, W, 3]``, the record's image through ``image_config``.
     """
     return intervene("noise_pixel_values", pixel_values, seed=seed, epoch=0,
-                      record_index=record_index, image_config=image_config, step=int(step))
+                     record_index=record_index, image_config=image_config, step=int(step))
 
 
 def noise_key(seed: int, record_index: int, step: int) -> str:
@@ -92,7 +92,7 @@ def noise_key(seed: int, record_index: int, step: int) -> str:
 
 
 def stored_noise(record: Mapping[str, Any], pixel_values: np.ndarray,
-                  image_config: ImageProcessorConfig) -> np.ndarray:
+                 image_config: ImageProcessorConfig) -> np.ndarray:
     """``noise_image`` from a record's ``noise_key`` (a one-line error when it has none)."""
     try:
         key = json.loads(record["noise_key"])

@@ -45,10 +45,11 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from mmpo_jax.data import row_encoding
 from mmpo_jax.data import template as template_lib
 from mmpo_jax.data.batch import AnyBatch, Batch, SftBatch, choose_bucket, collate, validate_buckets
 from mmpo_jax.data.image_processing import ImageProcessorConfig
+from mmpo_jax.data.row_encoding import (EXTRAS, LONGER_THAN_BUCKETS, RESPONSE_TOO_LONG,
+                                         TOO_LONG_POLICIES, filler_row, preference_row, sft_row)
 from mmpo_jax.data.schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class DropStats:
       examples: records read (excluding padding slots).
       dropped: reason -> number of records turned into padding rows for that reason.
       padding_rows: rows with ``example_mask == 0`` (dropped examples and schedule padding).
-      truncated: reason -> number of records kept with a truncated response (``row_encoding.RESPONSE_TOO_LONG``
+      truncated: reason -> number of records kept with a truncated response (``RESPONSE_TOO_LONG``
         under ``too_long="truncate"``).
     """
 
@@ -163,11 +164,11 @@ class PipelineIterator(grain.DatasetIterator):
             return
         too_long = "dropped" if self.too_long == "skip" else "truncated"
         for reason, count, what in (
-                (row_encoding.LONGER_THAN_BUCKETS, stats.dropped.get(row_encoding.LONGER_THAN_BUCKETS, 0),
+                (LONGER_THAN_BUCKETS, stats.dropped.get(LONGER_THAN_BUCKETS, 0),
                  "were longer than the largest bucket and dropped; raise the largest bucket to "
                  "max_length or lower max_length so the template truncates them"),
-                (row_encoding.RESPONSE_TOO_LONG, (stats.dropped.get(row_encoding.RESPONSE_TOO_LONG, 0)
-                                     + stats.truncated.get(row_encoding.RESPONSE_TOO_LONG, 0)),
+                (RESPONSE_TOO_LONG, (stats.dropped.get(RESPONSE_TOO_LONG, 0)
+                                     + stats.truncated.get(RESPONSE_TOO_LONG, 0)),
                  f"had a response longer than max_length and were {too_long} "
                  f"(too_long={self.too_long!r}); raise max_length and the largest bucket to keep "
                  "them whole")):
@@ -202,7 +203,7 @@ def _batches(source: Source, *, schedule: Schedule, num_epochs: int | None,
         truncated = sum(row.truncated for row in rows)
         stats = DropStats(examples=sum(row.valid or row.drop_reason is not None for row in rows),
                           dropped=dropped, padding_rows=sum(not row.valid for row in rows),
-                          truncated={row_encoding.RESPONSE_TOO_LONG: truncated} if truncated else {})
+                          truncated={RESPONSE_TOO_LONG: truncated} if truncated else {})
         return batch, stats
 
     if read_options is None:
@@ -225,8 +226,8 @@ def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any
            too_long: str) -> PipelineIterator:
     """The part both pipelines share: validation, encoder, schedule, filler row, grain graph."""
     buckets = validate_buckets(buckets)
-    if too_long not in row_encoding.TOO_LONG_POLICIES:
-        raise ValueError(f"too_long={too_long!r}; valid: {row_encoding.TOO_LONG_POLICIES}")
+    if too_long not in TOO_LONG_POLICIES:
+        raise ValueError(f"too_long={too_long!r}; valid: {TOO_LONG_POLICIES}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (repeat forever), got {num_epochs}")
     max_length = buckets[-1] if max_length is None else max_length
@@ -251,7 +252,7 @@ def _build(source: Source, batch_type: type[AnyBatch], row_fn: Callable[..., Any
                         shuffle=shuffle, drop_remainder=drop_remainder,
                         drop_shard_remainder=shard_options.drop_remainder)
     return _batches(source, schedule=schedule, num_epochs=num_epochs, row_fn=row_fn,
-                    filler=row_encoding.filler_row(row_fn, image_config, max_length), batch_type=batch_type,
+                    filler=filler_row(row_fn, image_config, max_length), batch_type=batch_type,
                     buckets=buckets, pad_id=int(tokenizer.pad_token_id),
                     read_options=read_options, too_long=too_long)
 
@@ -291,7 +292,7 @@ def preference_pipeline(
       seed: shuffling and per-example randomness, in ``[0, 2**32)``.
       num_epochs: passes over the data, or None to repeat forever.
       shuffle: a new permutation per epoch; False reads the shard in order.
-      extras: names from ``row_encoding.EXTRAS``; the matching ``Batch`` fields stay None unless asked for.
+      extras: names from ``EXTRAS``; the matching ``Batch`` fields stay None unless asked for.
       shard_by_process: shard by ``jax.process_index()`` / ``jax.process_count()``.
       shard_options: explicit sharding, overriding ``shard_by_process``.
       max_length: the template's truncation length; defaults to the largest bucket.
@@ -300,16 +301,16 @@ def preference_pipeline(
       read_options: grain threading/prefetch; default 4 threads, 4 batches of prefetch.
       too_long: a response longer than ``max_length``: "truncate" (kept, cut from its end,
         counted in ``stats.truncated``) or "skip" (a padding row, counted in ``stats.dropped``),
-        both under ``row_encoding.RESPONSE_TOO_LONG``.
+        both under ``RESPONSE_TOO_LONG``.
 
     Returns:
       A ``PipelineIterator`` of ``Batch`` (NumPy leaves) with ``get_state``/``set_state`` and
       ``stats``.
     """
-    unknown = sorted(set(extras) - set(row_encoding.EXTRAS))
+    unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
-        raise ValueError(f"unknown extras {unknown}; valid: {row_encoding.EXTRAS}")
-    row_fn = functools.partial(row_encoding.preference_row, seed=seed, extras=frozenset(extras))
+        raise ValueError(f"unknown extras {unknown}; valid: {EXTRAS}")
+    row_fn = functools.partial(preference_row, seed=seed, extras=frozenset(extras))
     return _build(
         source, Batch, row_fn, tokenizer=tokenizer, image_config=image_config,
         num_image_tokens=num_image_tokens, batch_size=batch_size, buckets=buckets, seed=seed,
@@ -347,7 +348,7 @@ def sft_pipeline(
     Returns:
       A ``PipelineIterator`` of ``SftBatch`` (NumPy leaves).
     """
-    row_fn = functools.partial(row_encoding.sft_row, response_field=response_field)
+    row_fn = functools.partial(sft_row, response_field=response_field)
     return _build(
         source, SftBatch, row_fn, tokenizer=tokenizer, image_config=image_config,
         num_image_tokens=num_image_tokens, batch_size=batch_size, buckets=buckets, seed=seed,

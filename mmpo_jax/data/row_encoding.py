@@ -33,8 +33,8 @@ TOO_LONG_POLICIES = ("truncate", "skip")
 
 
 def encode_texts(encode: Callable[[str, str], Any], prompt: str, responses: Mapping[str, str],
-                  largest_bucket: int, too_long: str
-                  ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+                 largest_bucket: int, too_long: str
+                 ) -> tuple[dict[str, np.ndarray], str | None, bool]:
     """Token fields for each ``group -> response`` with one prompt, or the first drop reason; and
     whether a response was truncated to ``max_length`` (``too_long="truncate"``)."""
     fields, truncated = {}, False
@@ -54,9 +54,9 @@ def encode_texts(encode: Callable[[str, str], Any], prompt: str, responses: Mapp
 
 
 def preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int, seed: int,
-                    encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
-                    extras: frozenset[str], largest_bucket: int, too_long: str
-                    ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+                   encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
+                   extras: frozenset[str], largest_bucket: int, too_long: str
+                   ) -> tuple[dict[str, np.ndarray], str | None, bool]:
     """The batch fields of one preference record, or the reason it is dropped; and whether a
     response was truncated."""
     responses = {"chosen": record["chosen"], "rejected": record["rejected"]}
@@ -64,7 +64,7 @@ def preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int, 
         responses.update(robust_chosen=record["robust_chosen"],
                          robust_rejected=record["robust_rejected"])
     fields, reason, truncated = encode_texts(encode, record["prompt"], responses, largest_bucket,
-                                              too_long)
+                                             too_long)
     if reason is None and "focus_two_images" in extras:  # the pair after P_enh, two images
         two_images, reason, also = encode_texts(
             functools.partial(encode, num_images=2), record["focus_aug_prompt"],
@@ -79,7 +79,7 @@ def preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int, 
     fields["example_index"] = np.int32(record_index)
     for name in sorted(extras & INTERVENTIONS.keys()):
         fields[name] = intervene(name, pixel_values, seed=seed, epoch=epoch,
-                                  record_index=record_index, image_config=image_config)
+                                 record_index=record_index, image_config=image_config)
     if "robust_pair" in extras:
         fields["robust_noise_pixel_values"] = stored_noise(record, pixel_values, image_config)
     if "focus_images" in extras:
@@ -96,15 +96,15 @@ def preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int, 
 
 
 def sft_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
-             encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
-             response_field: str, largest_bucket: int, too_long: str
-             ) -> tuple[dict[str, np.ndarray], str | None, bool]:
+            encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
+            response_field: str, largest_bucket: int, too_long: str
+            ) -> tuple[dict[str, np.ndarray], str | None, bool]:
     """The batch fields of one SFT record, or the reason it is dropped; and whether its response
     was truncated."""
     del epoch  # SFT rows have no per-example randomness
     fields, reason, truncated = encode_texts(encode, record["prompt"],
-                                              {"": record[response_field]}, largest_bucket,
-                                              too_long)
+                                             {"": record[response_field]}, largest_bucket,
+                                             too_long)
     if reason is None:
         fields["pixel_values"] = image_config(record["image"])
         fields["example_index"] = np.int32(record_index)
@@ -112,7 +112,7 @@ def sft_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
 
 
 def filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, bool]],
-                image_config: ImageProcessorConfig, max_length: int) -> dict[str, np.ndarray]:
+               image_config: ImageProcessorConfig, max_length: int) -> dict[str, np.ndarray]:
     """A padding row: an empty prompt and response through the same path, loss masks zeroed.
 
     It carries the template's image placeholders, so the model sees one well-formed sequence per
