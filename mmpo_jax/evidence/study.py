@@ -170,12 +170,11 @@ def summarise(study_protocol: Any, measured: Mapping[str, list[dict[str, Any]]]
         names = sorted(set.intersection(*(set(m) for m in per_seed)))
         summary = {name: statistics.mean_std([m[name] for m in per_seed]) for name in names}
         summary.update(_length_summary(row, runs_of[key]))
-        trains = [r["train"] for r in runs_of[key] if r["train"] is not None and row.trains]
+        trained = [r for r in runs_of[key] if r["train"] is not None and row.trains]
         for name in ("logp_change/chosen", "logp_change/rejected"):
-            if trains:
-                summary[name] = statistics.mean_std([t[name] for t in trains])
-        ends = [training_end(r["train_dir"]) for r in runs_of[key]
-                if r["train"] is not None and row.trains]
+            if trained:
+                summary[name] = statistics.mean_std([r["train"][name] for r in trained])
+        ends = [training_end(r["train_dir"]) for r in trained]
         for name in TRAINING_END:  # the objective's own view of the pairs as training ends
             if ends and all(name in end for end in ends):
                 summary[f"train/{name}"] = statistics.mean_std([end[name] for end in ends])
