@@ -63,8 +63,9 @@ class WorldSpecV2:
     """Everything that determines a generated v2 world (see the module docstring).
 
     Sizes are pixels, `*_range` inclusive `(low, high)`, opacities and fractions in [0, 1].
-    `*_size` count examples, except `*_pope_images` (each image gives 2 x (distinct shapes)
-    questions per POPE category). Sequences may be given as lists (builder options from a
+    `*_size` count examples, except `*_pope_images` (each image gives `pope_pairs` "yes" and as
+    many "no" questions per POPE category, fewer where it holds fewer distinct present or absent
+    shapes). Sequences may be given as lists (builder options from a
     config); they are stored as tuples, `partners` as `((trigger, partner), ...)`.
     """
 
@@ -97,9 +98,10 @@ class WorldSpecV2:
     sft_size: int = 10_000
     preference_size: int = 2_000
     validation_caption_size: int = 300
-    validation_pope_images: int = 60
+    validation_pope_images: int = 150
     test_caption_size: int = 300
-    test_pope_images: int = 60
+    test_pope_images: int = 150
+    pope_pairs: int = 1
 
     def __post_init__(self):
         pairs = self.partners.items() if isinstance(self.partners, Mapping) else self.partners
@@ -159,6 +161,8 @@ class WorldSpecV2:
                      "validation_pope_images", "test_caption_size", "test_pope_images"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if self.pope_pairs < 1:
+            problems.append(f"pope_pairs={self.pope_pairs} must be >= 1")
         # Placement must succeed: the largest scene's boxes (plus gaps) take <= half the image.
         side = self.size_range[1] + 2
         if self.max_objects * side * side > 0.5 * self.image_size**2:

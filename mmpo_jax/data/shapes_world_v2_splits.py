@@ -18,8 +18,12 @@ Splits (records as `mmpo_jax.data.builders.shapes_world` stores them; `objects` 
 - `validation_caption` / `test_caption`: caption prompts with their objects; the metadata holds the
   faithful caption, the unpaired triggers, the world's partner map and the questions;
 - `validation_pope` / `test_pope`: v1's POPE construction (random / popular / adversarial
-  negatives, frequencies over the split's own images) with the world's shapes and partners; the
-  metadata holds the boxes of the asked shape (empty for a "no").
+  negatives, frequencies over the split's own images) with the world's shapes and partners, but
+  balanced per image: `pope_pairs` present shapes (drawn once, the same in every category) and as
+  many negatives [our choice: v1 asks every present shape and as many negatives, which on v2's
+  2-5 objects of 6 shapes usually exhausts the absent shapes, so the three categories asked the
+  same negatives on 71% of the default test images; with one pair, on 15%]; the metadata holds the boxes of the
+  asked shape (empty for a "no").
 
 The validation splits draw from their own random streams, so their images are disjoint from the
 test splits' (and from `sft` / `preference`); choose hyper-parameters on them, report on the tests.
@@ -240,10 +244,12 @@ def _pope_examples(spec: WorldSpecV2, split: str) -> Iterator[dict[str, Any]]:
     cooccurrence = Counter((a, b) for present in present_sets for a in present for b in present if a != b)
     for index, ((rng, scene, image), present) in enumerate(zip(scenes, present_sets)):
         objects = [o.to_json() for o in scene.objects]
+        pairs = min(spec.pope_pairs, len(present), len(spec.shapes) - len(present))
+        positives = [present[i] for i in sorted(rng.permutation(len(present))[:pairs])]
         for category in sw.POPE_CATEGORIES:
-            negatives = sw.pope_negatives(category, present, len(present), rng, frequency, cooccurrence,
+            negatives = sw.pope_negatives(category, present, pairs, rng, frequency, cooccurrence,
                                           shapes=spec.shapes, partners=spec.partner_map)
-            questions = [(s, sw.YES) for s in present] + [(s, sw.NO) for s in negatives]
+            questions = [(s, sw.YES) for s in positives] + [(s, sw.NO) for s in negatives]
             for number, (shape, answer) in enumerate(questions):
                 boxes = [o.bbox for o in scene.objects if o.shape == shape]
                 metadata = {"image_id": f"{split}-{index:06d}", "objects": objects,

@@ -103,6 +103,7 @@ def load_split(name: str, split: str, *, data_dir: str | os.PathLike[str],
     builder = get_builder(name, data_dir=data_dir, **builder_config)
     if builder.is_prepared():
         _check_same_manual_dir(builder, manual_dir)
+        builder.check_prepared()
     elif manual_dir is None and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         raise ValueError(f"{name} is not prepared under {builder.data_dir}; pass manual_dir= the folder "
                          f"holding its published files ({builder.MANUAL_DOWNLOAD_INSTRUCTIONS})")

@@ -227,16 +227,40 @@ def test_pope_negatives_use_the_world_shapes_and_partners():
         for record in records:
             boxes = [o["bbox"] for o in json.loads(record["metadata"])["objects"] if o["shape"] == record["object"]]
             assert json.loads(record["metadata"])["boxes"] == boxes
+        absent = [s for s in shapes if s not in present]
+        asked_yes = set()
         for category in sw.POPE_CATEGORIES:
             asked = [r for r in records if r["category"] == category]
             yes = [r["object"] for r in asked if r["answer"] == sw.YES]
             no = [r["object"] for r in asked if r["answer"] == sw.NO]
-            absent = [s for s in shapes if s not in present]
-            assert yes == present and set(no) <= set(absent) and len(no) == min(len(present), len(absent))
+            pairs = min(spec.pope_pairs, len(present), len(absent))
+            assert set(yes) <= set(present) and set(no) <= set(absent)
+            assert len(yes) == len(no) == pairs  # balanced, like POPE
+            asked_yes.add(tuple(yes))
             if category == "adversarial" and "star" in present and "hexagon" in absent:
                 assert no[0] == "hexagon"
                 partner_first += 1
+        assert len(asked_yes) == 1  # the same present shapes in every category
     assert partner_first > 0
+
+
+def test_pope_categories_ask_different_negatives():
+    """v1's rule (every present shape, as many negatives) exhausts v2's absent shapes, so the three
+    categories asked the same questions on most images; one balanced pair keeps them apart."""
+    def identical_fraction(spec):
+        negatives: dict[str, dict[str, set]] = {}
+        for record in s2.generate_split(spec, "test_pope"):
+            if record["answer"] == sw.NO:
+                image = negatives.setdefault(json.loads(record["metadata"])["image_id"], {})
+                image.setdefault(record["category"], set()).add(record["object"])
+        same = [len({frozenset(c) for c in image.values()}) == 1 for image in negatives.values()]
+        return sum(same) / len(same)
+
+    spec = w2.WorldSpecV2(test_pope_images=80)
+    every_shape = dataclasses.replace(spec, pope_pairs=w2.WorldSpecV2().max_objects)
+    assert identical_fraction(spec) < 0.3 < 0.5 < identical_fraction(every_shape)
+    with pytest.raises(ValueError, match="pope_pairs=0"):
+        w2.WorldSpecV2(pope_pairs=0)
 
 
 def test_another_world_needs_no_code_changes():
@@ -300,6 +324,13 @@ def test_every_generator_parameter_is_a_builder_option_recorded_in_the_metadata(
     with pytest.raises(ValueError, match="unknown split.*validation_caption"):
         load_split("shapes_world", "validation_caption", data_dir=tmp_path / "b", sft_size=4, preference_size=4,
                    test_caption_size=2, test_pope_images=2)
+    # data prepared before a default changed (here: before `pope_pairs` existed) is refused
+    metadata_file = next((tmp_path / "a").glob("shapes_world/*/*/metadata.json"))
+    stored = json.loads(metadata_file.read_text())
+    del stored["world"]["pope_pairs"]
+    metadata_file.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"generated from another world spec \(it differs in pope_pairs"):
+        load_split("shapes_world", "sft", data_dir=tmp_path / "a", **options)
 
 
 def test_cell_labels_name_the_object_covering_each_cell():

@@ -116,6 +116,9 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _features(self) -> tfds.features.FeaturesDict:
         """The features of every split."""
 
+    def check_prepared(self) -> None:
+        """Raise when the prepared data cannot be what this config asks for (read before use)."""
+
 
 class PreferenceBuilder(Builder, skip_registration=True):
     """Base of the builders that read a user's `manual_dir` into one "train" split of preference

@@ -59,6 +59,11 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
     world: Spec = dataclasses.field(default_factory=shapes_world.WorldSpec)
 
 
+def _metadata(world: Spec) -> dict[str, Any]:
+    """The spec as the dataset metadata stores it."""
+    return world.metadata() if isinstance(world, shapes_world_v2.WorldSpecV2) else dataclasses.asdict(world)
+
+
 def _fields(spec_class: type) -> dict[str, Any]:
     return {f.name: getattr(spec_class(), f.name) for f in dataclasses.fields(spec_class)}
 
@@ -104,15 +109,27 @@ class ShapesWorld(Builder):
         features["image"] = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
         return tfds.features.FeaturesDict(features)
 
+    def check_prepared(self) -> None:
+        """A config name stands for the options that differ from the defaults, so data prepared
+        before a default changed would be read as today's world: refuse it, naming the fields."""
+        stored = json.loads(json.dumps((self.info.metadata or {}).get("world", {})))
+        wanted = json.loads(json.dumps(_metadata(self.builder_config.world)))
+        differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        if differ:
+            raise ValueError(
+                f"{self.name} at {self.data_dir} was generated from another world spec (it differs in "
+                f"{', '.join(differ)}: a generator default changed since); delete that folder to "
+                "generate it again, or use another data_dir")
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         world = self.builder_config.world
         if isinstance(world, shapes_world_v2.WorldSpecV2):
-            metadata, words = world.metadata(), shapes_world_v2.vocabulary(world)
+            words = shapes_world_v2.vocabulary(world)
             splits, generate = shapes_world_v2_splits.SPLITS, shapes_world_v2_splits.generate_split
         else:
-            metadata, words = dataclasses.asdict(world), shapes_world.vocabulary()
+            words = shapes_world.vocabulary()
             splits, generate = shapes_world.SPLITS, shapes_world.generate_split
-        self.info.metadata.update(world=metadata, tokenizer=TOKENIZER_SUBDIR)
+        self.info.metadata.update(world=_metadata(world), tokenizer=TOKENIZER_SUBDIR)
         tokenizer = build_word_tokenizer(words, model_max_length=TOKENIZER_MAX_LENGTH)
         tokenizer.save_pretrained(str(self.data_path / TOKENIZER_SUBDIR))
         return {split: self._generate_examples(generate(world, split)) for split in splits}
