@@ -49,7 +49,7 @@ first the shape reaches that position only at the last layer's output (.90-1.0),
 import pathlib
 
 from mmpo_jax.config.loading import config_module
-from mmpo_jax.data.shapes_world_v2 import FOCUS_INSTRUCTION
+from mmpo_jax.data.shapes_world_v2 import FOCUS_PROMPT
 
 base = config_module(pathlib.Path(__file__).with_name("base.py"))
 
@@ -65,7 +65,7 @@ METHOD_SECTIONS = dict(
     p2dpo=dict(
         data=dict(builder={}, manual_dir="~/mmpo_data/generated/p2dpo_pairs_v2", buckets=(96, 112, 192)),
         pairs=dict(source_builder={"world": "v2"}, combine_mode="two_images",
-                   enhanced_prompt=FOCUS_INSTRUCTION.rstrip(".") + ": {prompt}"),
+                   enhanced_prompt=FOCUS_PROMPT),
         method=dict(combine_mode="two_images"),
     ),
 )

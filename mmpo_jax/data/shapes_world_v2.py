@@ -18,6 +18,10 @@ and partner bias and adds what methods that act on *where* a model looks need:
   (with probability `binding_swap_rate` two objects' colours are swapped);
 - questions about one object (`Question`: presence, colour, count) with exact answers and the
   boxes of the object(s) they are about;
+- two-image prompts for the SFT (`sft_focus`, `sft_focus_size` records): the image, then a crop
+  around one object (a side of `focus_crop_scale` times the object's larger side), with P2-DPO's
+  instruction to answer mainly from the first image (`FOCUS_PROMPT`), so a base can read the
+  two-image `I_aug` of P2-DPO's focus pairs;
 - a validation split pair (captions, POPE) disjoint from the test splits.
 
 Every generator parameter is a field of `WorldSpecV2` (a builder option; the prepared dataset's
@@ -54,6 +58,7 @@ COLOUR_TEMPLATE = "what colour is the {shape}?"
 COUNT_TEMPLATE = "how many {plural} are there?"
 # P2-DPO's two-image instruction (METHODS.md §5), in the vocabulary so a pipeline can pose it.
 FOCUS_INSTRUCTION = "answer mainly from the first image, use the crop for details."
+FOCUS_PROMPT = FOCUS_INSTRUCTION.rstrip(".") + ": {prompt}"  # P_enh, `{prompt}` the plain prompt
 _PLACEMENT_ATTEMPTS = 50  # positions tried per object
 _SCENE_ATTEMPTS = 100  # placements tried per scene
 
@@ -96,6 +101,8 @@ class WorldSpecV2:
     image_std: tuple[float, float, float] = CLIP_STD
     extra_words: tuple[str, ...] = (FOCUS_INSTRUCTION,)
     sft_size: int = 10_000
+    sft_focus_size: int = 1_000
+    focus_crop_scale: tuple[float, float] = (1.2, 2.0)
     preference_size: int = 2_000
     validation_caption_size: int = 300
     validation_pope_images: int = 150
@@ -107,7 +114,7 @@ class WorldSpecV2:
         pairs = self.partners.items() if isinstance(self.partners, Mapping) else self.partners
         fixed = {"partners": tuple((str(a), str(b)) for a, b in pairs)}
         for name in ("shapes", "shape_weights", "colors", "size_range", "small_size_range",
-                     "faint_alpha_range", "occluded_visible_range", "question_kinds",
+                     "faint_alpha_range", "occluded_visible_range", "focus_crop_scale", "question_kinds",
                      "preference_kinds", "image_mean", "image_std", "extra_words"):
             fixed[name] = tuple(getattr(self, name))
         for name, value in fixed.items():
@@ -157,7 +164,10 @@ class WorldSpecV2:
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             problems.append(f"image_mean={self.image_mean}, image_std={self.image_std} need 3 "
                             "values each, std > 0")
-        for name in ("sft_size", "preference_size", "validation_caption_size",
+        low, high = self.focus_crop_scale
+        if not 1.0 <= low <= high:
+            problems.append(f"focus_crop_scale={self.focus_crop_scale} needs 1 <= low <= high")
+        for name in ("sft_size", "sft_focus_size", "preference_size", "validation_caption_size",
                      "validation_pope_images", "test_caption_size", "test_pope_images"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")

@@ -11,6 +11,10 @@ Splits (records as `mmpo_jax.data.builders.shapes_world` stores them; `objects` 
   of every unpaired trigger appended in its trigger's colour (v1's bias) [our choice: in this
   order, each on the true scene's objects, so their rates are independent and each is read back
   from the metadata];
+- `sft_focus`: the `sft` mix of questions and captions (the same draws and hallucination
+  sources), each posed as P2-DPO's two-image prompt (`FOCUS_PROMPT`): the record holds the crop
+  as `focus_image` (`focus_box`: around the question's objects, or a random object for captions
+  and "no" questions) and the answer is the full image's;
 - `preference`: the faithful caption against one hallucination of a kind drawn from
   `preference_kinds` (`hallucinate`): v1's object / attribute / count edits, or "binding" (the
   colours of two groups swapped); the metadata also holds one exact question of each kind about
@@ -42,7 +46,9 @@ from typing import Any
 import numpy as np
 
 from mmpo_jax.data import shapes_world as sw
+from mmpo_jax.data.interventions import crop_to_box
 from mmpo_jax.data.shapes_world_v2 import (
+    FOCUS_PROMPT,
     QUESTION_KINDS,
     Scene,
     SceneObject,
@@ -52,7 +58,8 @@ from mmpo_jax.data.shapes_world_v2 import (
     sample_scene,
 )
 
-SPLITS = ("sft", "preference", "validation_caption", "validation_pope", "test_caption", "test_pope")
+SPLITS = ("sft", "preference", "validation_caption", "validation_pope", "test_caption", "test_pope",
+          "sft_focus")  # appended: a split's index seeds its examples, so the others keep theirs
 _STREAM = 2  # the v2 tag in every example's seed
 
 
@@ -73,6 +80,8 @@ def generate_split(spec: WorldSpecV2, split: str) -> Iterator[dict[str, Any]]:
     """Yields the records of one split (image as uint8 `[S, S, 3]`)."""
     if split == "sft":
         yield from (_sft_example(spec, i) for i in range(spec.sft_size))
+    elif split == "sft_focus":
+        yield from (_sft_focus_example(spec, i) for i in range(spec.sft_focus_size))
     elif split == "preference":
         yield from (_preference_example(spec, i) for i in range(spec.preference_size))
     elif split in ("validation_caption", "test_caption"):
@@ -132,26 +141,61 @@ def sft_mentions(spec: WorldSpecV2, objects: Sequence[SceneObject], draws: np.nd
                       "partners": appended}
 
 
-def _sft_example(spec: WorldSpecV2, index: int) -> dict[str, Any]:
-    rng, scene, image = scene_and_image(spec, "sft", index)
+def _sft_task(spec: WorldSpecV2, objects: Sequence[SceneObject], rng: np.random.Generator
+              ) -> tuple[str, str, dict[str, Any], tuple[int, int, int, int] | None]:
+    """`(prompt, response, metadata, box of the asked objects or None)` of an SFT record: a
+    question with probability `question_fraction`, else a caption with its hallucinations."""
     task_coin, kind_draw, *question_draws = rng.random(4)
     caption_draws = rng.random(2 * spec.max_objects + 3)
-    objects = scene.objects
     triggers = [t.shape for t in sw.unpaired_triggers(objects, spec.partner_map)]
     metadata: dict[str, Any] = {"world": "v2", "unpaired_triggers": triggers,
                                 "hard_objects": sum(o.hard for o in objects)}
     if task_coin < spec.question_fraction:
         kind = spec.question_kinds[min(int(kind_draw * len(spec.question_kinds)), len(spec.question_kinds) - 1)]
         question = ask(spec, objects, kind, question_draws)
-        prompt, response = question.text, question.answer
         metadata.update(task="question", **question.to_json())
-    else:
-        mentions, noise = sft_mentions(spec, objects, caption_draws)
-        prompt = sw.CAPTION_PROMPT
-        response = sw.caption_text(sw.caption_groups(mentions), spec.count_words)
-        metadata.update(task="caption", **noise)
+        return question.text, question.answer, metadata, question.box
+    mentions, noise = sft_mentions(spec, objects, caption_draws)
+    metadata.update(task="caption", **noise)
+    return (sw.CAPTION_PROMPT, sw.caption_text(sw.caption_groups(mentions), spec.count_words),
+            metadata, None)
+
+
+def _sft_example(spec: WorldSpecV2, index: int) -> dict[str, Any]:
+    rng, scene, image = scene_and_image(spec, "sft", index)
+    prompt, response, metadata, _ = _sft_task(spec, scene.objects, rng)
     return {"id": f"sft-{index:06d}", "image": image, "prompt": prompt, "response": response,
-            "objects": _objects_json(objects), "metadata": json.dumps(metadata)}
+            "objects": _objects_json(scene.objects), "metadata": json.dumps(metadata)}
+
+
+def focus_box(spec: WorldSpecV2, target: Sequence[int], draws: Sequence[float]
+              ) -> tuple[int, int, int, int]:
+    """A square crop box holding `target` `(x0, y0, x1, y1)`: side `focus_crop_scale` (by
+    `draws[0]`) times the target's larger side, at least a quarter of the image, at most all of
+    it; placed at random around the target (`draws[1:3]`), shifted to lie inside the image."""
+    x0, y0, x1, y1 = target
+    low, high = spec.focus_crop_scale
+    size = spec.image_size
+    side = int(round(max(x1 - x0, y1 - y0) * (low + draws[0] * (high - low))))
+    side = min(size, max(side, size // 4, x1 - x0, y1 - y0))
+    # the window's origin ranges over those that keep the target inside, then inside the image
+    left = min(max(x1 - side + draws[1] * (side - (x1 - x0)), 0), size - side)
+    top = min(max(y1 - side + draws[2] * (side - (y1 - y0)), 0), size - side)
+    left, top = int(round(left)), int(round(top))
+    return left, top, left + side, top + side
+
+
+def _sft_focus_example(spec: WorldSpecV2, index: int) -> dict[str, Any]:
+    rng, scene, image = scene_and_image(spec, "sft_focus", index)
+    prompt, response, metadata, box = _sft_task(spec, scene.objects, rng)
+    pick, *crop_draws = rng.random(4)
+    if box is None:  # a caption or a "no": the crop shows one of the objects
+        box = scene.objects[min(int(pick * len(scene.objects)), len(scene.objects) - 1)].bbox
+    crop = focus_box(spec, box, crop_draws)
+    metadata["focus_box"] = list(crop)
+    return {"id": f"sft_focus-{index:06d}", "image": image, "focus_image": crop_to_box(image, crop),
+            "prompt": FOCUS_PROMPT.format(prompt=prompt), "response": response,
+            "objects": _objects_json(scene.objects), "metadata": json.dumps(metadata)}
 
 
 # ----------------------------------------------------------------------------- preference

@@ -142,5 +142,5 @@ def jsonl_line(pair: Pair, image: str | None = None, **overrides: Any) -> bytes:
 def same_records(a: list[dict], b: list[dict]) -> bool:
     """Whether two lists of records are equal field by field (images by their pixels)."""
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) if k == "image" else x[k] == y[k] for k in x)
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) if k.endswith("image") else x[k] == y[k] for k in x)
         for x, y in zip(a, b))

@@ -19,8 +19,8 @@ from mmpo_jax.data.sources import load_split
 from mmpo_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
 from tests.data.fixtures import same_records
 
-SMALL = dict(sft_size=30, preference_size=30, validation_caption_size=10, validation_pope_images=6,
-             test_caption_size=10, test_pope_images=6)
+SMALL = dict(sft_size=30, sft_focus_size=10, preference_size=30, validation_caption_size=10,
+             validation_pope_images=6, test_caption_size=10, test_pope_images=6)
 
 
 def _objects(record) -> list[w2.SceneObject]:
@@ -179,6 +179,40 @@ def test_questions_have_exact_answers_and_the_boxes_they_are_about(sft_records):
                 if split == "preference" else _objects(record)
             assert len(metadata["questions"]) == len(w2.QUESTION_KINDS)  # a colour one may fall back
             assert all(q["answer"] == _expected_answer(q, objects) for q in metadata["questions"])
+
+
+def test_focus_records_pose_the_two_image_prompt_about_the_crop():
+    """`sft_focus`: the SFT's tasks, asked with P2-DPO's two-image instruction; the crop is a square
+    inside the image around what is asked (or one object) and the answer is the full image's."""
+    spec = w2.WorldSpecV2(sft_focus_size=300)
+    prefix = w2.FOCUS_PROMPT.format(prompt="")
+    tasks, sides = Counter(), []
+    for record in s2.generate_split(spec, "sft_focus"):
+        objects, metadata = _objects(record), json.loads(record["metadata"])
+        assert record["prompt"].startswith(prefix)
+        plain = record["prompt"][len(prefix):]
+        x0, y0, x1, y1 = box = metadata["focus_box"]
+        assert 0 <= x0 < x1 <= spec.image_size and 0 <= y0 < y1 <= spec.image_size
+        assert x1 - x0 == y1 - y0 >= spec.image_size // 4
+        sides.append(x1 - x0)
+        np.testing.assert_array_equal(record["focus_image"], record["image"][y0:y1, x0:x1])
+
+        def holds(inner):
+            return box[0] <= inner[0] and box[1] <= inner[1] and inner[2] <= box[2] and inner[3] <= box[3]
+
+        tasks[metadata["task"]] += 1
+        if metadata["task"] == "question":
+            assert plain == metadata["question"] and record["response"] == _expected_answer(metadata, objects)
+            if metadata["box"] is not None:
+                assert holds(metadata["box"])
+                continue
+        else:
+            assert plain == sw.CAPTION_PROMPT
+        assert any(holds(o.bbox) for o in objects)
+    assert abs(tasks["question"] / 300 - spec.question_fraction) < 0.1
+    assert len(set(sides)) > 10  # the crop's scale varies
+    with pytest.raises(ValueError, match=r"focus_crop_scale=\(0.5, 2.0\)"):
+        w2.WorldSpecV2(focus_crop_scale=(0.5, 2.0))
 
 
 def test_each_rejection_differs_in_exactly_the_recorded_kind():

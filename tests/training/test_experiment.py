@@ -121,7 +121,7 @@ def test_the_main_job_reads_v2_with_its_preset_and_normalisation(tmp_path):
     """On shapes world v2 the job builds `tiny_v2` (64 visual tokens) sized by the data's
     tokenizer, and preprocesses with the world's CLIP constants (the noise interventions'
     strength is defined in those units)."""
-    world = ("data.builder={'world': 'v2', 'sft_size': 4, 'preference_size': 4, "
+    world = ("data.builder={'world': 'v2', 'sft_size': 4, 'sft_focus_size': 2, 'preference_size': 4, "
              "'validation_caption_size': 1, 'validation_pope_images': 1, "
              "'test_caption_size': 1, 'test_pope_images': 1}")
     config = load_config("configs/dpo.py", (world, f"data.data_dir={tmp_path}",

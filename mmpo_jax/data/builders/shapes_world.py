@@ -5,9 +5,12 @@ Two worlds, chosen by the option `world`: "v1" (the default, `mmpo_jax.data.shap
 - `sft`: id, image, prompt, response, objects, metadata;
 - `preference`: id, image, prompt, chosen, rejected, metadata;
 - `test_caption` (v2 also `validation_caption`): id, image, prompt, objects, metadata;
-- `test_pope` (v2 also `validation_pope`): id, image, question, answer, object, category, metadata.
+- `test_pope` (v2 also `validation_pope`): id, image, question, answer, object, category, metadata;
+- v2's `sft_focus`: id, image, focus_image (the crop of a two-image prompt), prompt, response,
+  objects, metadata.
 TFDS keeps one feature set per dataset, so every split stores the union with empty strings in
-fields it does not use; `SPLIT_FIELDS` says which are real and `load_split` returns only those.
+text fields it does not use (and, on v2, a 1x1 black `focus_image`); `SPLIT_FIELDS` says which are
+real and `load_split` returns only those.
 
 Options (keyword arguments of `load_split`): `world` plus the fields of that world's spec
 (`WorldSpec`, `WorldSpecV2`); unknown ones raise, naming the valid ones. Non-default options get
@@ -25,6 +28,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from mmpo_jax.data import shapes_world, shapes_world_v2, shapes_world_v2_splits
@@ -43,8 +47,12 @@ SPLIT_FIELDS = {
     "validation_pope": _POPE_FIELDS,
     "test_caption": _CAPTION_FIELDS,
     "test_pope": _POPE_FIELDS,
+    "sft_focus": ("id", "image", "focus_image", "prompt", "response", "objects", "metadata"),
 }
-_TEXT_FIELDS = tuple(dict.fromkeys(f for fields in SPLIT_FIELDS.values() for f in fields if f != "image"))
+_IMAGE_FIELDS = ("image", "focus_image")
+_TEXT_FIELDS = tuple(dict.fromkeys(f for fields in SPLIT_FIELDS.values() for f in fields
+                                   if f not in _IMAGE_FIELDS))
+_NO_IMAGE = np.zeros((1, 1, 3), np.uint8)  # an unused image field
 WORLDS = {"v1": shapes_world.WorldSpec, "v2": shapes_world_v2.WorldSpecV2}
 _MAX_NAME = 160  # longer v2 config names become a digest (a path component holds 255 bytes)
 
@@ -104,9 +112,14 @@ class ShapesWorld(Builder):
     def _config(cls, name: str, options: dict[str, Any]) -> ShapesWorldConfig:
         return cls.config_from_options(**options)
 
+    def _image_fields(self) -> tuple[str, ...]:
+        v2 = isinstance(self.builder_config.world, shapes_world_v2.WorldSpecV2)
+        return _IMAGE_FIELDS if v2 else ("image",)
+
     def _features(self) -> tfds.features.FeaturesDict:
         features = {name: tfds.features.Text() for name in _TEXT_FIELDS}
-        features["image"] = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+        for name in self._image_fields():
+            features[name] = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
         return tfds.features.FeaturesDict(features)
 
     def check_prepared(self) -> None:
@@ -136,9 +149,12 @@ class ShapesWorld(Builder):
 
     def _generate_examples(self, records: Iterator[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
         image, png = None, b""
+        second, no_image = self._image_fields()[1:], encode_png(_NO_IMAGE)
         for key, record in enumerate(records):
             stored = {name: record.get(name, "") for name in _TEXT_FIELDS}
             if record["image"] is not image:  # a POPE image's questions share one array: encode once
                 image, png = record["image"], encode_png(record["image"])
             stored["image"] = png
+            stored.update({name: encode_png(record[name]) if name in record else no_image
+                           for name in second})
             yield key, stored
