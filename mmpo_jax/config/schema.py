@@ -84,6 +84,8 @@ SCHEMA: dict[str, Any] = {
     },
     "sft_base": {"split": "sft", "num_steps": 1300, "batch_size": 32, "learning_rate": 1e-3,
                  "cache_dir": "",
+                 # two-image prompts mixed into the SFT (the v2 world's "sft_focus"; "": none)
+                 "focus_split": "",
                  # training.vision_pretrain: the tower alone first (v2 only), then frozen or not
                  "vision_steps": 0, "freeze_vision": False,
                  "vision_batch_size": 0,  # the tower's batches (0: sft_base.batch_size)

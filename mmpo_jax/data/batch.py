@@ -144,7 +144,8 @@ class SftBatch(_BatchShape):
     """One supervised fine-tuning batch.
 
     Attributes:
-      pixel_values: float32 ``[B, H, W, 3]``.
+      pixel_values: float32 ``[B, H, W, 3]``, or ``[B, K, H, W, 3]`` for prompts of K images
+        each (their placeholders read them in order).
       input_ids, loss_mask, attention_mask: int32 ``[B, T]`` (``loss_mask`` 1 on response + EOS).
       example_mask: int32 ``[B]``; example_index: int32 ``[B]`` (-1 on padding rows).
     """

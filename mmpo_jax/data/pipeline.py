@@ -338,17 +338,21 @@ def sft_pipeline(
     template: str = "llava_1_5",
     read_options: grain.ReadOptions | None = None,
     too_long: str = "truncate",
+    two_images: bool = False,
 ) -> PipelineIterator:
     """Batches of (image, prompt, response) for supervised fine-tuning, as ``SftBatch``.
 
     Args: as ``preference_pipeline`` (without extras), plus
       response_field: the record field supervised: ``"response"`` for the shapes-world ``sft``
         split, ``"chosen"`` to fine-tune on a preference split's chosen answers (the control).
+      two_images: every prompt holds the record's ``image`` then its ``focus_image`` (the
+        shapes world v2's ``sft_focus``); ``pixel_values`` ``[B, 2, H, W, 3]``. A mix with
+        one-image records interleaves two pipelines (``data.interleaving``).
 
     Returns:
       A ``PipelineIterator`` of ``SftBatch`` (NumPy leaves).
     """
-    row_fn = functools.partial(sft_row, response_field=response_field)
+    row_fn = functools.partial(sft_row, response_field=response_field, two_images=two_images)
     return _build(
         source, SftBatch, row_fn, tokenizer=tokenizer, image_config=image_config,
         num_image_tokens=num_image_tokens, batch_size=batch_size, buckets=buckets, seed=seed,

@@ -97,16 +97,21 @@ def preference_row(record: Mapping[str, Any], *, epoch: int, record_index: int, 
 
 def sft_row(record: Mapping[str, Any], *, epoch: int, record_index: int,
             encode: Callable[[str, str], Any], image_config: ImageProcessorConfig,
-            response_field: str, largest_bucket: int, too_long: str
+            response_field: str, largest_bucket: int, too_long: str, two_images: bool = False
             ) -> tuple[dict[str, np.ndarray], str | None, bool]:
     """The batch fields of one SFT record, or the reason it is dropped; and whether its response
-    was truncated."""
+    was truncated. ``two_images``: the prompt holds the record's ``image`` then its
+    ``focus_image`` (``pixel_values`` ``[2, H, W, 3]``)."""
     del epoch  # SFT rows have no per-example randomness
+    if two_images:
+        encode = functools.partial(encode, num_images=2)
     fields, reason, truncated = encode_texts(encode, record["prompt"],
                                              {"": record[response_field]}, largest_bucket,
                                              too_long)
     if reason is None:
-        fields["pixel_values"] = image_config(record["image"])
+        pixel_values = image_config(record["image"])
+        fields["pixel_values"] = (np.stack([pixel_values, image_config(record["focus_image"])])
+                                  if two_images else pixel_values)
         fields["example_index"] = np.int32(record_index)
     return fields, reason, truncated
 
@@ -122,7 +127,7 @@ def filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, bo
     text_fields = ("prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "response",
                    "focus_aug_prompt")
     record = {name: "" for name in text_fields}
-    record.update(image=blank, focus_aug_image=blank, focus_deg_image=blank, ddw_clip_crop=0.0,
+    record.update(image=blank, focus_image=blank, focus_aug_image=blank, focus_deg_image=blank, ddw_clip_crop=0.0,
                   ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0,
                   noise_key=noise_key(0, -1, 600))
     fields, reason, _ = row_fn(record, epoch=0, record_index=-1)

@@ -191,7 +191,8 @@ def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
                    held_out: Sequence[Mapping[str, Any]] = ()) -> Llava:
     """The SFT base trained from ``model`` by ``sft_base_config``'s ``base_config``: the vision
     tower alone first when ``sft_base.vision_steps`` > 0 (`vision_pretrain`; its per-cell
-    accuracy on ``held_out`` records is logged), then the SFT."""
+    accuracy on ``held_out`` records is logged), then the SFT (with ``sft_base.focus_split``'s
+    two-image prompts interleaved)."""
     section = base_config.sft_base
     if int(section.vision_steps):
         logger.info("SFT base: %d steps of the vision tower alone first", int(section.vision_steps))
@@ -202,7 +203,17 @@ def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
                                 held_out=held_out)
         logger.info("SFT base: vision tower %s", json.dumps(tower, sort_keys=True))
     return train(base_config, model=model, tokenizer=tokenizer, source=source,
-                 image_config=image_config, workdir=workdir).model
+                 image_config=image_config, workdir=workdir,
+                 focus_source=focus_source(base_config)).model
+
+
+def focus_source(base_config: Any) -> Any:
+    """The two-image records mixed into the SFT base (``sft_base.focus_split``), or None."""
+    split, data = base_config.sft_base.focus_split, base_config.data
+    if not split:
+        return None
+    return distributed.primary_first(f"prepare {data.dataset}", lambda: load_split(
+        data.dataset, split, data_dir=_expand(data.data_dir), **data.builder.to_dict()))
 
 
 def sft_base_identity(config: Any) -> dict[str, Any]:

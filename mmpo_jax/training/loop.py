@@ -43,6 +43,7 @@ from mmpo_jax.config import checks as config_checks
 from mmpo_jax.data import pipeline
 from mmpo_jax.data.batch import pad_to_length
 from mmpo_jax.data.image_processing import ImageProcessorConfig
+from mmpo_jax.data.interleaving import Interleaved
 from mmpo_jax.engine import distributed
 from mmpo_jax.engine import optimizer as optimizer_lib
 from mmpo_jax.engine import reference as reference_lib
@@ -76,14 +77,15 @@ def is_sft(method_config: Mapping[str, Any]) -> bool:
 def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: ImageProcessorConfig,
                   num_image_tokens: int, plan: ScoringPlan, num_epochs: int | None = None,
                   shuffle: bool | None = None, shard_by_process: bool = True,
-                  drop_remainder: bool | None = None, shard: tuple[int, int] | None = None
-                  ) -> pipeline.PipelineIterator:
+                  drop_remainder: bool | None = None, shard: tuple[int, int] | None = None,
+                  focus_source: Any = None) -> pipeline.PipelineIterator | Interleaved:
     """The run's batch iterator (per process: ``data.batch_size / process_count`` rows); None
     arguments come from ``config.data``.
 
     ``shard=(k, P)`` gives the iterator process ``k`` of a ``P``-process job reads, on any
     process (tests, debugging); None reads this process's shard (or everything, without
-    ``shard_by_process``).
+    ``shard_by_process``). ``focus_source`` (SFT only): two-image records (``image`` then
+    ``focus_image``) whose batches are interleaved with ``source``'s.
     """
     data = config.data
     index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
@@ -102,7 +104,14 @@ def make_iterator(config: Any, source: Any, *, tokenizer: Any, image_config: Ima
         shard_options=None if shard is None else grain.sharding.ShardOptions(index, count))
     if is_sft(config.method):
         field = "response" if "response" in source[0] else "chosen"
-        return pipeline.sft_pipeline(source, response_field=field, **common)
+        batches = pipeline.sft_pipeline(source, response_field=field, **common)
+        if focus_source is None:
+            return batches
+        return Interleaved([batches, pipeline.sft_pipeline(focus_source, response_field="response",
+                                                           two_images=True, **common)])
+    if focus_source is not None:
+        raise ValueError("two-image focus records are mixed into an SFT only; "
+                         f"method.name={config.method['name']!r}")
     return pipeline.preference_pipeline(source, extras=plan.pipeline_extras, **common)
 
 
@@ -273,13 +282,14 @@ def _workdir(config: Any) -> pathlib.Path:
 def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
           image_config: ImageProcessorConfig, workdir: str | os.PathLike | None = None,
           data_iterator: Iterator | None = None, stop_at: int | None = None,
-          evaluator: Any = None) -> TrainResult:
+          evaluator: Any = None, focus_source: Any = None) -> TrainResult:
     """Runs ``config`` from ``model`` (see the module doc); the caller's ``model`` is untouched.
 
     Args:
       config: a validated training config (``configs/*.py``).
       model: the initial policy; also the reference (``copy``/``cache``: a frozen copy of it).
       tokenizer, source, image_config: the training split and how to encode it.
+      focus_source: an SFT's two-image records, interleaved with ``source`` (``make_iterator``).
       workdir: overrides ``config.workdir``.
       data_iterator: a ready iterator to read instead of building one (tests).
       stop_at: leave after this step (checkpointed) as a pre-empted run would; a later call
@@ -303,7 +313,8 @@ def train(config: Any, *, model: Llava, tokenizer: Any, source: Any,
 
     def iterator(**overrides):
         return make_iterator(config, source, tokenizer=tokenizer, image_config=image_config,
-                             num_image_tokens=num_image_tokens, plan=plan, **overrides)
+                             num_image_tokens=num_image_tokens, plan=plan,
+                             focus_source=focus_source, **overrides)
 
     policy = state_lib.prepare_policy(state_lib.copy_model(model), config.model,
                                       seed=int(config.seed))

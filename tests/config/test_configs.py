@@ -74,9 +74,19 @@ def test_v2_file_moves_every_method_to_the_v2_world(method):
     validate(config, device_count=1)
 
 
-def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
+def _longest_caption(spec):
     """5 objects, each an unpaired partner trigger of its own colour, plus the 3 partners the bias
     appends: 8 groups, every word one token of the world's word-level tokenizer."""
+    from mmpo_jax.data import shapes_world as sw
+
+    triggers = [t for t, _ in spec.partners]
+    objects = [(color, triggers[i % len(triggers)]) for i, color in enumerate(spec.colors[:spec.max_objects])]
+    mentions = objects + [(color, spec.partner_map[shape]) for color, shape in objects[:len(triggers)]]
+    assert len(sw.caption_groups(mentions)) == spec.max_objects + len(spec.partners)
+    return sw.caption_text(sw.caption_groups(mentions), spec.count_words)
+
+
+def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
     from mmpo_jax.data import shapes_world as sw
     from mmpo_jax.data import shapes_world_v2 as w2
     from mmpo_jax.data.template import encode_prompt_response
@@ -85,11 +95,7 @@ def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
 
     spec = w2.WorldSpecV2()
     tokenizer = build_word_tokenizer(w2.vocabulary(spec), model_max_length=512)
-    triggers = [t for t, _ in spec.partners]
-    objects = [(color, triggers[i % len(triggers)]) for i, color in enumerate(spec.colors[:spec.max_objects])]
-    mentions = objects + [(color, spec.partner_map[shape]) for color, shape in objects[:len(triggers)]]
-    caption = sw.caption_text(sw.caption_groups(mentions), spec.count_words)
-    assert len(sw.caption_groups(mentions)) == spec.max_objects + len(spec.partners)
+    caption = _longest_caption(spec)
     tokens = presets.tiny_v2(vocab_size=len(tokenizer), image_token_id=0).num_image_tokens
     longest = max(len(encode_prompt_response(tokenizer, prompt, caption, num_image_tokens=tokens,
                                              max_length=10_000).input_ids)
@@ -99,6 +105,7 @@ def test_v2_buckets_hold_the_longest_caption_the_v2_grammar_writes():
 
 
 def test_v2_p2dpo_trains_the_papers_two_image_prompt_on_the_base_every_v2_method_shares():
+    from mmpo_jax.data import shapes_world as sw
     from mmpo_jax.data import shapes_world_v2 as w2
     from mmpo_jax.data.template import encode_prompt_response
     from mmpo_jax.data.tokenizer import build_word_tokenizer
@@ -109,7 +116,8 @@ def test_v2_p2dpo_trains_the_papers_two_image_prompt_on_the_base_every_v2_method
     assert p2dpo.pairs.enhanced_prompt.startswith("answer mainly from the first image")
     assert (experiment.sft_base_identity(experiment.world_config(p2dpo))
             == experiment.sft_base_identity(catpo))  # one cached base, whatever the buckets
-    assert experiment.sft_base_config(catpo).data.buckets == (96, 112)
+    base = experiment.sft_base_config(catpo)
+    assert base.data.buckets == (96, 112, 192) and base.sft_base.focus_split == "sft_focus"
     spec = w2.WorldSpecV2()
     tokenizer = build_word_tokenizer(w2.vocabulary(spec), model_max_length=512)
     tokens = presets.tiny_v2(vocab_size=len(tokenizer), image_token_id=0).num_image_tokens
@@ -118,6 +126,11 @@ def test_v2_p2dpo_trains_the_papers_two_image_prompt_on_the_base_every_v2_method
                                      num_images=2, max_length=10_000)
     assert tokenizer.unk_token_id not in encoded.input_ids  # every instruction word is the world's
     assert max(catpo.data.buckets) < len(encoded.input_ids) <= max(p2dpo.data.buckets) - 32
+    # the base's two-image SFT records: the longest caption the grammar writes fits its buckets
+    longest = encode_prompt_response(tokenizer, w2.FOCUS_PROMPT.format(prompt=sw.CAPTION_PROMPT),
+                                     _longest_caption(spec), num_image_tokens=tokens, num_images=2,
+                                     max_length=10_000)
+    assert max(catpo.data.buckets) < len(longest.input_ids) <= max(base.data.buckets)
     with pytest.raises(ValueError, match=r"sft_base.buckets=\(112, 96\) must be positive and strictly"):
         validate(_load("shapes_world_v2.py:catpo", "sft_base.buckets=(112,96)"), device_count=1)
 

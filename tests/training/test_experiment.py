@@ -15,6 +15,7 @@ from mmpo_jax.config.checks import ConfigError, epoch_steps
 from mmpo_jax.config.loading import load_config
 from mmpo_jax.data.tokenizer import build_word_tokenizer
 from mmpo_jax.engine.scoring import plan_scoring
+from mmpo_jax.training import experiment
 from mmpo_jax.training.experiment import (check_image_size, initial_model, load_data,
                                           model_config, run_experiment, with_epoch_steps)
 from mmpo_jax.training.loop import make_iterator, train
@@ -125,9 +126,12 @@ def test_the_main_job_reads_v2_with_its_preset_and_normalisation(tmp_path):
              "'validation_caption_size': 1, 'validation_pope_images': 1, "
              "'test_caption_size': 1, 'test_pope_images': 1}")
     config = load_config("configs/dpo.py", (world, f"data.data_dir={tmp_path}",
-                                            "model.preset=tiny_v2"))
+                                            "model.preset=tiny_v2", "sft_base.focus_split=sft_focus"))
     _, tokenizer, image_config = load_data(config)
     assert image_config.size == 128
+    focus = experiment.focus_source(experiment.sft_base_config(config))  # the base's two-image mix
+    assert len(focus) == 2 and all(focus[i]["focus_image"].shape[-1] == 3 for i in range(2))
+    assert experiment.focus_source(load_config("configs/dpo.py")) is None
     np.testing.assert_allclose(image_config.mean, (0.48145466, 0.4578275, 0.40821073))
     llava = model_config(config, tokenizer)
     assert llava.num_image_tokens == 64 and llava.text_config.vocab_size == len(tokenizer)

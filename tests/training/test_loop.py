@@ -57,6 +57,22 @@ def test_resumed_run_reaches_the_uninterrupted_parameters(tmp_path):
     fx.tree_allclose(_params(whole.model), _params(again.model), rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_an_sft_with_two_image_batches_trains_and_resumes(tmp_path):
+    """The SFT base's mix: one-image batches interleaved with two-image ones (image, then a crop),
+    each its own shape; a resumed run continues the stream and reaches the same parameters."""
+    config = _config("sft.py", "train.num_steps=4", "checkpoint.save_every=2",
+                     "optimizer.learning_rate=1e-3")
+    focus = [dict(r, response=r["chosen"], focus_image=r["image"][8:40, 16:48]) for r in fx.records(8)]
+    whole = _train(config, tmp_path / "whole", focus_source=focus)  # batches: one, two, one, one
+    _train(config, tmp_path / "resumed", focus_source=focus, stop_at=3)
+    resumed = _train(config, tmp_path / "resumed", focus_source=focus)
+    fx.tree_allclose(_params(whole.model), _params(resumed.model), rtol=1e-6, atol=1e-7)
+    assert all(np.isfinite(r["loss/total"]) for r in read_metrics(tmp_path / "whole"))
+    with pytest.raises(ValueError, match="two-image focus records are mixed into an SFT only"):
+        _train(_config("dpo.py", "train.num_steps=1"), tmp_path / "dpo", focus_source=focus)
+
+
 def _p2dpo_records():
     # P2-DPO's pairs come from its generation pipeline; here each record carries given focus
     # images and a robustness pair, which is what the trainer reads.
