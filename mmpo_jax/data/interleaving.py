@@ -45,7 +45,8 @@ class Interleaved(grain.DatasetIterator):
     def next_part(self) -> int:
         """Which part the next batch comes from."""
         step, total = sum(self._taken), sum(self._shares)
-        deficits = [(step + 1) * share / total - taken for share, taken in zip(self._shares, self._taken)]
+        deficits = [(step + 1) * share / total - taken
+                    for share, taken in zip(self._shares, self._taken)]
         return deficits.index(max(deficits))
 
     def __next__(self) -> Any:

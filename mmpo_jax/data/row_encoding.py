@@ -127,8 +127,8 @@ def filler_row(row_fn: Callable[..., tuple[dict[str, np.ndarray], str | None, bo
     text_fields = ("prompt", "chosen", "rejected", "robust_chosen", "robust_rejected", "response",
                    "focus_aug_prompt")
     record = {name: "" for name in text_fields}
-    record.update(image=blank, focus_image=blank, focus_aug_image=blank, focus_deg_image=blank, ddw_clip_crop=0.0,
-                  ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0,
+    record.update(image=blank, focus_image=blank, focus_aug_image=blank, focus_deg_image=blank,
+                  ddw_clip_crop=0.0, ddw_clip_full=0.0, ref_chosen_logps=0.0, ref_rejected_logps=0.0,
                   noise_key=noise_key(0, -1, 600))
     fields, reason, _ = row_fn(record, epoch=0, record_index=-1)
     if reason is not None:

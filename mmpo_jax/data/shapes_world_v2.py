@@ -114,8 +114,8 @@ class WorldSpecV2:
         pairs = self.partners.items() if isinstance(self.partners, Mapping) else self.partners
         fixed = {"partners": tuple((str(a), str(b)) for a, b in pairs)}
         for name in ("shapes", "shape_weights", "colors", "size_range", "small_size_range",
-                     "faint_alpha_range", "occluded_visible_range", "focus_crop_scale", "question_kinds",
-                     "preference_kinds", "image_mean", "image_std", "extra_words"):
+                     "faint_alpha_range", "occluded_visible_range", "focus_crop_scale",
+                     "question_kinds", "preference_kinds", "image_mean", "image_std", "extra_words"):
             fixed[name] = tuple(getattr(self, name))
         for name, value in fixed.items():
             object.__setattr__(self, name, value)

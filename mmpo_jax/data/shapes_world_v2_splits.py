@@ -26,8 +26,8 @@ Splits (records as `mmpo_jax.data.builders.shapes_world` stores them; `objects` 
   balanced per image: `pope_pairs` present shapes (drawn once, the same in every category) and as
   many negatives [our choice: v1 asks every present shape and as many negatives, which on v2's
   2-5 objects of 6 shapes usually exhausts the absent shapes, so the three categories asked the
-  same negatives on 71% of the default test images; with one pair, on 15%]; the metadata holds the boxes of the
-  asked shape (empty for a "no").
+  same negatives on 71% of the default test images; with one pair, on 15%]; the metadata holds
+  the boxes of the asked shape (empty for a "no").
 
 The validation splits draw from their own random streams, so their images are disjoint from the
 test splits' (and from `sft` / `preference`); choose hyper-parameters on them, report on the tests.

@@ -8,7 +8,8 @@ import pytest
 from mmpo_jax.data import pipeline
 from mmpo_jax.data.batch import SftBatch
 from mmpo_jax.data.interleaving import Interleaved
-from tests.data.test_pipeline import BUCKETS, IMAGE_SIZE, NUM_IMAGE_TOKENS, image_config, make_records, tokenizer
+from tests.data.test_pipeline import (BUCKETS, IMAGE_SIZE, NUM_IMAGE_TOKENS, image_config,
+                                      make_records, tokenizer)
 
 __all__ = ["image_config", "tokenizer"]  # fixtures
 
@@ -16,7 +17,7 @@ __all__ = ["image_config", "tokenizer"]  # fixtures
 def _focus_records(n, seed=1):
     rng = np.random.default_rng(seed)
     return [{**record, "response": record["chosen"],
-             "focus_image": rng.integers(0, 256, (IMAGE_SIZE // 2, IMAGE_SIZE // 2, 3), dtype=np.uint8)}
+             "focus_image": rng.integers(0, 256, (IMAGE_SIZE // 2,) * 2 + (3,), dtype=np.uint8)}
             for record in make_records(n, seed)]
 
 
@@ -36,17 +37,20 @@ def test_two_image_rows_hold_the_image_then_the_crop(tokenizer, image_config):
     for batch in batches:
         assert batch.pixel_values.shape == (4, 2, IMAGE_SIZE, IMAGE_SIZE, 3)
         # every row, padding rows too, holds two images' placeholders: one sequence shape per image
-        np.testing.assert_array_equal((batch.input_ids == image_token).sum(axis=1), 2 * NUM_IMAGE_TOKENS)
+        np.testing.assert_array_equal((batch.input_ids == image_token).sum(axis=1),
+                                      2 * NUM_IMAGE_TOKENS)
         for row, index in enumerate(batch.example_index):
             if index >= 0:
-                np.testing.assert_array_equal(batch.pixel_values[row, 0], image_config(records[index]["image"]))
+                np.testing.assert_array_equal(batch.pixel_values[row, 0],
+                                              image_config(records[index]["image"]))
                 np.testing.assert_array_equal(batch.pixel_values[row, 1],
                                               image_config(records[index]["focus_image"]))
 
 
 def test_each_part_keeps_its_share_at_every_step(tokenizer, image_config):
     main, focus = make_records(12), _focus_records(4)  # 3 and 1 batches of 4 per epoch
-    it = Interleaved([_sft(main, tokenizer, image_config), _sft(focus, tokenizer, image_config, two_images=True)])
+    it = Interleaved([_sft(main, tokenizer, image_config),
+                      _sft(focus, tokenizer, image_config, two_images=True)])
     assert it.num_batches == 8
     kinds = [batch.pixel_values.ndim for batch in it]
     assert kinds == [4, 4, 5, 4, 4, 4, 5, 4]  # 3 : 1, spread out, both finish with the run

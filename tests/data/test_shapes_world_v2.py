@@ -198,11 +198,12 @@ def test_focus_records_pose_the_two_image_prompt_about_the_crop():
         np.testing.assert_array_equal(record["focus_image"], record["image"][y0:y1, x0:x1])
 
         def holds(inner):
-            return box[0] <= inner[0] and box[1] <= inner[1] and inner[2] <= box[2] and inner[3] <= box[3]
+            return all(box[i] <= inner[i] for i in (0, 1)) and all(inner[i] <= box[i] for i in (2, 3))
 
         tasks[metadata["task"]] += 1
         if metadata["task"] == "question":
-            assert plain == metadata["question"] and record["response"] == _expected_answer(metadata, objects)
+            assert plain == metadata["question"]
+            assert record["response"] == _expected_answer(metadata, objects)
             if metadata["box"] is not None:
                 assert holds(metadata["box"])
                 continue

@@ -63,7 +63,8 @@ def test_an_sft_with_two_image_batches_trains_and_resumes(tmp_path):
     each its own shape; a resumed run continues the stream and reaches the same parameters."""
     config = _config("sft.py", "train.num_steps=4", "checkpoint.save_every=2",
                      "optimizer.learning_rate=1e-3")
-    focus = [dict(r, response=r["chosen"], focus_image=r["image"][8:40, 16:48]) for r in fx.records(8)]
+    focus = [dict(r, response=r["chosen"], focus_image=r["image"][8:40, 16:48])
+             for r in fx.records(8)]
     whole = _train(config, tmp_path / "whole", focus_source=focus)  # batches: one, two, one, one
     _train(config, tmp_path / "resumed", focus_source=focus, stop_at=3)
     resumed = _train(config, tmp_path / "resumed", focus_source=focus)

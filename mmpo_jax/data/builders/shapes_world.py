@@ -69,7 +69,9 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 
 def _metadata(world: Spec) -> dict[str, Any]:
     """The spec as the dataset metadata stores it."""
-    return world.metadata() if isinstance(world, shapes_world_v2.WorldSpecV2) else dataclasses.asdict(world)
+    if isinstance(world, shapes_world_v2.WorldSpecV2):
+        return world.metadata()
+    return dataclasses.asdict(world)
 
 
 def _fields(spec_class: type) -> dict[str, Any]:
@@ -130,9 +132,9 @@ class ShapesWorld(Builder):
         differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
         if differ:
             raise ValueError(
-                f"{self.name} at {self.data_dir} was generated from another world spec (it differs in "
-                f"{', '.join(differ)}: a generator default changed since); delete that folder to "
-                "generate it again, or use another data_dir")
+                f"{self.name} at {self.data_dir} was generated from another world spec (it "
+                f"differs in {', '.join(differ)}: a generator default changed since); delete that "
+                "folder to generate it again, or use another data_dir")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         world = self.builder_config.world
