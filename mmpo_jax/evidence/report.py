@@ -38,6 +38,10 @@ TRAINING_COLUMNS = (
     ("train/rewards/chosen", "chosen reward"), ("train/rewards/rejected", "rejected reward"),
     ("logp_change/chosen", "Δ log p chosen"), ("logp_change/rejected", "Δ log p rejected"),
 )
+HEADLINE_COLUMNS = (
+    ("sampled/chair_i", "CHAIR_i sampled"), ("sampled/recall", "recall sampled"),
+    ("chair_i", "CHAIR_i greedy"), ("pope_f1", "POPE F1"), ("logp_change/chosen", "Δ log p chosen"),
+)
 POPE_COLUMNS = tuple((f"pope_{split}_{name}", f"{split} {label}")
                      for split in ("random", "popular", "adversarial")
                      for name, label in (("accuracy", "acc"), ("f1", "F1"), ("yes_ratio", "yes")))
@@ -60,6 +64,18 @@ def metrics_table(rows: Mapping[str, Any], columns: Sequence[tuple[str, str]]) -
     shown = [(k, h) for k, h in columns if any(k in r["summary"] for r in rows.values())]
     return _table(["row", *(h for _, h in shown)],
                   [[r["label"], *(_cell(r["summary"], k) for k, _ in shown)] for r in rows.values()])
+
+
+def headline_table(rows: Mapping[str, Any]) -> str:
+    """The main rows' primary metrics (mean ± std) and their sampled-CHAIR_i differences to the
+    control and to DPO (95% interval): the table the README shows."""
+    key = statistics.PRIMARY.key
+    lines = [[r["label"], *(_cell(r["summary"], k) for k, _ in HEADLINE_COLUMNS),
+              *(_difference(r["paired"].get(reference, {}).get(key))
+                for reference in ("control", "dpo"))]
+             for r in rows.values()]
+    return _table(["row", *(h for _, h in HEADLINE_COLUMNS),
+                   "vs control, CHAIR_i sampled", "vs DPO, CHAIR_i sampled"], lines)
 
 
 def _difference(entry: Mapping[str, Any] | None) -> str:
@@ -144,6 +160,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"World: builder options `{json.dumps(results['protocol']['world'])}`; full spec "
         f"`{json.dumps(results['world_spec'])}`.", "",
         protocol_text(results), "",
+        "## Headline (test splits; lower CHAIR is better)", "", headline_table(groups["main"]), "",
         "## Chosen settings (validation)", "", selection_table(results["selection"], labels), "",
         "## Test metrics (mean ± std over seeds)", "", metrics_table(groups["main"], MAIN_COLUMNS),
         "",

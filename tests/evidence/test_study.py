@@ -67,7 +67,10 @@ def test_micro_study_writes_its_report_selects_on_validation_and_resumes(tmp_pat
     assert (test.caption, dict(test.builder)) in read[len(selection_reads):]
 
     report = (out / "EVIDENCE.md").read_text()
-    assert report.index("## Protocol") < report.index("## Test metrics")
+    assert report.index("## Protocol") < report.index("## Headline") < report.index("## Test")
+    headline = report[report.index("## Headline"):report.index("## Chosen settings")]
+    assert "vs control, CHAIR_i sampled" in headline
+    assert headline.count("\n| ") == 4  # the header and the three rows
     for text in ("SFT base", "control (SFT on chosen)", "DPO", "validation", "CHAIR_i sampled",
                  "Paired differences to the control", json.dumps(WORLD)):
         assert text in report, text
