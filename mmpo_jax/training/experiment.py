@@ -86,10 +86,7 @@ def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorCon
     preprocessing are the model's (`config.model_files`): those of its checkpoint folder (saved
     there by ``convert import``) when it has them."""
     data = config.data
-    source = distributed.primary_first(f"prepare {data.dataset}", lambda: load_split(
-        data.dataset, data.split, data_dir=_expand(data.data_dir),
-        manual_dir=_expand(data.manual_dir) if data.manual_dir else None,
-        **data.builder.to_dict()))
+    source = _split(data, data.split)
     tree = config_checks.plain(config)
     tokenizer_path = model_files.tokenizer_dir(tree, source.tokenizer_path)
     if tokenizer_path is None:
@@ -102,6 +99,14 @@ def load_data(config: Any) -> tuple[Any, Any, image_processing.ImageProcessorCon
         logger.info("%s: image preprocessing from %s: %s", config.name,
                     model_files.processor_dir(tree), image_config)
     return source, tokenizer, image_config
+
+
+def _split(data: Any, split: str) -> Any:
+    """One split of ``config.data``'s dataset, prepared by the primary process first."""
+    return distributed.primary_first(f"prepare {data.dataset}", lambda: load_split(
+        data.dataset, split, data_dir=_expand(data.data_dir),
+        manual_dir=_expand(data.manual_dir) if data.manual_dir else None,
+        **data.builder.to_dict()))
 
 
 def model_config(config: Any, tokenizer: Any) -> LlavaConfig:
@@ -209,11 +214,8 @@ def train_sft_base(base_config: Any, model: Llava, tokenizer: Any, source: Any,
 
 def focus_source(base_config: Any) -> Any:
     """The two-image records mixed into the SFT base (``sft_base.focus_split``), or None."""
-    split, data = base_config.sft_base.focus_split, base_config.data
-    if not split:
-        return None
-    return distributed.primary_first(f"prepare {data.dataset}", lambda: load_split(
-        data.dataset, split, data_dir=_expand(data.data_dir), **data.builder.to_dict()))
+    split = base_config.sft_base.focus_split
+    return _split(base_config.data, split) if split else None
 
 
 def sft_base_identity(config: Any) -> dict[str, Any]:
