@@ -137,6 +137,11 @@ class PipelineIterator(grain.DatasetIterator):
         """Examples read and dropped (by reason) so far; restored with the state."""
         return self._drop_stats
 
+    @property
+    def batches_read(self) -> int:
+        """Batches this iterator has yielded; restored with the state."""
+        return self._batches
+
     def __next__(self) -> Batch | SftBatch:
         batch, stats = next(self._parent)
         self._drop_stats = self._drop_stats + stats
