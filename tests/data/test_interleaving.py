@@ -2,6 +2,7 @@
 
 import json
 
+import grain
 import numpy as np
 import pytest
 
@@ -85,3 +86,30 @@ def test_an_interleaved_stream_resumes_where_it_stopped(tokenizer, image_config)
     with pytest.raises(ValueError, match="holds 2 pipelines, this run interleaves 1"):
         Interleaved([_sft(main, tokenizer, image_config)]).set_state(state)
 
+
+
+def test_every_process_takes_the_same_part_at_every_step(tokenizer, image_config):
+    """Three processes' shards of uneven sources (11 and 5 records, batches of 2): the batches of
+    one step stack into one global array only if every process takes the same part then, and
+    together the processes read every record once per epoch."""
+    main, focus = make_records(11), _focus_records(5)
+
+    def stream(process):
+        shard = dict(shard_options=grain.sharding.ShardOptions(shard_index=process, shard_count=3),
+                     batch_size=2)
+        return Interleaved([_sft(main, tokenizer, image_config, **shard),
+                            _sft(focus, tokenizer, image_config, two_images=True, **shard)])
+
+    runs = [list(stream(process)) for process in range(3)]
+    kinds = [[batch.pixel_values.ndim for batch in run] for run in runs]
+    assert kinds[0] == kinds[1] == kinds[2] and kinds[0].count(5) == 2 * 1  # 2 epochs x 1 batch
+    for ndim, records in ((4, main), (5, focus)):
+        read = [int(i) for run in runs for batch in run if batch.pixel_values.ndim == ndim
+                for i in batch.example_index if i >= 0]
+        assert sorted(read) == sorted(list(range(len(records))) * 2)
+    # a process resumed from its own saved position goes on with the same parts as the others
+    first = stream(1)
+    head = [next(first) for _ in range(3)]
+    resumed = stream(1)
+    resumed.set_state(first.get_state())
+    assert [b.pixel_values.ndim for b in head + list(resumed)] == kinds[0]
