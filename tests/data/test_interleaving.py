@@ -87,7 +87,6 @@ def test_an_interleaved_stream_resumes_where_it_stopped(tokenizer, image_config)
         Interleaved([_sft(main, tokenizer, image_config)]).set_state(state)
 
 
-
 def test_every_process_takes_the_same_part_at_every_step(tokenizer, image_config):
     """Three processes' shards of uneven sources (11 and 5 records, batches of 2): the batches of
     one step stack into one global array only if every process takes the same part then, and
