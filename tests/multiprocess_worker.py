@@ -1,6 +1,6 @@
 """One process of the two-process CPU job that `tests/test_multiprocess.py` launches.
 
-``python -m tests.multiprocess_worker --process_id=K --port=P --workdir=D --phase=first|resume``
+``python -m tests.multiprocess_worker --process_id=K --port=P --workdir=D --phase=first|resume|sft_focus``
 (with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``): joins the job on localhost, loads
 the initial policy the test saved in ``<workdir>/base`` (``model_io.load_model``: a whole copy on
 each process, as the cached SFT base is), then
@@ -10,7 +10,10 @@ each process, as the cached SFT base is), then
   the test kills one process there;
 - ``resume``: trains `CONFIG` to the end from the latest checkpoint, saves the final policy with
   ``model_io.save_model`` (collective) and loads it back with ``load_model`` (a whole copy on
-  this process), and writes its parameters to ``<workdir>/final_params.K.npz``.
+  this process), and writes its parameters to ``<workdir>/final_params.K.npz``;
+- ``sft_focus``: trains an SFT of `NUM_STEPS` whose one-image batches are interleaved with
+  two-image ones (`focus_records`, as the v2 SFT base reads ``sft_focus``) and writes its
+  parameters to ``<workdir>/sft_params.K.npz``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ def config(*overrides: str):
     return load_config("configs/catpo.py", CONFIG + overrides)
 
 
+def sft_config():
+    return load_config("configs/sft.py", CONFIG)
+
+
+def focus_records(count: int = 8) -> list[dict]:
+    """Two-image SFT records: each preference record's image, its top-left quarter as the crop,
+    the chosen caption as the response."""
+    return [{**record, "response": record["chosen"], "focus_image": record["image"][:32, :32]}
+            for record in fx.records(count)]
+
+
 def flat_params(model) -> dict[str, np.ndarray]:
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -81,15 +95,23 @@ def main() -> None:
     parser.add_argument("--process_id", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workdir", type=pathlib.Path, required=True)
-    parser.add_argument("--phase", choices=("first", "resume"), required=True)
+    parser.add_argument("--phase", choices=("first", "resume", "sft_focus"), required=True)
     args = parser.parse_args()
     distributed.initialize(distributed.Settings(
         coordinator=f"localhost:{args.port}", num_processes=2, process_id=args.process_id,
         initialization_timeout=120, heartbeat_timeout=HEARTBEAT_TIMEOUT, shutdown_timeout=60))
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+    base, _ = model_io.load_model(args.workdir / "base")  # 8 s faster than building it again
+    if args.phase == "sft_focus":
+        result = train(sft_config(), model=base, tokenizer=fx.tokenizer(), source=list(fx.records(16)),
+                       image_config=fx.IMAGE_CONFIG, workdir=args.workdir / "sft",
+                       focus_source=focus_records())
+        model_io.save_model(result.model, args.workdir / "sft_final")  # collective
+        loaded, _ = model_io.load_model(args.workdir / "sft_final")
+        np.savez(args.workdir / f"sft_params.{args.process_id}.npz", **flat_params(loaded))
+        return
     run = config()
     run_dir = args.workdir / "run"
-    base, _ = model_io.load_model(args.workdir / "base")  # 8 s faster than building it again
     common = dict(model=base, tokenizer=fx.tokenizer(), source=list(fx.records(16)),
                   image_config=fx.IMAGE_CONFIG, workdir=run_dir)
     if args.phase == "first":

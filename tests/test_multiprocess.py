@@ -6,7 +6,9 @@ of 4 steps. Both processes stall after step 2 (checkpointed); process 1 is kille
 end, non-zero, within a bounded time. Two fresh processes resume from step 2 to 4, save the
 policy collectively and load it back whole on each process. The final parameters must equal
 (1e-5) those of one process with 8 devices reading the same global batches: the rows process 0
-and process 1 read, concatenated in process order (`GlobalBatches`).
+and process 1 read, concatenated in process order (`GlobalBatches`). A second job trains an SFT
+whose two-image batches are interleaved with its one-image ones (`data.interleaving`), as the v2
+SFT base does, and must end like one process too.
 """
 
 from __future__ import annotations
@@ -89,16 +91,52 @@ class GlobalBatches(grain.DatasetIterator):
             shard.set_state(part)
 
 
-def _one_process_reference(workdir: pathlib.Path) -> dict[str, np.ndarray]:
-    config = worker.config()
+def _shards(config, source, **focus) -> list:
+    """The iterators of the two processes of a job, read on this one."""
+    return [make_iterator(config, source, tokenizer=fx.tokenizer(), image_config=fx.IMAGE_CONFIG,
+                          num_image_tokens=16, plan=plan_scoring(config.method.to_dict()),
+                          shard=(index, 2), **focus) for index in range(2)]
+
+
+def _one_process_reference(workdir: pathlib.Path, config=None, **focus) -> dict[str, np.ndarray]:
+    """The parameters one process reaches reading the two processes' global batches of
+    ``config`` (the Cat-PO job's by default)."""
+    config = config or worker.config()
     source = list(fx.records(16))
-    shards = [make_iterator(config, source, tokenizer=fx.tokenizer(), image_config=fx.IMAGE_CONFIG,
-                            num_image_tokens=16, plan=plan_scoring(config.method.to_dict()),
-                            shard=(index, 2)) for index in range(2)]
+    shards = _shards(config, source, **focus)
     result = train(config, model=fx.base_model(), tokenizer=fx.tokenizer(), source=source,
                    image_config=fx.IMAGE_CONFIG, workdir=workdir,
                    data_iterator=GlobalBatches(shards, fx.tokenizer().pad_token_id))
     return worker.flat_params(result.model)
+
+
+def _run_to_end(phase: str, workdir: pathlib.Path) -> None:
+    """Both worker processes of ``phase``, run to their end; both must succeed."""
+    processes = _launch(phase, workdir, _free_port())
+    try:
+        outputs = [process.communicate(timeout=STARTUP_TIMEOUT)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+
+def _the_processes_copy(workdir: pathlib.Path, stem: str) -> dict[str, np.ndarray]:
+    """The parameters both processes wrote (``<stem>.<process>.npz``): each loaded the whole
+    model, the same one."""
+    copies = [dict(np.load(workdir / f"{stem}.{i}.npz")) for i in range(2)]
+    assert copies[0].keys() == copies[1].keys()
+    for name in copies[0]:
+        np.testing.assert_array_equal(copies[0][name], copies[1][name], err_msg=name)
+    return copies[0]
+
+
+def _assert_trained_like(params: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    """``params`` equal (1e-5) the one-process ``reference``, which moved from the base."""
+    before = worker.flat_params(fx.base_model())
+    assert any(not np.allclose(before[name], reference[name]) for name in reference)  # it trained
+    for name, value in reference.items():
+        np.testing.assert_allclose(params[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow
@@ -122,25 +160,24 @@ def test_two_processes_killed_and_resumed_end_like_one_process(tmp_path):
     print(f"process 0 ended {survivor_seconds:.1f} s after process 1 was killed "
           f"(heartbeat timeout {worker.HEARTBEAT_TIMEOUT} s)")
 
-    resumed = _launch("resume", tmp_path, _free_port())
-    try:
-        outputs = [process.communicate(timeout=STARTUP_TIMEOUT)[0] for process in resumed]
-    finally:
-        for process in resumed:
-            process.kill()
-    assert [p.returncode for p in resumed] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    _run_to_end("resume", tmp_path)
 
     # Process 0 alone wrote the metric log: each step once, the killed run's then the resumed.
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
-    copies = [dict(np.load(tmp_path / f"final_params.{i}.npz")) for i in range(2)]
-    assert copies[0].keys() == copies[1].keys()
-    for name in copies[0]:  # each process loaded the whole model, the same one
-        np.testing.assert_array_equal(copies[0][name], copies[1][name], err_msg=name)
-    reference = _one_process_reference(tmp_path / "one_process")
-    before = worker.flat_params(fx.base_model())
-    assert any(not np.allclose(before[name], reference[name]) for name in reference)  # it trained
-    for name, value in reference.items():
-        np.testing.assert_allclose(copies[0][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    _assert_trained_like(_the_processes_copy(tmp_path, "final_params"),
+                         _one_process_reference(tmp_path / "one_process"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_an_interleaved_sft_like_one_process(tmp_path):
+    model_io.save_model(fx.base_model(), tmp_path / "base")
+    _run_to_end("sft_focus", tmp_path)
+    config, focus = worker.sft_config(), dict(focus_source=worker.focus_records())
+    steps = [batch.pixel_values.ndim for batch, _ in
+             zip(_shards(config, list(fx.records(16)), **focus)[0], range(worker.NUM_STEPS))]
+    assert 5 in steps and 4 in steps  # the job read both kinds of batch
+    _assert_trained_like(_the_processes_copy(tmp_path, "sft_params"),
+                         _one_process_reference(tmp_path / "one_process", config, **focus))
 
 
 def test_one_process_helpers_are_no_ops_and_settings_are_checked():
