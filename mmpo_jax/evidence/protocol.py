@@ -54,6 +54,9 @@ LEARNING_RATES = (1e-4, 2e-4, 5e-4, 1e-3)
 BETAS = (0.1, 0.5)
 WORLD_PRESETS = {"v1": "tiny", "v2": "tiny_v2"}
 """The model preset a world needs unless ``--set model.preset=...`` says otherwise."""
+WORLD_CONFIGS = {"v2": "shapes_world_v2.py:{stem}"}
+"""The config file that holds a world's sections for the method file ``<stem>.py`` (v2's data
+buckets, its SFT base's recipe, P2-DPO's two-image ``I_aug``); other worlds read ``<stem>.py``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +159,18 @@ class Protocol:
 
     def world_config(self, seed: int | None = None, extra: Sequence[str] = ()
                      ) -> ml_collections.ConfigDict:
-        """The config of the SFT base and of every evaluation: ``configs/sft.py``'s sections
-        with the world, the common overrides and ``extra`` (an evaluation's `Splits`)."""
+        """The config of the SFT base and of every evaluation: the world's ``sft.py`` sections
+        (`config_path`) with the world, the common overrides and ``extra`` (an evaluation's
+        `Splits`)."""
         seed = self.base_seed if seed is None else seed
-        path = str(pathlib.Path(self.configs, "sft.py"))
+        path = self.config_path("sft")
         return load_config(path, (*self.world_overrides(), *self.common_overrides(load_config(path)),
                                   f"seed={seed}", *extra))
+
+    def config_path(self, stem: str) -> str:
+        """The config of method file ``<stem>.py`` in this world (``WORLD_CONFIGS``)."""
+        name = WORLD_CONFIGS.get(world_name(self.world), "{stem}.py").format(stem=stem)
+        return str(pathlib.Path(self.configs, name))
 
     def common_overrides(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
         """``overrides`` that apply to ``config``: one naming an optional section (``pairs``,
@@ -197,7 +206,7 @@ class Protocol:
         """
         if not row.trains:
             raise ValueError(f"row {row.key!r} trains nothing; it has no training config")
-        path = str(pathlib.Path(self.configs, f"{row.config}.py"))
+        path = self.config_path(row.config)
         file_config = load_config(path)
         world = [f"pairs.source_builder={dict(self.world)!r}"
                  if file_config.data.dataset == "p2dpo_pairs" else f"data.builder={dict(self.world)!r}"]

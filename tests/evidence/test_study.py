@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 
+from mmpo_jax.config.loading import load_config
 from mmpo_jax.evidence import protocol as protocol_lib
 from mmpo_jax.evidence import runs, selection, study
 from mmpo_jax.evidence.protocol import Protocol
@@ -131,6 +132,24 @@ def test_v1_validation_is_another_sample_and_v2_has_its_own_splits():
     v2 = protocol_lib.validation_splits({"world": "v2"})
     assert (v2.caption, v2.pope, dict(v2.builder)) == ("validation_caption", "validation_pope",
                                                        {"world": "v2"})
+
+
+def test_a_v2_study_trains_with_the_v2_config_files_sections():
+    """The v2 world's base learns shapes only with its tower first, its captions fit only its
+    buckets, and P2-DPO's I_aug is two images there: the study reads them from
+    configs/shapes_world_v2.py, as the main job does; v1 rows are the method files' own."""
+    v2 = Protocol(world={"world": "v2"})
+    base = v2.world_config()
+    main_job = load_config("configs/shapes_world_v2.py:sft")
+    assert base.sft_base.to_dict() == main_job.sft_base.to_dict()
+    assert (base.data.buckets, base.model.preset) == (main_job.data.buckets, "tiny_v2")
+    p2dpo = v2.row_config(protocol_lib.rows_lib.ROWS["p2dpo"], {"learning_rate": 1e-4}, 0,
+                          data_root=pathlib.Path("/tmp/study"))
+    assert p2dpo.method.combine_mode == "two_images"
+    assert (p2dpo.pairs.source_builder.to_dict(), p2dpo.data.builder.to_dict()) == ({"world": "v2"}, {})
+    assert p2dpo.data.manual_dir == "/tmp/study/p2dpo_pairs"
+    v1 = Protocol().row_config(protocol_lib.rows_lib.ROWS["catpo"], {}, 0, data_root=None)
+    assert (v1.data.buckets, v1.sft_base.vision_steps) == (load_config("configs/catpo.py").data.buckets, 0)
 
 
 def test_every_row_budget_is_the_same_number_of_updates():
