@@ -68,6 +68,14 @@ def flat_params(model) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def write_params(model, folder: pathlib.Path, npz: pathlib.Path) -> None:
+    """Saves ``model`` into ``folder`` (collective), loads it back whole on this process and
+    writes its parameters to ``npz``."""
+    model_io.save_model(model, folder)
+    loaded, _ = model_io.load_model(folder)
+    np.savez(npz, **flat_params(loaded))
+
+
 class StallAfter(grain.DatasetIterator):
     """``inner``'s batches, then, at batch ``count + 1``, a marker file and an endless wait."""
 
@@ -106,9 +114,8 @@ def main() -> None:
         result = train(sft_config(), model=base, tokenizer=fx.tokenizer(), source=list(fx.records(16)),
                        image_config=fx.IMAGE_CONFIG, workdir=args.workdir / "sft",
                        focus_source=focus_records())
-        model_io.save_model(result.model, args.workdir / "sft_final")  # collective
-        loaded, _ = model_io.load_model(args.workdir / "sft_final")
-        np.savez(args.workdir / f"sft_params.{args.process_id}.npz", **flat_params(loaded))
+        write_params(result.model, args.workdir / "sft_final",
+                     args.workdir / f"sft_params.{args.process_id}.npz")
         return
     run = config()
     run_dir = args.workdir / "run"
@@ -123,9 +130,8 @@ def main() -> None:
               **common)
         raise AssertionError("the stalled run returned")
     result = train(run, **common)
-    model_io.save_model(result.model, args.workdir / "final")
-    loaded, _ = model_io.load_model(args.workdir / "final")
-    np.savez(args.workdir / f"final_params.{args.process_id}.npz", **flat_params(loaded))
+    write_params(result.model, args.workdir / "final",
+                 args.workdir / f"final_params.{args.process_id}.npz")
 
 
 if __name__ == "__main__":
